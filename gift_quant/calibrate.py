@@ -1,0 +1,163 @@
+"""Calibration statistics, block by block through the decoder.
+
+Only one decoder block's inputs are held at a time (``n_windows x seq_len x hidden``); per targeted
+linear layer we accumulate the Hessian ``X^T X`` and the column norms ``max|X_j|``, ``||X_j||_2``,
+``||X_j||_1``. With ``sequential=True`` (GPTQ's default) block ``i+1`` is fed the outputs of block
+``i`` *after* the callback has quantized it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStats:
+    """Streaming statistics of a linear layer's input features."""
+
+    n_features: int
+    hessian: torch.Tensor = field(init=False)  # sum over tokens of x x^T, float64
+    absmax: torch.Tensor = field(init=False)
+    sqsum: torch.Tensor = field(init=False)
+    abssum: torch.Tensor = field(init=False)
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        n = self.n_features
+        self.hessian = torch.zeros(n, n, dtype=torch.float64)
+        self.absmax = torch.zeros(n)
+        self.sqsum = torch.zeros(n, dtype=torch.float64)
+        self.abssum = torch.zeros(n, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
+        self.hessian += (x.T @ x).double()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        self.sqsum += (x.double() ** 2).sum(0)
+        self.abssum += x.double().abs().sum(0)
+        self.n_tokens += x.shape[0]
+
+    def norm(self, rho: float) -> torch.Tensor:
+        """``||X_j||_rho`` over all calibration tokens, for rho in {1, 2, inf}."""
+        if rho == math.inf:
+            return self.absmax.clone()
+        if rho == 2:
+            return self.sqsum.sqrt().float()
+        if rho == 1:
+            return self.abssum.float()
+        raise ValueError(f"saliency rho={rho}: streamed statistics support 1, 2 or inf")
+
+    def mean_hessian(self) -> torch.Tensor:
+        return (self.hessian / max(self.n_tokens, 1)).float()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (``model.model.layers`` in Llama/Qwen/Mistral/Gemma)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
+            return module
+    raise ValueError(f"{type(model).__name__}: found no decoder block list (a ModuleList named '*layers')")
+
+
+def target_linears(block: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """Linear layers of a block whose last name component is in ``targets``."""
+    return {
+        name: m
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
+def _stat_hooks(block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> list:
+    """Hooks that feed each linear's input into ``stats``.
+
+    Layers reading the very same tensor (q/k/v, gate/up) share one ``InputStats`` object, so the
+    Hessian of a shared input is accumulated once.
+    """
+    seen: dict[tuple, InputStats] = {}
+
+    def update(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key in seen:
+            stats[name] = seen[key]
+        else:
+            stats[name].update(x)
+            seen[key] = stats[name]
+
+    hooks = [block.register_forward_pre_hook(lambda *_: seen.clear())]
+    hooks += [
+        m.register_forward_hook(lambda _m, inp, _out, name=name: update(name, inp[0]))
+        for name, m in linears.items()
+    ]
+    return hooks
+
+
+class _Stop(Exception):
+    pass
+
+
+def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments that reach the first decoder block, per batch."""
+    layers = decoder_layers(model)
+    first = layers[0]
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        captured.append((hidden.detach(), kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for b in range(0, len(windows), batch_size):
+            try:
+                model(windows[b : b + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_out(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_blocks(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets: list[str],
+    on_block: Callable[[int, dict[str, nn.Linear], dict[str, InputStats]], None],
+    batch_size: int = 8,
+    sequential: bool = True,
+) -> None:
+    """Stream calibration windows through the decoder one block at a time.
+
+    For each block, ``on_block(i, linears, stats)`` receives the targeted linears (names relative
+    to the block) and their input statistics; it may modify the linears in place.
+    """
+    layers = decoder_layers(model)
+    batches = block_inputs(model, windows, batch_size)
+    for i, block in enumerate(tqdm(layers, desc="calibrate+quantize", unit="block")):
+        linears = target_linears(block, targets)
+        stats = {name: InputStats(m.in_features) for name, m in linears.items()}
+        hooks = _stat_hooks(block, linears, stats)
+        outputs = [_block_out(block(h, **kw)) for h, kw in batches]
+        for hk in hooks:
+            hk.remove()
+        on_block(i, linears, stats)
+        if sequential:
+            outputs = [_block_out(block(h, **kw)) for h, kw in batches]
+        batches = [(o, kw) for o, (_, kw) in zip(outputs, batches)]

@@ -1,0 +1,201 @@
+"""Uniform quantization grid: pure functions on tensors.
+
+Conventions (METHOD section 2, GPTQ v1 compatible):
+
+* codes are unsigned integers in ``0 .. 2^b - 1``; ``w ~= scale * (code - zero)``.
+* symmetric: ``Delta = alpha / (2^(b-1) - 1)``, ``zero = 2^(b-1)``, so the signed levels are
+  ``-2^(b-1) .. 2^(b-1) - 1`` exactly as the paper writes them.
+* asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``.
+* parameters are per output row (``group_size = -1``) or per row and group of ``group_size``
+  consecutive input columns (static groups: ``group(j) = j // group_size``), computed from the
+  columns in ``mask`` only, so the full-precision salient columns never inflate the step.
+* ``alpha`` comes from a linear search over clipping ratios ``p * max|w|`` minimising the squared
+  error of the row (or row-group), as METHOD prescribes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def maxq(bits: int) -> int:
+    """Largest code of a ``bits``-wide unsigned grid."""
+    return 2**bits - 1
+
+
+def _params_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for rows with value range ``[xmin, xmax]`` (``xmin <= 0 <= xmax``)."""
+    if sym:
+        alpha = torch.maximum(xmax, -xmin)
+        scale = alpha / (2 ** (bits - 1) - 1)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (xmax - xmin) / maxq(bits)
+        zero = torch.zeros_like(scale)
+    empty = scale == 0  # an all-zero (or fully masked) row: any positive step represents it exactly
+    scale = torch.where(empty, torch.ones_like(scale), scale)
+    if not sym:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` (``scale``/``zero`` broadcast against ``w``)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq(bits))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round ``w`` to the nearest grid point and back."""
+    return dequantize(quantize(w, scale, zero, bits), scale, zero)
+
+
+def row_params(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    mask: torch.Tensor | None = None,
+    clip_min: float = 1.0,
+    clip_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(scale, zero)`` of shape ``(rows, 1)`` for a 2-D ``w``.
+
+    Only entries where ``mask`` is true take part (range and error). With ``clip_min < 1`` the
+    range is shrunk by each ratio of ``linspace(1, clip_min, clip_steps)`` and every row keeps the
+    ratio of least squared error; ratio 1 is always a candidate, so the search is never worse than
+    no clipping.
+    """
+    w = w.float()
+    m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.expand_as(w)
+    wm = torch.where(m, w, torch.zeros_like(w))
+    xmin = wm.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = wm.max(dim=1, keepdim=True).values.clamp(min=0)
+    best_scale, best_zero = _params_from_range(xmin, xmax, bits, sym)
+    if clip_steps <= 1 or clip_min >= 1.0:
+        return best_scale, best_zero
+    best_err = ((fake_quantize(wm, best_scale, best_zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
+    for p in torch.linspace(1.0, clip_min, clip_steps)[1:].tolist():
+        scale, zero = _params_from_range(p * xmin, p * xmax, bits, sym)
+        err = ((fake_quantize(wm, scale, zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def grid_params(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    mask: torch.Tensor | None = None,
+    clip_min: float = 1.0,
+    clip_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` of shape ``(out, n_groups)`` for a weight ``(out, in)``.
+
+    ``mask`` is a boolean vector over input columns (true = quantized, false = salient).
+    ``group_size = -1`` gives one group per row. A last partial group is handled by padding with
+    masked-out zeros.
+    """
+    out, n_in = w.shape
+    g = n_in if group_size == -1 else group_size
+    n_groups = -(-n_in // g)
+    pad = n_groups * g - n_in
+    colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
+    wp = torch.nn.functional.pad(w.float(), (0, pad))
+    mp = torch.nn.functional.pad(colmask, (0, pad), value=False)
+    rows = wp.reshape(out * n_groups, g)
+    rmask = mp.reshape(1, n_groups, g).expand(out, n_groups, g).reshape(out * n_groups, g)
+    scale, zero = row_params(rows, bits, sym, rmask, clip_min, clip_steps)
+    return scale.reshape(out, n_groups), zero.reshape(out, n_groups)
+
+
+def expand_groups(p: torch.Tensor, group_size: int, n_in: int) -> torch.Tensor:
+    """Broadcast per-group parameters ``(out, n_groups)`` to ``(out, n_in)``."""
+    if group_size == -1:
+        return p.expand(p.shape[0], n_in)
+    return p.repeat_interleave(group_size, dim=1)[:, :n_in]
+
+
+@dataclass
+class QuantizedWeight:
+    """A linear weight split into a quantized grid and full-precision salient columns.
+
+    ``codes`` covers every column (the salient columns' codes are their own rounding, so that an
+    export holding all columns quantized plus a correction stays exact); the effective weight
+    replaces the salient columns by ``salient_weight``.
+    """
+
+    codes: torch.Tensor  # (out, in) uint8
+    scale: torch.Tensor  # (out, n_groups) float32
+    zero: torch.Tensor  # (out, n_groups) float32
+    bits: int
+    group_size: int
+    salient_idx: torch.Tensor  # (k,) int64, sorted
+    salient_weight: torch.Tensor  # (out, k) float32
+
+    def dequantize_grid(self) -> torch.Tensor:
+        """The all-columns-quantized weight ``(out, in)``."""
+        n_in = self.codes.shape[1]
+        s = expand_groups(self.scale, self.group_size, n_in)
+        z = expand_groups(self.zero, self.group_size, n_in)
+        return dequantize(self.codes.float(), s, z)
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.dequantize_grid()
+        w[:, self.salient_idx] = self.salient_weight.float()
+        return w
+
+
+def finalize(
+    w_final: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int,
+    salient_idx: torch.Tensor,
+) -> QuantizedWeight:
+    """Pack the result of RTN or GPTQ: salient columns get codes too (their rounding)."""
+    n_in = w_final.shape[1]
+    if salient_idx.numel():
+        s = expand_groups(scale, group_size, n_in)[:, salient_idx]
+        z = expand_groups(zero, group_size, n_in)[:, salient_idx]
+        codes[:, salient_idx] = quantize(w_final[:, salient_idx], s, z, bits)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scale=scale,
+        zero=zero,
+        bits=bits,
+        group_size=group_size,
+        salient_idx=salient_idx,
+        salient_weight=w_final[:, salient_idx].clone(),
+    )
+
+
+def rtn(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    salient_idx: torch.Tensor,
+    clip_min: float = 1.0,
+    clip_steps: int = 1,
+) -> QuantizedWeight:
+    """Round-to-nearest with ``salient_idx`` columns kept in full precision."""
+    w = w.float()
+    mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    mask[salient_idx] = False
+    scale, zero = grid_params(w, bits, group_size, sym, mask, clip_min, clip_steps)
+    codes = quantize(
+        w, expand_groups(scale, group_size, w.shape[1]), expand_groups(zero, group_size, w.shape[1]), bits
+    )
+    return finalize(w, codes, scale, zero, bits, group_size, salient_idx)

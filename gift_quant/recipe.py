@@ -1,0 +1,185 @@
+"""The recipe: one validated config model for a whole run.
+
+A recipe is YAML data. Everything is checked before any model is loaded: unknown keys, wrong
+types and impossible values fail with the field path, the bad value and what is accepted.
+``--set a.b=value`` overrides are applied to the raw data before validation, so they are checked
+the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .saliency import PRESETS
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    ref: str = Field(description="hub id, local folder, .gguf file or pkg://package/path")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Section):
+    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    n_samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=8)
+    batch_size: int = Field(8, ge=1)
+    sequential: bool = Field(True, description="block i+1 sees the outputs of quantized block i (GPTQ)")
+
+
+class SaliencySpec(_Section):
+    metric: Literal["gift", "owq", "quik", "wanda", "custom"] = "gift"
+    rho: float | None = Field(None, description="activation norm order: 1, 2 or inf (custom metric)")
+    tau: float | None = Field(None, description="weight-perturbation norm order, >= 1 or inf (custom metric)")
+    gamma: float | None = Field(None, description="exponent of the activation norm (custom metric)")
+    k: int | float = Field(128, description="salient columns per layer: a count, or a fraction in (0, 1)")
+    k_overrides: dict[str, int | float] = Field(default_factory=dict, description="per projection name")
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="bits of Q inside the metric; default: quant bits")
+    targets: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"got {v}; use a column count (int >= 0) or a fraction in (0, 1)")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"got {v}; a column count must be >= 0")
+        return v
+
+    @field_validator("rho")
+    @classmethod
+    def _rho(cls, v: float | None) -> float | None:
+        if v is not None and v not in (1, 2, math.inf):
+            raise ValueError(f"got {v}; accepted: 1, 2 or .inf (streamed activation statistics)")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("empty; name at least one projection, e.g. " + ", ".join(ALL_PROJECTIONS))
+        return v
+
+    @model_validator(mode="after")
+    def _custom(self) -> "SaliencySpec":
+        given = {n: getattr(self, n) for n in ("rho", "tau", "gamma") if getattr(self, n) is not None}
+        if self.metric == "custom" and ("rho" not in given or "gamma" not in given):
+            raise ValueError("metric 'custom' needs rho and gamma (tau optional: none means activations only)")
+        if self.metric != "custom" and given:
+            raise ValueError(f"{sorted(given)} given with preset '{self.metric}'; set metric: custom to use them")
+        unknown = set(self.k_overrides) - set(self.targets)
+        if unknown:
+            raise ValueError(f"k_overrides names {sorted(unknown)}, not in targets {self.targets}")
+        return self
+
+    def resolved_metric(self):
+        from .saliency import Metric
+
+        if self.metric == "custom":
+            return Metric(rho=self.rho, tau=self.tau, gamma=self.gamma)
+        return PRESETS[self.metric]
+
+    def k_for(self, module_name: str) -> int | float:
+        return self.k_overrides.get(module_name, self.k)
+
+
+class QuantSpec(_Section):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 3
+    group_size: int = Field(-1, description="-1 for per-row, else a positive group of input columns")
+    sym: bool = True
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    clip_min: float = Field(0.2, gt=0, le=1, description="smallest clipping ratio of the grid search")
+    clip_steps: int = Field(81, ge=1, description="ratios from 1.0 down to clip_min; 1 disables the search")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"got {v}; use -1 (per row) or a positive number of columns such as 128")
+        return v
+
+
+class EvalSpec(_Section):
+    ppl_data: str = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+    ppl_seq_len: int = Field(2048, ge=8)
+    ppl_max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class Recipe(_Section):
+    name: str = "run"
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    saliency: SaliencySpec = Field(default_factory=SaliencySpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output_dir: str = "runs/{name}"
+    seed: int = 0
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against the recipe schema (gift_quant/recipe.py)"
+        lines.append(f"  {path} = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to raw recipe data."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: expected key.path=value, e.g. quant.bits=4")
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {assignment!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: expected a mapping at the top level, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file {path} does not exist; see recipes/ for examples")
+    return parse_recipe(yaml.safe_load(path.read_text()), str(path), overrides)

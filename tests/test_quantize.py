@@ -1,0 +1,99 @@
+"""Quantization grid against hand-computed cases and known bounds."""
+import pytest
+import torch
+
+from gift_quant.quantize import dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_codes_in_range_and_error_at_most_half_step(bits, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 64) * torch.rand(16, 1) * 3
+    scale, zero = row_params(w, bits, sym)
+    codes = quantize(w, scale, zero, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(codes, codes.round())
+    err = (dequantize(codes, scale, zero) - w).abs()
+    if sym:  # the positive extreme is clipped to (2^(b-1)-1) * Delta = alpha exactly: no clipping error
+        assert (err <= scale / 2 + 1e-6).all()
+    else:  # the zero point is rounded, which can shift the grid by up to half a step at the edge
+        assert (err <= scale + 1e-6).all()
+        inner = (w > w.min(1, keepdim=True).values + scale) & (w < w.max(1, keepdim=True).values - scale)
+        assert (err[inner] <= (scale / 2 + 1e-6).expand_as(w)[inner]).all()
+
+
+def test_symmetric_levels_match_method():
+    # 3 bits: Delta = alpha / 3, signed levels -4..3 (METHOD section 2)
+    w = torch.tensor([[-3.0, -1.0, 0.0, 0.4, 1.6, 3.0]])
+    scale, zero = row_params(w, 3, sym=True)
+    assert scale.item() == pytest.approx(1.0) and zero.item() == 4
+    levels = dequantize(quantize(w, scale, zero, 3), scale, zero)
+    assert levels.tolist() == [[-3.0, -1.0, 0.0, 0.0, 2.0, 3.0]]
+    # the most negative level is -4 * Delta: a value below -alpha rounds to it
+    assert fake_quantize(torch.tensor([[-9.0]]), scale, zero, 3).item() == -4.0
+
+
+def test_asymmetric_hand_case():
+    w = torch.tensor([[0.0, 1.2, 2.0, 2.8, 6.0]])  # min 0, max 6, 2 bits: step 2, zero 0
+    scale, zero = row_params(w, 2, sym=False)
+    assert scale.item() == pytest.approx(2.0) and zero.item() == 0
+    assert fake_quantize(w, scale, zero, 2).tolist() == [[0.0, 2.0, 2.0, 2.0, 6.0]]
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_worse(sym):
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    w[:, 5] *= 12  # outliers make clipping worthwhile
+    s0, z0 = row_params(w, 3, sym)
+    s1, z1 = row_params(w, 3, sym, clip_min=0.2, clip_steps=81)
+    e0 = ((fake_quantize(w, s0, z0, 3) - w) ** 2).sum(1)
+    e1 = ((fake_quantize(w, s1, z1, 3) - w) ** 2).sum(1)
+    assert (e1 <= e0 + 1e-6).all()
+    assert e1.sum() < 0.9 * e0.sum()
+
+
+def test_clipping_search_equals_brute_force():
+    torch.manual_seed(1)
+    w = torch.randn(4, 50)
+    ratios = torch.linspace(1.0, 0.2, 17)
+    s, z = row_params(w, 3, True, clip_min=0.2, clip_steps=17)
+    for r in range(4):
+        best = min(
+            ((fake_quantize(w[r], p * w[r].abs().max() / 3, torch.tensor(4.0), 3) - w[r]) ** 2).sum().item()
+            for p in ratios.tolist()
+        )
+        got = ((fake_quantize(w[r], s[r], z[r], 3) - w[r]) ** 2).sum().item()
+        assert got == pytest.approx(best, rel=1e-5)
+
+
+def test_groups_and_mask():
+    torch.manual_seed(2)
+    w = torch.randn(3, 10)
+    w[:, 1] = 100.0  # a salient column excluded from the range
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[1] = False
+    scale, zero = grid_params(w, 4, group_size=4, sym=True, mask=mask)
+    assert scale.shape == (3, 3)  # groups [0:4], [4:8], [8:10]
+    for gi, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
+        cols = [c for c in range(a, b) if c != 1]
+        alpha = w[:, cols].abs().max(1).values
+        torch.testing.assert_close(scale[:, gi], alpha / 7)
+    full = expand_groups(scale, 4, 10)
+    assert full.shape == (3, 10) and torch.equal(full[:, 7], scale[:, 1]) and torch.equal(full[:, 8], scale[:, 2])
+
+
+def test_rtn_keeps_salient_columns_exactly():
+    torch.manual_seed(3)
+    w = torch.randn(8, 40)
+    idx = torch.tensor([3, 17])
+    qw = rtn(w, 3, -1, True, idx)
+    eff = qw.effective_weight()
+    assert torch.equal(eff[:, idx], w[:, idx])
+    # non-salient columns are the plain rounding with the step of the non-salient columns
+    rest = torch.tensor([c for c in range(40) if c not in (3, 17)])
+    scale = w[:, rest].abs().max(1, keepdim=True).values / 3
+    torch.testing.assert_close(eff[:, rest], fake_quantize(w[:, rest], scale, torch.tensor(4.0), 3))
+    # codes of the salient columns are their own rounding (used by the gptq+lora export)
+    torch.testing.assert_close(qw.dequantize_grid()[:, idx], fake_quantize(w[:, idx], scale, torch.tensor(4.0), 3))
