@@ -134,6 +134,26 @@ def _block_out(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats], list]:
+    """One pass of all batches through ``block``: input statistics of ``linears`` and the block outputs."""
+    stats = {name: InputStats(m.in_features) for name, m in linears.items()}
+    hooks = _stat_hooks(block, linears, stats)
+    try:
+        outputs = [_block_out(block(h, **kw)) for h, kw in batches]
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return stats, outputs
+
+
+def _subsets(stats: dict[str, InputStats]) -> list[list[str]]:
+    """Layers grouped by shared input, in execution order (q/k/v, o, gate/up, down for Llama)."""
+    groups: dict[int, list[str]] = {}
+    for name, st in stats.items():
+        groups.setdefault(id(st), []).append(name)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
@@ -142,22 +162,28 @@ def run_blocks(
     on_block: Callable[[int, dict[str, nn.Linear], dict[str, InputStats]], None],
     batch_size: int = 8,
     sequential: bool = True,
+    true_sequential: bool = True,
 ) -> None:
     """Stream calibration windows through the decoder one block at a time.
 
-    For each block, ``on_block(i, linears, stats)`` receives the targeted linears (names relative
-    to the block) and their input statistics; it may modify the linears in place.
+    ``on_block(i, linears, stats)`` receives targeted linears of block ``i`` (names relative to the
+    block) and their input statistics, and may modify them in place. With ``true_sequential`` (and
+    ``sequential``) it is called once per group of layers sharing an input, in execution order, and
+    each group's statistics are measured after the groups before it were modified (GPTQ's
+    "true sequential"): o_proj sees the outputs of quantized q/k/v, down_proj those of gate/up.
     """
     layers = decoder_layers(model)
     batches = block_inputs(model, windows, batch_size)
     for i, block in enumerate(tqdm(layers, desc="calibrate+quantize", unit="block")):
         linears = target_linears(block, targets)
-        stats = {name: InputStats(m.in_features) for name, m in linears.items()}
-        hooks = _stat_hooks(block, linears, stats)
-        outputs = [_block_out(block(h, **kw)) for h, kw in batches]
-        for hk in hooks:
-            hk.remove()
-        on_block(i, linears, stats)
+        stats, outputs = _measure(block, batches, linears)
+        if sequential and true_sequential:
+            for j, names in enumerate(_subsets(stats)):
+                subset = {n: linears[n] for n in names}
+                sub_stats = {n: stats[n] for n in names} if j == 0 else _measure(block, batches, subset)[0]
+                on_block(i, subset, sub_stats)
+        else:
+            on_block(i, linears, stats)
         if sequential:
             outputs = [_block_out(block(h, **kw)) for h, kw in batches]
         batches = [(o, kw) for o, (_, kw) in zip(outputs, batches)]

@@ -7,11 +7,12 @@ writes the effective weights back into the model.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .calibrate import InputStats, decoder_layers, run_blocks
+from .calibrate import InputStats, run_blocks
 from .gptq import gptq
 from .quantize import QuantizedWeight, rtn
 from .recipe import QuantSpec, SaliencySpec
@@ -28,7 +29,9 @@ def select_salient(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant:
     metric = sal.resolved_metric()
     d = None
     if metric.tau is not None:
-        d = quantization_perturbation(w, sal.bits or quant.bits, quant.clip_min, quant.clip_steps)
+        # METHOD section 1: Q inside the metric is symmetric per-row, at the metric's bits
+        grid = replace(quant.grid(), bits=sal.bits or quant.bits, group_size=-1, sym=True)
+        d = quantization_perturbation(w, grid)
     scores = column_scores(d if d is not None else w, stats.norm(metric.rho), metric)
     return top_k(scores, k)
 
@@ -37,12 +40,20 @@ def quantize_linear(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant
     """Salient columns by the metric, then GPTQ or RTN of the rest."""
     w = w.detach().float().cpu()
     idx = select_salient(w, stats, sal, quant, name)
-    common = dict(bits=quant.bits, group_size=quant.group_size, sym=quant.sym, salient_idx=idx,
-                  clip_min=quant.clip_min, clip_steps=quant.clip_steps)
     if quant.method == "gptq":
-        return gptq(w, stats.mean_hessian(), damp=quant.damp, block_size=quant.block_size,
-                    act_order=quant.act_order, **common)
-    return rtn(w, **common)
+        return gptq(w, stats.mean_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order)
+    return rtn(w, quant.grid(), idx)
+
+
+def _quantize_into(lin: nn.Linear, name: str, stats: InputStats, sal: SaliencySpec, quant: QuantSpec) -> QuantizedWeight:
+    """Quantize one module and write its dense effective weight back."""
+    qw = quantize_linear(lin.weight, stats, sal, quant, name.rsplit(".", 1)[-1])
+    lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
+    return qw
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
 
 
 def quantize_model(
@@ -52,19 +63,38 @@ def quantize_model(
     quant: QuantSpec,
     batch_size: int = 8,
     sequential: bool = True,
+    true_sequential: bool = True,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every targeted linear in place (dense effective weights); return the results by module name."""
-    layers = decoder_layers(model)
-    prefix = {id(b): n for n, b in model.named_modules() if any(b is l for l in layers)}
+    names = _names(model)
     results: dict[str, QuantizedWeight] = {}
 
-    def on_block(i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
-        block_name = prefix[id(layers[i])]
+    def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
         for name, lin in linears.items():
-            short = name.rsplit(".", 1)[-1]
-            qw = quantize_linear(lin.weight, stats[name], sal, quant, short)
-            lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
-            results[f"{block_name}.{name}"] = qw
+            results[names[lin]] = _quantize_into(lin, names[lin], stats[name], sal, quant)
 
-    run_blocks(model, windows, sal.targets, on_block, batch_size=batch_size, sequential=sequential)
+    run_blocks(model, windows, sal.targets, on_block, batch_size, sequential, true_sequential)
     return results
+
+
+def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], batch_size: int = 8) -> dict[str, InputStats]:
+    """Input statistics of every targeted linear of the unmodified model (non-sequential), by module name.
+
+    Lets many quantization settings share one calibration pass (benchmarks, ablations).
+    """
+    names = _names(model)
+    out: dict[str, InputStats] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+        out.update({names[lin]: stats[name] for name, lin in linears.items()})
+
+    run_blocks(model, windows, targets, on_block, batch_size=batch_size, sequential=False)
+    return out
+
+
+def quantize_with_stats(
+    model: nn.Module, stats: dict[str, InputStats], sal: SaliencySpec, quant: QuantSpec
+) -> dict[str, QuantizedWeight]:
+    """Quantize in place from precomputed statistics (see ``collect_stats``)."""
+    modules = dict(model.named_modules())
+    return {name: _quantize_into(modules[name], name, st, sal, quant) for name, st in stats.items()}

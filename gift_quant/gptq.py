@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QuantizedWeight, expand_groups, finalize, grid_params, quantize
+from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize
 
 
 def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -42,24 +42,18 @@ def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor,
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool,
+    grid: Grid,
     salient_idx: torch.Tensor,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
-    clip_min: float = 1.0,
-    clip_steps: int = 1,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in)."""
-    n_in = w.shape[1]
+    n_in, bits = w.shape[1], grid.bits
     h, w = dampen(h, w.float(), damp)
-    mask = torch.ones(n_in, dtype=torch.bool, device=w.device)
-    mask[salient_idx] = False
-    scale, zero = grid_params(w, bits, group_size, sym, mask, clip_min, clip_steps)
-    col_scale = expand_groups(scale, group_size, n_in)
-    col_zero = expand_groups(zero, group_size, n_in)
+    scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
+    col_scale = expand_groups(scale, grid.group_size, n_in)
+    col_zero = expand_groups(zero, grid.group_size, n_in)
 
     perm = processing_order(torch.diag(h), salient_idx, act_order)
     w = w[:, perm].clone()
@@ -86,4 +80,4 @@ def gptq(
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    return finalize(w[:, inv], codes[:, inv], scale, zero, bits, group_size, salient_idx)
+    return finalize(w[:, inv], codes[:, inv], scale, zero, grid, salient_idx)

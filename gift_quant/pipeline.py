@@ -81,8 +81,8 @@ def quantize(recipe: Recipe) -> dict:
     model, tok = load_model(recipe.model.ref, getattr(torch, recipe.model.dtype), recipe.model.trust_remote_code)
     calib = calibration_windows(recipe, tok)
     t1 = time.time()
-    results = quantize_model(model, calib, recipe.saliency, recipe.quant,
-                             recipe.calibration.batch_size, recipe.calibration.sequential)
+    c = recipe.calibration
+    results = quantize_model(model, calib, recipe.saliency, recipe.quant, c.batch_size, c.sequential, c.true_sequential)
     t2 = time.time()
     ppl = perplexity(model, eval_windows(recipe, tok), recipe.eval.batch_size)
     summary = {"recipe": recipe.digest(), "perplexity": ppl, "layers": len(results),

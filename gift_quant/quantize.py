@@ -3,8 +3,11 @@
 Conventions (METHOD section 2, GPTQ v1 compatible):
 
 * codes are unsigned integers in ``0 .. 2^b - 1``; ``w ~= scale * (code - zero)``.
-* symmetric: ``Delta = alpha / (2^(b-1) - 1)``, ``zero = 2^(b-1)``, so the signed levels are
-  ``-2^(b-1) .. 2^(b-1) - 1`` exactly as the paper writes them.
+* symmetric (``sym_step="paper"``): ``Delta = alpha / (2^(b-1) - 1)``, ``zero = 2^(b-1)``, so the
+  signed levels are ``-2^(b-1) .. 2^(b-1) - 1`` exactly as the paper writes them.
+  ``sym_step="gptq"`` is the convention of the GPTQ tools: ``Delta = 2 alpha / (2^b - 1)``, a step
+  ``(2^b - 2) / (2^b - 1)`` times finer that clips the positive extreme by one step; it is what
+  gptqmodel/auto-gptq do and matters a lot at 3 bits on models with outlier weights.
 * asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``.
 * parameters are per output row (``group_size = -1``) or per row and group of ``group_size``
   consecutive input columns (static groups: ``group(j) = j // group_size``), computed from the
@@ -15,8 +18,21 @@ Conventions (METHOD section 2, GPTQ v1 compatible):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Everything that defines a uniform grid and how its parameters are chosen."""
+
+    bits: int
+    group_size: int = -1  # -1: one group per row
+    sym: bool = True
+    sym_step: Literal["paper", "gptq"] = "paper"
+    clip_min: float = 1.0  # smallest clipping ratio searched
+    clip_steps: int = 1  # ratios in linspace(1, clip_min, clip_steps); 1 disables the search
 
 
 def maxq(bits: int) -> int:
@@ -24,20 +40,19 @@ def maxq(bits: int) -> int:
     return 2**bits - 1
 
 
-def _params_from_range(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for rows with value range ``[xmin, xmax]`` (``xmin <= 0 <= xmax``)."""
-    if sym:
+    bits = grid.bits
+    if grid.sym:
         alpha = torch.maximum(xmax, -xmin)
-        scale = alpha / (2 ** (bits - 1) - 1)
+        scale = alpha / (2 ** (bits - 1) - 1) if grid.sym_step == "paper" else 2 * alpha / maxq(bits)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         scale = (xmax - xmin) / maxq(bits)
         zero = torch.zeros_like(scale)
     empty = scale == 0  # an all-zero (or fully masked) row: any positive step represents it exactly
     scale = torch.where(empty, torch.ones_like(scale), scale)
-    if not sym:
+    if not grid.sym:
         zero = torch.round(-xmin / scale)
     return scale, zero
 
@@ -56,14 +71,7 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return dequantize(quantize(w, scale, zero, bits), scale, zero)
 
 
-def row_params(
-    w: torch.Tensor,
-    bits: int,
-    sym: bool,
-    mask: torch.Tensor | None = None,
-    clip_min: float = 1.0,
-    clip_steps: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(scale, zero)`` of shape ``(rows, 1)`` for a 2-D ``w``.
 
     Only entries where ``mask`` is true take part (range and error). With ``clip_min < 1`` the
@@ -76,12 +84,13 @@ def row_params(
     wm = torch.where(m, w, torch.zeros_like(w))
     xmin = wm.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = wm.max(dim=1, keepdim=True).values.clamp(min=0)
-    best_scale, best_zero = _params_from_range(xmin, xmax, bits, sym)
-    if clip_steps <= 1 or clip_min >= 1.0:
+    best_scale, best_zero = _params_from_range(xmin, xmax, grid)
+    if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
         return best_scale, best_zero
+    bits = grid.bits
     best_err = ((fake_quantize(wm, best_scale, best_zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
-    for p in torch.linspace(1.0, clip_min, clip_steps)[1:].tolist():
-        scale, zero = _params_from_range(p * xmin, p * xmax, bits, sym)
+    for p in torch.linspace(1.0, grid.clip_min, grid.clip_steps)[1:].tolist():
+        scale, zero = _params_from_range(p * xmin, p * xmax, grid)
         err = ((fake_quantize(wm, scale, zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -90,15 +99,7 @@ def row_params(
     return best_scale, best_zero
 
 
-def grid_params(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    mask: torch.Tensor | None = None,
-    clip_min: float = 1.0,
-    clip_steps: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero)`` of shape ``(out, n_groups)`` for a weight ``(out, in)``.
 
     ``mask`` is a boolean vector over input columns (true = quantized, false = salient).
@@ -106,7 +107,7 @@ def grid_params(
     masked-out zeros.
     """
     out, n_in = w.shape
-    g = n_in if group_size == -1 else group_size
+    g = n_in if grid.group_size == -1 else grid.group_size
     n_groups = -(-n_in // g)
     pad = n_groups * g - n_in
     colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
@@ -114,7 +115,7 @@ def grid_params(
     mp = torch.nn.functional.pad(colmask, (0, pad), value=False)
     rows = wp.reshape(out * n_groups, g)
     rmask = mp.reshape(1, n_groups, g).expand(out, n_groups, g).reshape(out * n_groups, g)
-    scale, zero = row_params(rows, bits, sym, rmask, clip_min, clip_steps)
+    scale, zero = row_params(rows, grid, rmask)
     return scale.reshape(out, n_groups), zero.reshape(out, n_groups)
 
 
@@ -160,12 +161,11 @@ def finalize(
     codes: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
-    bits: int,
-    group_size: int,
+    grid: Grid,
     salient_idx: torch.Tensor,
 ) -> QuantizedWeight:
     """Pack the result of RTN or GPTQ: salient columns get codes too (their rounding)."""
-    n_in = w_final.shape[1]
+    n_in, bits, group_size = w_final.shape[1], grid.bits, grid.group_size
     if salient_idx.numel():
         s = expand_groups(scale, group_size, n_in)[:, salient_idx]
         z = expand_groups(zero, group_size, n_in)[:, salient_idx]
@@ -181,21 +181,16 @@ def finalize(
     )
 
 
-def rtn(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool,
-    salient_idx: torch.Tensor,
-    clip_min: float = 1.0,
-    clip_steps: int = 1,
-) -> QuantizedWeight:
+def nonsalient_mask(n_in: int, salient_idx: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(n_in, dtype=torch.bool, device=salient_idx.device)
+    mask[salient_idx] = False
+    return mask
+
+
+def rtn(w: torch.Tensor, grid: Grid, salient_idx: torch.Tensor) -> QuantizedWeight:
     """Round-to-nearest with ``salient_idx`` columns kept in full precision."""
     w = w.float()
-    mask = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
-    mask[salient_idx] = False
-    scale, zero = grid_params(w, bits, group_size, sym, mask, clip_min, clip_steps)
-    codes = quantize(
-        w, expand_groups(scale, group_size, w.shape[1]), expand_groups(zero, group_size, w.shape[1]), bits
-    )
-    return finalize(w, codes, scale, zero, bits, group_size, salient_idx)
+    scale, zero = grid_params(w, grid, nonsalient_mask(w.shape[1], salient_idx))
+    g, n_in = grid.group_size, w.shape[1]
+    codes = quantize(w, expand_groups(scale, g, n_in), expand_groups(zero, g, n_in), grid.bits)
+    return finalize(w, codes, scale, zero, grid, salient_idx)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .quantize import Grid
 from .saliency import PRESETS
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,6 +42,7 @@ class CalibrationSpec(_Section):
     seq_len: int = Field(2048, ge=8)
     batch_size: int = Field(8, ge=1)
     sequential: bool = Field(True, description="block i+1 sees the outputs of quantized block i (GPTQ)")
+    true_sequential: bool = Field(True, description="within a block, later layers see quantized earlier ones")
 
 
 class SaliencySpec(_Section):
@@ -104,6 +106,8 @@ class QuantSpec(_Section):
     bits: Literal[2, 3, 4, 8] = 3
     group_size: int = Field(-1, description="-1 for per-row, else a positive group of input columns")
     sym: bool = True
+    sym_step: Literal["paper", "gptq"] = Field(
+        "paper", description="symmetric step: alpha/(2^(b-1)-1) (paper) or 2 alpha/(2^b-1) (GPTQ tools)")
     act_order: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
@@ -116,6 +120,10 @@ class QuantSpec(_Section):
         if v != -1 and v < 1:
             raise ValueError(f"got {v}; use -1 (per row) or a positive number of columns such as 128")
         return v
+
+
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.sym, self.sym_step, self.clip_min, self.clip_steps)
 
 
 class EvalSpec(_Section):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import fake_quantize, row_params
+from .quantize import Grid, fake_quantize, row_params
 
 INF = math.inf
 
@@ -35,11 +35,11 @@ PRESETS: dict[str, Metric] = {
 }
 
 
-def quantization_perturbation(w: torch.Tensor, bits: int, clip_min: float = 1.0, clip_steps: int = 1) -> torch.Tensor:
-    """``D = W - Q(W)`` with ``Q`` symmetric per-row RTN at ``bits``."""
+def quantization_perturbation(w: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``D = W - Q(W)`` with ``Q`` per-row RTN on ``grid`` (the caller passes a symmetric per-row grid)."""
     w = w.float()
-    scale, zero = row_params(w, bits, sym=True, clip_min=clip_min, clip_steps=clip_steps)
-    return w - fake_quantize(w, scale, zero, bits)
+    scale, zero = row_params(w, grid)
+    return w - fake_quantize(w, scale, zero, grid.bits)
 
 
 def column_scores(d: torch.Tensor, x_norm: torch.Tensor, metric: Metric) -> torch.Tensor:

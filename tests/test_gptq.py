@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gift_quant.gptq import gptq
-from gift_quant.quantize import expand_groups, fake_quantize, grid_params, rtn
+from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, rtn
 
 
 def reference(w, h, bits, group_size, sym, salient, damp, act_order):
@@ -21,7 +21,7 @@ def reference(w, h, bits, group_size, sym, salient, damp, act_order):
     h += damp * torch.diag(h).mean() * torch.eye(n, dtype=torch.float64)
     mask = torch.ones(n, dtype=torch.bool)
     mask[salient] = False
-    scale, zero = grid_params(w.float(), bits, group_size, sym, mask)
+    scale, zero = grid_params(w.float(), Grid(bits, group_size, sym), mask)
     s = expand_groups(scale, group_size, n).double()
     z = expand_groups(zero, group_size, n).double()
     order = [j for j in range(n) if mask[j]]
@@ -52,7 +52,7 @@ def problem(seed, out=24, n=70, tokens=400):
 def test_gptq_equals_obs_reference(salient, group_size, act_order, sym):
     w, _, h = problem(len(salient) + group_size + act_order + sym)
     idx = torch.tensor(salient, dtype=torch.long)
-    got = gptq(w, h, 3, group_size, sym, idx, damp=0.01, block_size=8, act_order=act_order).effective_weight()
+    got = gptq(w, h, Grid(3, group_size, sym), idx, damp=0.01, block_size=8, act_order=act_order).effective_weight()
     ref = reference(w, h, 3, group_size, sym, idx, 0.01, act_order)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -62,8 +62,8 @@ def test_dead_inputs_and_block_size_invariance():
     x[:, 9] = 0
     h = x.T @ x / len(x)
     idx = torch.tensor([3])
-    a = gptq(w, h, 4, -1, True, idx, block_size=128).effective_weight()
-    b = gptq(w, h, 4, -1, True, idx, block_size=5).effective_weight()
+    a = gptq(w, h, Grid(4), idx, block_size=128).effective_weight()
+    b = gptq(w, h, Grid(4), idx, block_size=5).effective_weight()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, reference(w, h, 4, -1, True, idx, 0.01, False), atol=1e-5, rtol=1e-5)
     assert (a[:, 9] == 0).all()
@@ -73,8 +73,8 @@ def test_dead_inputs_and_block_size_invariance():
 def test_gptq_output_error_below_rtn(bits):
     w, x, h = problem(bits)
     idx = torch.tensor([], dtype=torch.long)
-    e_gptq = torch.linalg.norm((w - gptq(w, h, bits, -1, True, idx).effective_weight()) @ x.T)
-    e_rtn = torch.linalg.norm((w - rtn(w, bits, -1, True, idx).effective_weight()) @ x.T)
+    e_gptq = torch.linalg.norm((w - gptq(w, h, Grid(bits), idx).effective_weight()) @ x.T)
+    e_rtn = torch.linalg.norm((w - rtn(w, Grid(bits), idx).effective_weight()) @ x.T)
     assert e_gptq < 0.9 * e_rtn
 
 
@@ -82,13 +82,13 @@ def test_salient_columns_absorb_error_and_reduce_it():
     w, x, h = problem(11)
     idx = torch.tensor([3, 20, 41])
     none = torch.tensor([], dtype=torch.long)
-    qs = gptq(w, h, 3, -1, True, idx)
+    qs = gptq(w, h, Grid(3), idx)
     eff = qs.effective_weight()
     # the salient columns moved (they absorbed propagated error) ...
     assert (eff[:, idx] - w[:, idx]).abs().max() > 1e-3
     # ... and keeping them in full precision lowers the output error
     e_sal = torch.linalg.norm((w - eff) @ x.T)
-    e_none = torch.linalg.norm((w - gptq(w, h, 3, -1, True, none).effective_weight()) @ x.T)
+    e_none = torch.linalg.norm((w - gptq(w, h, Grid(3), none).effective_weight()) @ x.T)
     assert e_sal < e_none
 
 
@@ -97,6 +97,6 @@ def test_uncorrelated_inputs_reduce_gptq_to_rtn():
     w = torch.randn(10, 30)
     h = torch.diag(torch.rand(30) + 0.5)
     idx = torch.tensor([2, 5])
-    got = gptq(w, h, 3, -1, True, idx)
-    torch.testing.assert_close(got.effective_weight(), rtn(w, 3, -1, True, idx).effective_weight())
+    got = gptq(w, h, Grid(3), idx)
+    torch.testing.assert_close(got.effective_weight(), rtn(w, Grid(3), idx).effective_weight())
     assert torch.equal(got.salient_weight, w[:, idx])

