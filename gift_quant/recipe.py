@@ -126,6 +126,35 @@ class QuantSpec(_Section):
         return Grid(self.bits, self.group_size, self.sym, self.sym_step, self.clip_min, self.clip_steps)
 
 
+class TrainSpec(_Section):
+    """GIFT-SW fine-tuning of the salient columns (METHOD sections 3 and 4)."""
+
+    enabled: bool = True
+    mode: Literal["post", "pre", "fp"] = Field(
+        "post", description="post: train on the frozen quantized base; pre: train full precision with noise, "
+        "then quantize; fp: full-precision GIFT-SW, no quantization")
+    noise: Literal["gaussian", "uniform", "none"] = "gaussian"
+    noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise (paper: 4 after quantization)")
+    noise_schedule: Literal["constant", "linear"] = Field("constant", description="linear: anneal the noise to 0")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(500, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(2048, ge=8)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    data_format: Literal["text", "chat"] = Field("text", description="text: packed windows; chat: "
+                                                 "jsonl of {messages: [...]}, loss on assistant turns")
+    distill: float = Field(0.0, ge=0, description="weight of KL(teacher || student) added to the label loss")
+    distill_temperature: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
 class EvalSpec(_Section):
     ppl_data: str = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
     ppl_seq_len: int = Field(2048, ge=8)
@@ -139,6 +168,7 @@ class Recipe(_Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     saliency: SaliencySpec = Field(default_factory=SaliencySpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output_dir: str = "runs/{name}"
     seed: int = 0

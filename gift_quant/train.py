@@ -1,0 +1,241 @@
+"""GIFT-SW training: only the salient columns learn, on an accelerate loop.
+
+The same code runs on one process or under ``accelerate launch`` / ``torchrun`` (DDP; gloo on
+CPU). The global batch is ``micro_batch_size x grad_accum x world_size``; which examples a rank sees
+at a step is a pure function of (seed, step, rank), so a resumed run sees the same data.
+
+Checkpoints (every ``checkpoint_every`` steps and at the end) hold the trainable weights
+(safetensors), optimizer and scheduler state, and each rank's RNG states; they are written into a
+temporary folder and renamed, and ``latest`` names the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import salient_layers
+from .recipe import TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data
+
+def text_examples(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed plain text: consecutive windows, every token a label."""
+    n = tokens.numel() // seq_len
+    ids = tokens[: n * seq_len].reshape(n, seq_len)
+    return ids, ids.clone()
+
+
+def chat_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat data through the tokenizer's chat template; labels only on assistant turns (else -100)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    all_ids, all_labels = [], []
+    for msgs in conversations:
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        labels = [-100] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(_template(tokenizer, msgs[:i], generation_prompt=True))
+            end = len(_template(tokenizer, msgs[: i + 1], generation_prompt=False))
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        fill = seq_len - len(ids)
+        all_ids.append(ids + [pad] * fill)
+        all_labels.append(labels + [-100] * fill)
+    return torch.tensor(all_ids), torch.tensor(all_labels)
+
+
+def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Examples of (step, micro-batch, rank): a seeded permutation per epoch, read in order."""
+    start = ((step * spec.grad_accum + micro) * world + rank) * spec.micro_batch_size
+    idx = []
+    for pos in range(start, start + spec.micro_batch_size):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+        idx.append(int(perm[i]))
+    return torch.tensor(idx)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched) -> None:
+    """Atomic: everything goes to ``.tmp-<step>`` first; ``latest`` is updated after the rename."""
+    tmp, final = folder / f".tmp-{step}", folder / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (folder / "latest.tmp").write_text(final.name)
+        os.replace(folder / "latest.tmp", folder / "latest")
+        for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, folder: Path, model, opt, sched) -> int:
+    """Restore the newest complete checkpoint; return its step (0 when there is none)."""
+    pointer = folder / "latest"
+    if not pointer.exists():
+        return 0
+    ck = folder / pointer.read_text().strip()
+    state = load_file(ck / "trainable.safetensors")
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+    saved = torch.load(ck / "optim.pt", weights_only=True)
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    _set_rng_state(torch.load(ck / f"rng-{accelerator.process_index}.pt", weights_only=True))
+    step = json.loads((ck / "state.json").read_text())["step"]
+    log.info("resumed from %s (step %d)", ck, step)
+    return step
+
+
+# ----------------------------------------------------------------------------- loop
+
+def noise_factor(spec: TrainSpec, step: int) -> float:
+    return 1.0 if spec.noise_schedule == "constant" else max(0.0, 1.0 - step / spec.steps)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` per token, averaged over the tokens that carry a label."""
+    keep = labels[:, 1:] != -100
+    s = F.log_softmax(student[:, :-1][keep].float() / temperature, -1)
+    t = F.log_softmax(teacher[:, :-1][keep].float() / temperature, -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def train(
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    spec: TrainSpec,
+    out_dir: Path,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train the parameters of ``model`` that require grad; return timing and loss summary."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    bf16 = spec.precision == "bf16" or (
+        spec.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoints"
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
+                          num_training_steps=spec.steps)
+    model, opt = accelerator.prepare(model, opt)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
+    start = load_checkpoint(accelerator, ckpt, model, opt, sched)
+    layers = list(salient_layers(accelerator.unwrap_model(model)).values())
+    model.train()
+
+    log_path = out_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            log_path.write_text("")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
+    t_start, tokens, loss_v = time.time(), 0, float("nan")
+    for step in bar:
+        t0 = time.time()
+        for layer in layers:
+            layer.noise_factor = noise_factor(spec, step)
+        step_loss = 0.0
+        for micro in range(spec.grad_accum):
+            idx = batch_indices(len(ids), step, micro, spec, rank, world, seed)
+            x, y = ids[idx].to(accelerator.device), labels[idx].to(accelerator.device)
+            ctx = accelerator.no_sync(model) if micro < spec.grad_accum - 1 else nullcontext()
+            with ctx, accelerator.autocast():
+                out = model(input_ids=x, labels=y, use_cache=False)
+                loss = out.loss
+                if teacher is not None and spec.distill > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=x, use_cache=False).logits
+                    loss = loss + spec.distill * distill_loss(out.logits, t_logits, y, spec.distill_temperature)
+                accelerator.backward(loss / spec.grad_accum)
+            step_loss += loss.item() / spec.grad_accum
+            tokens += x.numel() * world
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_v = step_loss
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": loss_v, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": spec.micro_batch_size * spec.grad_accum * world * ids.shape[1] / dt,
+               "s_per_step": dt, "noise_factor": noise_factor(spec, step)}
+        if accelerator.is_main_process:
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{rec['lr']:.2e}")
+            if (step + 1) % spec.log_every == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            save_checkpoint(accelerator, ckpt, step + 1, model, opt, sched)
+        if on_step is not None:
+            on_step(step + 1, loss_v)
+    model.eval()
+    wall = time.time() - t_start
+    return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0}

@@ -1,0 +1,125 @@
+"""The GIFT-SW layer: eval equals the dense mixed weight, noise statistics, gradients, memory."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gift_quant.layers import SalientLinear, merge_to_dense, wrap_quantized
+from gift_quant.quantize import Grid, fake_quantize, row_params, rtn
+
+
+def make_layer(noise="gaussian", group_size=-1, bias=True, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(48, 80)
+    idx = torch.tensor([5, 17, 60])
+    qw = rtn(w, Grid(3, group_size), idx)
+    b = torch.randn(48) if bias else None
+    return SalientLinear.from_quantized(qw, b, noise, noise_bits=4), qw, w, b
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_eval_output_equals_dense_mixed_weight(group_size):
+    layer, qw, w, b = make_layer(group_size=group_size)
+    layer.eval()
+    x = torch.randn(3, 7, 80)
+    w_eff = qw.effective_weight()  # independent of the layer: the QuantizedWeight's own dequantization
+    torch.testing.assert_close(layer(x), F.linear(x, w_eff, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.effective_weight(), w_eff)
+    assert torch.equal(w_eff[:, qw.salient_idx], w[:, qw.salient_idx])
+
+
+def injected_noise(layer, n=400):
+    """Noise of n training forwards, recovered through the layer's output on the identity input."""
+    layer.train()
+    eye = torch.eye(80)
+    with torch.no_grad():
+        clean = layer.eval()(eye)
+        layer.train()
+        return torch.stack([(layer(eye) - clean).T for _ in range(n)])  # (n, out, in)
+
+
+def test_gaussian_noise_std_is_half_step_per_row_and_spares_salient_columns():
+    layer, qw, _, _ = make_layer("gaussian")
+    noise = injected_noise(layer)
+    # expected Delta: 4-bit symmetric grid (clipping search) on the non-salient dequantized weights
+    mask = torch.ones(80, dtype=torch.bool)
+    mask[qw.salient_idx] = False
+    delta, _ = row_params(qw.dequantize_grid() * mask, Grid(4, clip_min=0.2, clip_steps=81), mask)
+    std = noise[:, :, mask].std(dim=(0, 2))
+    torch.testing.assert_close(std, delta.squeeze(1) / 2, rtol=0.05, atol=0)
+    assert (noise[:, :, qw.salient_idx] == 0).all()
+
+
+def test_uniform_noise_std_is_step_over_sqrt12():
+    layer, _, _, _ = make_layer("uniform")
+    noise = injected_noise(layer, 200)
+    mask = layer.noise_mask()
+    std = noise[:, :, mask].std(dim=(0, 2))
+    torch.testing.assert_close(std, layer.noise_step.squeeze(1) / math.sqrt(12), rtol=0.05, atol=0)
+    assert noise.abs().max() <= layer.noise_step.max() / 2 + 1e-6
+
+
+def test_no_noise_in_eval_and_fresh_noise_each_training_forward():
+    layer, _, _, _ = make_layer()
+    x = torch.randn(4, 80)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_gradients_reach_only_salient_columns_and_match_dense_reference():
+    layer, qw, _, b = make_layer("none")
+    layer.train()
+    x = torch.randn(5, 80, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    # reference: dense mixed weight with autograd on the full weight, then keep the salient columns
+    w = qw.effective_weight().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, w, b).pow(2).sum().backward()
+    torch.testing.assert_close(layer.salient_weight.grad, w.grad[:, qw.salient_idx], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["salient_weight"]
+
+
+def test_backward_redraws_the_forward_noise():
+    layer, _, _, _ = make_layer("gaussian", bias=False)
+    layer.train()
+    x = torch.randn(5, 80, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    torch.manual_seed(3)  # the same seed draw gives the same noise: read the noisy weight off the output
+    with torch.no_grad():
+        w_noisy = layer(torch.eye(80)).T
+    assert not torch.allclose(w_noisy, layer.effective_weight())  # the noise is there
+    torch.testing.assert_close(x.grad, torch.ones(5, 48) @ w_noisy, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_holds_no_dense_float_copy():
+    layer, _, _, _ = make_layer()
+    n = 48 * 80
+    float_bytes = sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers())
+                      if t.is_floating_point())
+    assert float_bytes < 0.1 * n * 4  # scales, salient columns, bias, noise step: far below a dense copy
+    assert layer.base.codes.dtype == torch.uint8 and layer.base.codes.numel() == n
+
+
+def test_wrap_and_merge_round_trip():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(80, 48), nn.ReLU(), nn.Linear(48, 16))
+    results = {"0": rtn(model[0].weight, Grid(3), torch.tensor([1, 2])),
+               "2": rtn(model[2].weight, Grid(4, 16), torch.tensor([0]))}
+    x = torch.randn(6, 80)
+    expected = F.linear(torch.relu(F.linear(x, results["0"].effective_weight(), model[0].bias)),
+                        results["2"].effective_weight(), model[2].bias)
+    wrap_quantized(model, results, "gaussian", 4)
+    assert isinstance(model[0], SalientLinear) and not any(
+        p.requires_grad for n, p in model.named_parameters() if "salient" not in n)
+    model.eval()
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    merge_to_dense(model)
+    assert isinstance(model[0], nn.Linear)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

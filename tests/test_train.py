@@ -1,0 +1,88 @@
+"""Training: loss goes down, only salient columns change, resume is exact, DDP keeps ranks equal."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gift_quant.layers import salient_layers
+from gift_quant.train import batch_indices, chat_examples, distill_loss
+
+from .train_worker import build, run
+
+
+def test_training_lowers_loss_and_keeps_base_frozen(tmp_path):
+    before, ids = build()
+    base_before = {n: b.clone() for n, b in before.named_buffers()}
+    with torch.no_grad():
+        loss0 = before(input_ids=ids, labels=ids).loss.item()
+    model, summary = run(tmp_path, 12)
+    with torch.no_grad():
+        loss1 = model(input_ids=ids, labels=ids).loss.item()
+    assert loss1 < loss0 - 0.15, (loss0, loss1)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, base_before[n]), n  # codes, scales, noise steps untouched
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(before.named_parameters())[n])]
+    assert changed and all(n.endswith("salient_weight") for n in changed)
+    lines = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+
+
+def test_resume_after_crash_reaches_the_same_weights(tmp_path):
+    straight, _ = run(tmp_path / "a", 8)
+
+    def crash(step, _loss):
+        if step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", 8, on_step=crash)
+    assert (tmp_path / "b/checkpoints/latest").read_text() == "step-3"
+    resumed, summary = run(tmp_path / "b", 8)
+    assert summary["steps_run"] == 5
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_batches_partition_the_data_across_ranks_and_steps():
+    from gift_quant.recipe import TrainSpec
+
+    spec = TrainSpec(micro_batch_size=2, grad_accum=2)
+    seen = torch.cat([batch_indices(16, s, m, spec, r, 2, seed=0) for s in range(2) for m in range(2) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(16))  # one epoch, each example exactly once
+
+
+def test_distill_loss_is_zero_for_identical_logits_and_matches_kl():
+    t = torch.randn(2, 5, 11)
+    labels = torch.ones(2, 5, dtype=torch.long)
+    assert distill_loss(t, t, labels, 1.0).abs() < 1e-6
+    s = torch.randn(2, 5, 11)
+    p, q = t[:, :-1].softmax(-1), s[:, :-1].softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(distill_loss(s, t, labels, 1.0), kl, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_labels_cover_only_assistant_turns(smollm2):
+    _, tok = smollm2
+    conv = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"}]
+    ids, labels = chat_examples(tok, [conv], 64)
+    target = tok.decode([t for t in labels[0].tolist() if t != -100])
+    assert "Hi there!" in target and "Say hi" not in target
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_salient_weights_identical(tmp_path):
+    worker = Path(__file__).with_name("train_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(worker), str(tmp_path), "4"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("world 2") == 2
+    a, b = load_file(tmp_path / "salient-rank0.safetensors"), load_file(tmp_path / "salient-rank1.safetensors")
+    init, _ = build()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], dict(init.named_parameters())[k]) for k in a)  # and they did train

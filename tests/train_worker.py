@@ -1,0 +1,48 @@
+"""Tiny post-quantization GIFT-SW run, used by the tests in-process and under torchrun (DDP on gloo).
+
+    torchrun --nproc_per_node 2 tests/train_worker.py OUT_DIR STEPS
+"""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gift_quant.calibrate import target_linears
+from gift_quant.layers import wrap_quantized
+from gift_quant.quantize import Grid, rtn
+from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
+from gift_quant.train import train, trainable_state
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama  # noqa: E402
+
+
+def build(seed: int = 0):
+    model = tiny_llama(seed)
+    results = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
+            results[name] = rtn(m.weight, Grid(3), torch.arange(0, m.in_features, 16))  # 1/16 of inputs salient
+    wrap_quantized(model, results, "gaussian", 4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 16, (64, 32), generator=g)  # learnable: only 16 of the 256 tokens occur
+    return model, ids
+
+
+def run(out: Path, steps: int, on_step=None, lr: float = 3e-2, **overrides):
+    model, ids = build()
+    spec = TrainSpec(steps=steps, lr=lr, micro_batch_size=4, grad_accum=2, seq_len=32, checkpoint_every=3,
+                     warmup_ratio=0.0, **overrides)
+    summary = train(model, ids, ids.clone(), spec, out, seed=0, on_step=on_step)
+    return model, summary
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    out, steps = Path(sys.argv[1]), int(sys.argv[2])
+    model, summary = run(out, steps)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    save_file(trainable_state(model), out / f"salient-rank{rank}.safetensors")
+    print("world", dist.get_world_size() if dist.is_initialized() else 1, "loss", summary["final_loss"])
