@@ -82,15 +82,16 @@ def _stat_hooks(block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str
     Layers reading the very same tensor (q/k/v, gate/up) share one ``InputStats`` object, so the
     Hessian of a shared input is accumulated once.
     """
-    seen: dict[tuple, InputStats] = {}
+    # Keyed by object identity; holding the tensor keeps its id from being reused by a later
+    # tensor during the same block forward (an address or id can be recycled once freed).
+    seen: dict[int, tuple[torch.Tensor, InputStats]] = {}
 
     def update(name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape))
-        if key in seen:
-            stats[name] = seen[key]
+        if id(x) in seen:
+            stats[name] = seen[id(x)][1]
         else:
             stats[name].update(x)
-            seen[key] = stats[name]
+            seen[id(x)] = (x, stats[name])
 
     hooks = [block.register_forward_pre_hook(lambda *_: seen.clear())]
     hooks += [

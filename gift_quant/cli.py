@@ -13,11 +13,15 @@ from .sources import SourceError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in [("quantize", "quantize a model (GPTQ/RTN + salient columns) and print perplexity")]:
+    for name, help_ in [("recover", "run the whole pipeline of a recipe (quantize, train, export, evaluate, report)"),
+                        ("quantize", "quantize a model (GPTQ/RTN + salient columns) and print perplexity")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="recipe YAML (see recipes/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
+        if name == "recover":
+            p.add_argument("--from", dest="from_stage", choices=["quantize", "train", "export", "evaluate", "report"],
+                           help="redo this stage and every later one")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import pipeline
@@ -26,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.set)
         if args.command == "quantize":
             summary = pipeline.quantize(recipe)
+        else:
+            summary = {"report": str(pipeline.recover(recipe, args.from_stage))}
     except (RecipeError, SourceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

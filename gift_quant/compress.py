@@ -21,7 +21,7 @@ from .saliency import column_scores, quantization_perturbation, resolve_k, top_k
 log = logging.getLogger(__name__)
 
 
-def select_salient(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant: QuantSpec, name: str) -> torch.Tensor:
+def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str) -> torch.Tensor:
     """Indices of the salient input columns of one layer (sorted)."""
     k = resolve_k(sal.k_for(name), w.shape[1])
     if k == 0:
@@ -36,8 +36,8 @@ def select_salient(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant:
     return top_k(scores, k)
 
 
-def quantize_linear(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant: QuantSpec, name: str) -> QuantizedWeight:
-    """Salient columns by the metric, then GPTQ or RTN of the rest."""
+def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str) -> QuantizedWeight:
+    """Salient columns by the metric, then GPTQ or RTN of the rest (``stats`` may be None for plain RTN)."""
     w = w.detach().float().cpu()
     idx = select_salient(w, stats, sal, quant, name)
     if quant.method == "gptq":
@@ -45,7 +45,7 @@ def quantize_linear(w: torch.Tensor, stats: InputStats, sal: SaliencySpec, quant
     return rtn(w, quant.grid(), idx)
 
 
-def _quantize_into(lin: nn.Linear, name: str, stats: InputStats, sal: SaliencySpec, quant: QuantSpec) -> QuantizedWeight:
+def _quantize_into(lin: nn.Linear, name: str, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec) -> QuantizedWeight:
     """Quantize one module and write its dense effective weight back."""
     qw = quantize_linear(lin.weight, stats, sal, quant, name.rsplit(".", 1)[-1])
     lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
@@ -93,8 +93,15 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], b
 
 
 def quantize_with_stats(
-    model: nn.Module, stats: dict[str, InputStats], sal: SaliencySpec, quant: QuantSpec
+    model: nn.Module, stats: dict[str, InputStats | None], sal: SaliencySpec, quant: QuantSpec
 ) -> dict[str, QuantizedWeight]:
-    """Quantize in place from precomputed statistics (see ``collect_stats``)."""
+    """Quantize in place from precomputed statistics (see ``collect_stats``); plain RTN needs none."""
     modules = dict(model.named_modules())
     return {name: _quantize_into(modules[name], name, st, sal, quant) for name, st in stats.items()}
+
+
+def quantize_rtn_plain(model: nn.Module, sal: SaliencySpec, quant: QuantSpec) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest of every targeted linear, no salient columns: needs no calibration data."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in sal.targets]
+    return quantize_with_stats(model, dict.fromkeys(names), sal.model_copy(update={"k": 0, "k_overrides": {}}),
+                               quant.model_copy(update={"method": "rtn"}))

@@ -1,27 +1,46 @@
-"""Run stages of a recipe: check, load, calibrate + quantize, evaluate, save.
+"""``gift-quant recover``: the staged pipeline of a recipe.
 
-Every stage output is written under a temporary name and renamed when complete.
+    quantize -> train -> export -> evaluate -> report
+
+Each stage writes into ``<run>/<stage>/`` through a temporary folder renamed when complete, with a
+``manifest.json`` holding the hash of the recipe sections it depends on, package versions and its
+wall time. A rerun skips stages whose manifest matches; a stage whose inputs changed is reported,
+not silently reused (``--from STAGE`` redoes it and everything after). An interrupted training
+resumes from its last checkpoint in ``<run>/train.work/``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .calibrate import decoder_layers, target_linears
-from .compress import quantize_model
+from .compress import quantize_model, quantize_rtn_plain
 from .evaluate import nonoverlapping_windows, perplexity
+from .export import atomic_dir, load_quantized, save_quantized
+from .layers import merge_to_dense, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
 from .sources import load_model, read_text, resolve_model, sample_windows, tokenize
+from .train import text_examples, train, trainable_state
 
 log = logging.getLogger(__name__)
+
+STAGES = ["quantize", "train", "export", "evaluate", "report"]
+# recipe sections each stage depends on (its own and those of the stages before it)
+DEPENDS = {
+    "quantize": ("model", "calibration", "saliency", "quant", "seed"),
+    "train": ("model", "calibration", "saliency", "quant", "seed", "train"),
+    "export": ("model", "calibration", "saliency", "quant", "seed", "train", "export"),
+    "evaluate": ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval"),
+    "report": ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval"),
+}
 
 
 def check_against_model(recipe: Recipe) -> None:
@@ -33,12 +52,11 @@ def check_against_model(recipe: Recipe) -> None:
     config = AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    linears = target_linears(decoder_layers(model)[0], recipe.saliency.targets)
-    found = {n.rsplit(".", 1)[-1]: m for n, m in linears.items()}
+    block = decoder_layers(model)[0]
+    found = {n.rsplit(".", 1)[-1]: m for n, m in target_linears(block, recipe.saliency.targets).items()}
     missing = [t for t in recipe.saliency.targets if t not in found]
     if missing:
-        have = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model)[0].named_modules()
-                       if isinstance(m, torch.nn.Linear)})
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
         raise RecipeError(f"saliency.targets = {recipe.saliency.targets}: {config.model_type} model has no "
                           f"linear {missing}; its projections are {have}")
     for short, m in found.items():
@@ -51,17 +69,41 @@ def check_against_model(recipe: Recipe) -> None:
             raise RecipeError(f"quant.group_size = {g}: larger than {short}'s {m.in_features} inputs; use -1 or less")
 
 
-def atomic_dir(target: Path):
-    """A temporary sibling folder to write into; ``commit(tmp)`` renames it to ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+class Run:
+    """A run folder and its stage manifests."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.dir = recipe.run_dir()
+        self._model_cache = None
+
+    def stage(self, name: str) -> Path:
+        return self.dir / name
+
+    def is_done(self, name: str) -> bool:
+        manifest = self.stage(name) / "manifest.json"
+        if not manifest.exists():
+            return False
+        saved = json.loads(manifest.read_text())["key"]
+        if saved != self.recipe.digest(*DEPENDS[name]):
+            raise RecipeError(
+                f"stage '{name}' in {self.dir} was run with a different recipe (sections {', '.join(DEPENDS[name])}); "
+                f"rerun with --from {name} to redo it, or set output_dir to a new folder")
+        return True
+
+    def manifest(self, name: str, seconds: float, extra: dict | None = None) -> dict:
+        import transformers
+
+        return {"stage": name, "key": self.recipe.digest(*DEPENDS[name]), "seconds": seconds,
+                "versions": {"gift_quant": __version__, "torch": torch.__version__,
+                             "transformers": transformers.__version__}, **(extra or {})}
+
+    def load_fp(self):
+        r = self.recipe.model
+        return load_model(r.ref, getattr(torch, r.dtype), r.trust_remote_code)
 
 
-def commit_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-
+# ----------------------------------------------------------------------------- stages
 
 def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     c = recipe.calibration
@@ -73,25 +115,170 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
 
 
-def quantize(recipe: Recipe) -> dict:
-    """``gift-quant quantize``: quantize, save the dense effective model, report perplexity."""
-    check_against_model(recipe)
-    run = recipe.run_dir()
-    t0 = time.time()
-    model, tok = load_model(recipe.model.ref, getattr(torch, recipe.model.dtype), recipe.model.trust_remote_code)
-    calib = calibration_windows(recipe, tok)
-    t1 = time.time()
-    c = recipe.calibration
-    results = quantize_model(model, calib, recipe.saliency, recipe.quant, c.batch_size, c.sequential, c.true_sequential)
-    t2 = time.time()
-    ppl = perplexity(model, eval_windows(recipe, tok), recipe.eval.batch_size)
-    summary = {"recipe": recipe.digest(), "perplexity": ppl, "layers": len(results),
-               "load_s": t1 - t0, "quantize_s": t2 - t1, "eval_s": time.time() - t2}
-    target = run / "quantized"
-    tmp = atomic_dir(target)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    commit_dir(tmp, target)
-    log.info("wrote %s", target)
+def stage_quantize(run: Run, tmp: Path) -> dict:
+    r = run.recipe
+    model, tok = run.load_fp()
+    c = r.calibration
+    results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant,
+                             c.batch_size, c.sequential, c.true_sequential)
+    save_quantized(results, tmp / "quantized.safetensors")
+    return {"layers": len(results)}
+
+
+def recovered_model(run: Run, trained: bool):
+    """FP model with its targeted linears replaced by GIFT-SW layers (salient columns trained or not)."""
+    model, tok = run.load_fp()
+    t = run.recipe.train
+    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), t.noise, t.noise_bits)
+    if trained:
+        from safetensors.torch import load_file
+
+        state = load_file(run.stage("train") / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+    return model, tok
+
+
+def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
+    r = run.recipe
+    model, tok = recovered_model(run, trained=False)
+    t = r.train
+    if not t.enabled:
+        (tmp / "trainable.safetensors").parent.mkdir(exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        return {"trained": False}
+    if t.data_format == "chat":
+        from .train import chat_examples
+
+        with open(t.data) as f:
+            convs = [json.loads(line)["messages"] for line in f if line.strip()]
+        ids, labels = chat_examples(tok, convs, t.seq_len)
+    else:
+        ids, labels = text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
+    teacher = run.load_fp()[0] if t.distill > 0 else None
+    work = run.dir / "train.work"
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step)
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     return summary
+
+
+def stage_export(run: Run, tmp: Path) -> dict:
+    r = run.recipe
+    model, tok = recovered_model(run, trained=True)
+    out = {}
+    if "gift" in r.export.formats:
+        from .layers import salient_layers
+
+        results = load_quantized(run.stage("quantize") / "quantized.safetensors")
+        for name, layer in salient_layers(model).items():
+            results[name].salient_weight = layer.salient_weight.detach().clone()
+        (tmp / "gift").mkdir()
+        save_quantized(results, tmp / "gift" / "quantized.safetensors")
+        out["gift_bytes"] = (tmp / "gift" / "quantized.safetensors").stat().st_size
+    if "dense" in r.export.formats:
+        merge_to_dense(model)
+        model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
+        tok.save_pretrained(tmp / "dense")
+        out["dense_bytes"] = sum(p.stat().st_size for p in (tmp / "dense").glob("*.safetensors"))
+    return out
+
+
+def stage_evaluate(run: Run, tmp: Path) -> dict:
+    r = run.recipe
+    fp, tok = run.load_fp()
+    windows = eval_windows(r, tok)
+    rows: dict[str, dict] = {}
+
+    def score(label: str, model) -> None:
+        t0 = time.time()
+        rows[label] = {"ppl": perplexity(model, windows, r.eval.batch_size, desc=f"ppl {label}"),
+                       "eval_s": time.time() - t0}
+        log.info("%s: perplexity %.3f", label, rows[label]["ppl"])
+
+    if "fp" in r.eval.baselines:
+        score("full precision", fp)
+    bits = f"W{r.quant.bits}" + ("" if r.quant.group_size == -1 else f" g{r.quant.group_size}")
+    if "rtn" in r.eval.baselines:
+        model, _ = run.load_fp()
+        quantize_rtn_plain(model, r.saliency, r.quant)
+        score(f"RTN {bits}", model)
+    if "gptq" in r.eval.baselines and r.quant.method == "gptq":
+        model, _ = run.load_fp()
+        c = r.calibration
+        quantize_model(model, calibration_windows(r, tok), r.saliency.model_copy(update={"k": 0, "k_overrides": {}}),
+                       r.quant, c.batch_size, c.sequential, c.true_sequential)
+        score(f"GPTQ {bits}", model)
+    if "salient" in r.eval.baselines:
+        score(f"{r.quant.method.upper()} {bits} + salient columns", recovered_model(run, trained=False)[0].eval())
+    if r.train.enabled:
+        score(f"GIFT-SW {bits}", recovered_model(run, trained=True)[0].eval())
+    (tmp / "results.json").write_text(json.dumps(rows, indent=2))
+    return {"variants": list(rows)}
+
+
+def stage_report(run: Run, tmp: Path) -> dict:
+    from .report import write_report
+
+    path = write_report(run, tmp)
+    return {"report": path.name}
+
+
+STAGE_FNS = {"quantize": stage_quantize, "train": stage_train, "export": stage_export,
+             "evaluate": stage_evaluate, "report": stage_report}
+
+
+def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | None = None) -> Path:
+    """Run every stage not yet done; return the report path."""
+    check_against_model(recipe)
+    run = Run(recipe)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    _log_to_file(run.dir / "run.log")
+    (run.dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    if from_stage is not None:
+        for name in STAGES[STAGES.index(from_stage):]:
+            shutil.rmtree(run.stage(name), ignore_errors=True)
+        if STAGES.index(from_stage) <= STAGES.index("train"):
+            shutil.rmtree(run.dir / "train.work", ignore_errors=True)
+    for name in STAGES:
+        if run.is_done(name):
+            log.info("stage %s: done, skipped", name)
+            continue
+        log.info("stage %s: running", name)
+        t0 = time.time()
+        with atomic_dir(run.stage(name)) as tmp:
+            kwargs = {"on_step": on_step} if name == "train" else {}
+            extra = STAGE_FNS[name](run, tmp, **kwargs)
+            (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
+        log.info("stage %s: finished in %.0f s", name, time.time() - t0)
+    report = run.stage("report") / "report.md"
+    print(f"report: {report}")
+    return report
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger("gift_quant")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+
+
+def quantize(recipe: Recipe) -> dict:
+    """``gift-quant quantize``: only the quantize stage, then the perplexity of the result."""
+    check_against_model(recipe)
+    run = Run(recipe)
+    if not run.is_done("quantize"):
+        t0 = time.time()
+        with atomic_dir(run.stage("quantize")) as tmp:
+            extra = stage_quantize(run, tmp)
+            (tmp / "manifest.json").write_text(json.dumps(run.manifest("quantize", time.time() - t0, extra), indent=2))
+    model, tok = recovered_model(run, trained=False)
+    return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(recipe, tok), recipe.eval.batch_size)}

@@ -155,11 +155,19 @@ class TrainSpec(_Section):
     log_every: int = Field(1, ge=1)
 
 
+class ExportSpec(_Section):
+    formats: list[Literal["dense", "gift"]] = Field(default_factory=lambda: ["dense", "gift"])
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+
+
 class EvalSpec(_Section):
     ppl_data: str = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
     ppl_seq_len: int = Field(2048, ge=8)
     ppl_max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
+    baselines: list[Literal["fp", "rtn", "gptq", "salient"]] = Field(
+        default_factory=lambda: ["fp", "rtn", "gptq", "salient"],
+        description="compared in the report: full precision, plain RTN, plain GPTQ, GPTQ + salient columns untrained")
 
 
 class Recipe(_Section):
@@ -169,6 +177,7 @@ class Recipe(_Section):
     saliency: SaliencySpec = Field(default_factory=SaliencySpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output_dir: str = "runs/{name}"
     seed: int = 0
@@ -176,8 +185,12 @@ class Recipe(_Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    def digest(self, *sections: str) -> str:
+        """Hash of the whole recipe, or of the named sections only (what a pipeline stage depends on)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

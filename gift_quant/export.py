@@ -1,0 +1,84 @@
+"""Writing and reading model outputs: quantized layers and dense checkpoints, atomically.
+
+``save_quantized`` / ``load_quantized`` keep every ``QuantizedWeight`` of a run (codes as uint8,
+not yet bit-packed) in one safetensors file; shapes and dtypes are checked on load and a missing
+or malformed tensor is named in the error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .quantize import QuantizedWeight
+
+_FIELDS = ("codes", "scale", "zero", "salient_idx", "salient_weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt or does not match its description."""
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_quantized(results: dict[str, QuantizedWeight], path: Path) -> None:
+    tensors, meta = {}, {}
+    for name, qw in results.items():
+        for f in _FIELDS:
+            tensors[f"{name}.{f}"] = getattr(qw, f).contiguous()
+        meta[name] = {"bits": qw.bits, "group_size": qw.group_size}
+    save_file(tensors, str(path), metadata={"layers": json.dumps(meta)})
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is corrupt or truncated, "
+                              f"rerun the stage that wrote it") from None
+
+
+def load_quantized(path: Path) -> dict[str, QuantizedWeight]:
+    tensors, meta = _read(Path(path))
+    if "layers" not in meta:
+        raise CheckpointError(f"{path}: no 'layers' metadata; not written by gift_quant.save_quantized")
+    out = {}
+    for name, m in json.loads(meta["layers"]).items():
+        missing = [f"{name}.{f}" for f in _FIELDS if f"{name}.{f}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: missing tensor {missing[0]}")
+        t = {f: tensors[f"{name}.{f}"] for f in _FIELDS}
+        out_f, in_f = t["codes"].shape
+        n_groups = 1 if m["group_size"] == -1 else -(-in_f // m["group_size"])
+        expected = {"scale": (out_f, n_groups), "zero": (out_f, n_groups), "salient_weight": (out_f, t["salient_idx"].numel())}
+        for f, shape in expected.items():
+            if tuple(t[f].shape) != shape:
+                raise CheckpointError(f"{path}: tensor {name}.{f} has shape {tuple(t[f].shape)}, expected {shape}")
+        if t["codes"].dtype != torch.uint8 or int(t["codes"].max()) >= 2 ** m["bits"]:
+            raise CheckpointError(f"{path}: tensor {name}.codes is not {m['bits']}-bit uint8 codes")
+        out[name] = QuantizedWeight(bits=m["bits"], group_size=m["group_size"], **t)
+    return out

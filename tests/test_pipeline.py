@@ -1,0 +1,81 @@
+"""The staged pipeline end to end on a tiny Llama (SmolLM2's tokenizer): stages, skip, resume, change detection."""
+import json
+
+import pytest
+import torch
+
+from gift_quant.pipeline import recover
+from gift_quant.recipe import RecipeError, parse_recipe
+from gift_quant.sources import resolve_model
+
+from .conftest import SMOLLM2, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    tiny_llama(vocab=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def recipe(folder, out, **train):
+    data = {
+        "name": "tiny", "model": {"ref": str(folder)}, "output_dir": str(out),
+        "calibration": {"n_samples": 4, "seq_len": 64, "batch_size": 2},
+        "saliency": {"k": 4, "k_overrides": {"down_proj": 8}},
+        "quant": {"bits": 3},
+        "train": {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "lr": 1e-3, **train},
+        "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2},
+    }
+    return parse_recipe(data, "test")
+
+
+def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    report = recover(recipe(tiny_folder, out))
+    text = report.read_text()
+    results = json.loads((out / "evaluate/results.json").read_text())
+    assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3"}
+    for label, row in results.items():  # the report shows the measured numbers
+        assert f"| {label} | {row['ppl']:.3f} |" in text
+    assert (out / "report/perplexity.png").exists() and (out / "report/loss.png").exists()
+    assert (out / "export/dense/config.json").exists() and (out / "export/gift/quantized.safetensors").exists()
+    assert not list(out.glob(".*tmp*"))  # nothing half-written
+
+    stamps = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("quantize", "train", "export", "evaluate")}
+    with caplog.at_level("INFO", logger="gift_quant.pipeline"):
+        recover(recipe(tiny_folder, out))
+    assert caplog.text.count("done, skipped") == 5
+    assert stamps == {s: (out / s / "manifest.json").stat().st_mtime_ns for s in stamps}
+
+    with pytest.raises(RecipeError, match="stage 'train' .* different recipe.*--from train"):
+        recover(recipe(tiny_folder, out, lr=5e-3))
+    recover(recipe(tiny_folder, out, lr=5e-3), from_stage="train")
+    assert (out / "quantize/manifest.json").stat().st_mtime_ns == stamps["quantize"]  # earlier stage kept
+
+
+def test_recover_resumes_interrupted_training(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+
+    def crash(step, _loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover(recipe(tiny_folder, out), on_step=crash)
+    assert (out / "quantize/manifest.json").exists() and not (out / "train").exists()
+    assert (out / "train.work/checkpoints/latest").read_text() == "step-2"
+    recover(recipe(tiny_folder, out))
+    manifest = json.loads((out / "train/manifest.json").read_text())
+    assert manifest["steps_run"] == 2  # steps 3 and 4 only
+
+    straight = tmp_path / "straight"
+    recover(recipe(tiny_folder, straight))
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "train/trainable.safetensors"), load_file(straight / "train/trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
