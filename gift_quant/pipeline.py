@@ -27,8 +27,8 @@ from .export import atomic_dir, load_quantized, save_quantized
 from .layers import merge_to_dense, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
-from .sources import load_model, read_text, resolve_model, sample_windows, tokenize
-from .train import text_examples, train, trainable_state
+from .sources import load_model, read_records, read_text, resolve_model, sample_windows, tokenize
+from .train import chat_examples, text_examples, train, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,17 @@ DEPENDS = {
 
 def check_against_model(recipe: Recipe) -> None:
     """Fail before loading weights if targets or k do not fit the model (built on the meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     where = resolve_model(recipe.model.ref)
-    config = AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code)
+    check_targets(recipe, AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code))
+
+
+def check_targets(recipe: Recipe, config) -> None:
+    """Targets and k of ``recipe`` against a model of ``config`` instantiated without weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     block = decoder_layers(model)[0]
@@ -152,11 +158,7 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         return {"trained": False}
     if t.data_format == "chat":
-        from .train import chat_examples
-
-        with open(t.data) as f:
-            convs = [json.loads(line)["messages"] for line in f if line.strip()]
-        ids, labels = chat_examples(tok, convs, t.seq_len)
+        ids, labels = chat_examples(tok, read_records(t.data, "messages"), t.seq_len)
     else:
         ids, labels = text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
     teacher = run.load_fp()[0] if t.distill > 0 else None

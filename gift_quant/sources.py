@@ -123,26 +123,33 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: 
     return model, tok
 
 
-def read_text(ref: str, field: str = "text") -> str:
-    """All text of a reference, documents joined by blank lines."""
+def read_records(ref: str, field: str) -> list:
+    """The ``field`` of every record of a hub data set (``hf://name[:config]@split``), jsonl or parquet file."""
     if ref.startswith("hf://"):
         import datasets
 
         name, _, split = ref[len("hf://") :].partition("@")
         name, _, config = name.partition(":")
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
-        return "\n\n".join(ds[field])
+        return list(datasets.load_dataset(name, config or None, split=split or "train")[field])
     path = local_or_package(ref)
-    if path is None or path.is_dir():
-        raise SourceError(f"{ref!r}: expected a text file, a pkg:// resource or hf://name[:config]@split")
-    if path.suffix == ".jsonl":
+    if path is not None and path.suffix == ".jsonl":
         with open(path) as f:
-            return "\n\n".join(json.loads(line)[field] for line in f if line.strip())
-    if path.suffix == ".parquet":
+            return [json.loads(line)[field] for line in f if line.strip()]
+    if path is not None and path.suffix == ".parquet":
         import datasets
 
-        return "\n\n".join(datasets.Dataset.from_parquet(str(path))[field])
-    return path.read_text(encoding="utf-8")
+        return list(datasets.Dataset.from_parquet(str(path))[field])
+    raise SourceError(f"{ref!r}: expected records in hf://name[:config]@split, a .jsonl or a .parquet file")
+
+
+def read_text(ref: str, field: str = "text") -> str:
+    """All text of a reference, documents joined by blank lines (plain files are read as they are)."""
+    path = None if ref.startswith("hf://") else local_or_package(ref)
+    if path is not None and path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        return path.read_text(encoding="utf-8")
+    if path is not None and path.is_dir():
+        raise SourceError(f"{ref!r}: is a folder; expected a text file, a pkg:// resource or hf://name[:config]@split")
+    return "\n\n".join(read_records(ref, field))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
