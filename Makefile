@@ -19,7 +19,7 @@ test:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo:
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/gift-quant quantize $(RECIPE)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/gift-quant recover $(RECIPE)
 
 bench:
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/bench_quantize.py
+	benchmarks/run_all.sh

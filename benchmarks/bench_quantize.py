@@ -1,6 +1,6 @@
 """Perplexity of RTN / GPTQ / GPTQ + salient columns on SmolLM2-135M-Instruct, and the gptqmodel peer.
 
-    python benchmarks/bench_quantize.py [--calib 128] [--eval-windows 40] [--quick]
+    python benchmarks/bench_quantize.py [--calib 128] [--eval-windows 20] [--quick]
 
 Calibration: C4 windows of 512 tokens; held-out: Wikipedia, 512-token non-overlapping windows
 (both from ASSETS.md). The saliency/bit/group grid shares one non-sequential calibration pass
@@ -55,28 +55,27 @@ def main() -> None:
     print(f"calibration statistics: {calib_s:.0f} s", flush=True)
 
     rows = []
-    bits_list = [3] if args.quick else [2, 3, 4]
-    groups = [-1] if args.quick else [-1, 128]
-    for bits in bits_list:
-        for group in groups:
-            # (label, method, k, preset, sym_step, clip search)
-            configs = [("RTN", "rtn", 0, "gift", "paper", True), ("GPTQ", "gptq", 0, "gift", "paper", True),
-                       ("GPTQ, gptq step, no clip", "gptq", 0, "gift", "gptq", False),
-                       ("RTN + salient (gift)", "rtn", args.k, "gift", "paper", True)]
-            presets = ["gift", "owq", "quik", "wanda"] if bits == 3 else ["gift"]
-            configs += [(f"GPTQ + salient ({p})", "gptq", args.k, p, "paper", True) for p in presets]
-            configs += [("GPTQ + salient (gift), gptq step, no clip", "gptq", args.k, "gift", "gptq", False)]
-            for label, method, k, preset, step, clip in configs:
-                model.load_state_dict(original)
-                sal = SaliencySpec(metric=preset, k=k, k_overrides={"down_proj": 3 * k})
-                quant = QuantSpec(method=method, bits=bits, group_size=group, sym_step=step,
-                                  clip_steps=81 if clip else 1)
-                t = time.time()
-                quantize_with_stats(model, stats, sal, quant)
-                q_s = time.time() - t
-                ppl = perplexity(model, evalw)
-                rows.append((bits, "row" if group == -1 else f"g{group}", label, ppl, q_s))
-                print(f"| {bits} | {rows[-1][1]} | {label} | {ppl:.2f} | {q_s:.0f} |", flush=True)
+    settings = [(3, -1)] if args.quick else [(3, -1), (3, 128), (4, -1), (4, 128), (2, -1)]
+    for bits, group in settings:
+        # (label, method, k, preset, sym_step, clip search)
+        configs = [("RTN", "rtn", 0, "gift", "paper", True), ("GPTQ", "gptq", 0, "gift", "paper", True),
+                   ("GPTQ, gptq step, no clip", "gptq", 0, "gift", "gptq", False),
+                   ("RTN + salient (gift)", "rtn", args.k, "gift", "paper", True)]
+        presets = ["gift", "owq", "quik", "wanda"] if (bits, group) == (3, -1) else ["gift"]
+        configs += [(f"GPTQ + salient ({p})", "gptq", args.k, p, "paper", True) for p in presets]
+        if bits == 2:
+            configs = [c for c in configs if c[2] > 0]
+        for label, method, k, preset, step, clip in configs:
+            model.load_state_dict(original)
+            sal = SaliencySpec(metric=preset, k=k, k_overrides={"down_proj": 3 * k})
+            quant = QuantSpec(method=method, bits=bits, group_size=group, sym_step=step,
+                              clip_steps=81 if clip else 1)
+            t = time.time()
+            quantize_with_stats(model, stats, sal, quant)
+            q_s = time.time() - t
+            ppl = perplexity(model, evalw)
+            rows.append((bits, "row" if group == -1 else f"g{group}", label, ppl, q_s))
+            print(f"| {bits} | {rows[-1][1]} | {label} | {ppl:.2f} | {q_s:.0f} |", flush=True)
 
     print(f"\nFull precision: {fp:.2f}. Calibration statistics ({args.calib} x 512 C4 tokens): {calib_s:.0f} s.")
     print("\n| bits | grid | method | ppl (wiki, 512) | quantize s |\n|---|---|---|---|---|")

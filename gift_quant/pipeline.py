@@ -18,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .calibrate import decoder_layers, target_linears
 from .compress import quantize_model, quantize_rtn_plain
 from .evaluate import nonoverlapping_windows, perplexity
 from .export import atomic_dir, load_quantized, save_quantized
-from .layers import merge_to_dense, wrap_quantized
+from .layers import merge_to_dense, salient_layers, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
 from .sources import load_model, read_records, read_text, resolve_model, sample_windows, tokenize
@@ -137,8 +138,6 @@ def recovered_model(run: Run, trained: bool):
     t = run.recipe.train
     wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), t.noise, t.noise_bits)
     if trained:
-        from safetensors.torch import load_file
-
         state = load_file(run.stage("train") / "trainable.safetensors")
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -152,9 +151,6 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     model, tok = recovered_model(run, trained=False)
     t = r.train
     if not t.enabled:
-        (tmp / "trainable.safetensors").parent.mkdir(exist_ok=True)
-        from safetensors.torch import save_file
-
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         return {"trained": False}
     if t.data_format == "chat":
@@ -164,8 +160,6 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     teacher = run.load_fp()[0] if t.distill > 0 else None
     work = run.dir / "train.work"
     summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step)
-    from safetensors.torch import save_file
-
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     return summary
@@ -176,8 +170,6 @@ def stage_export(run: Run, tmp: Path) -> dict:
     model, tok = recovered_model(run, trained=True)
     out = {}
     if "gift" in r.export.formats:
-        from .layers import salient_layers
-
         results = load_quantized(run.stage("quantize") / "quantized.safetensors")
         for name, layer in salient_layers(model).items():
             results[name].salient_weight = layer.salient_weight.detach().clone()

@@ -130,9 +130,9 @@ class TrainSpec(_Section):
     """GIFT-SW fine-tuning of the salient columns (METHOD sections 3 and 4)."""
 
     enabled: bool = True
-    mode: Literal["post", "pre", "fp"] = Field(
-        "post", description="post: train on the frozen quantized base; pre: train full precision with noise, "
-        "then quantize; fp: full-precision GIFT-SW, no quantization")
+    mode: Literal["post"] = Field(
+        "post", description="post: train the salient columns on the frozen quantized base (the pipeline's only "
+        "mode so far; the dense-base layer for pre-quantization / full-precision GIFT-SW is in layers.py)")
     noise: Literal["gaussian", "uniform", "none"] = "gaussian"
     noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise (paper: 4 after quantization)")
     noise_schedule: Literal["constant", "linear"] = Field("constant", description="linear: anneal the noise to 0")

@@ -52,3 +52,35 @@ def test_overrides_apply_and_parse_yaml_values():
 def test_committed_recipes_validate(path):
     r = load_recipe(path)
     assert r.name == path.stem
+
+
+def family_config(stem: str):
+    """A tiny config of the recipe's model family (the name's prefix), as transformers defines it."""
+    import transformers as tf
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, head_dim=16)
+    for prefix, cls in [("smollm2", "LlamaConfig"), ("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
+                        ("qwen2.5", "Qwen2Config"), ("gemma-2", "Gemma2Config"), ("gemma-3", "Gemma3TextConfig")]:
+        if stem.startswith(prefix):
+            return getattr(tf, cls)(**small)
+    raise AssertionError(f"recipe {stem}: no family config known; add it to family_config")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_targets_exist_in_the_family(path):
+    from gift_quant.pipeline import check_targets
+
+    r = load_recipe(path, ["saliency.k=4", "saliency.k_overrides={}"])  # k of the real model exceeds the tiny one
+    check_targets(r, family_config(path.stem))
+
+
+def test_target_typo_and_oversized_k_are_caught_before_loading():
+    from gift_quant.pipeline import check_targets
+
+    r = parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["q_proj", "gate_prj"], "k": 4}}, "t")
+    with pytest.raises(RecipeError, match=r"saliency.targets = .*no linear \['gate_prj'\].*'gate_proj'"):
+        check_targets(r, family_config("llama"))
+    r = parse_recipe({"model": {"ref": "m"}, "saliency": {"k": 100}}, "t")
+    with pytest.raises(RecipeError, match="saliency.k for q_proj = 100: .*outside 0..64"):
+        check_targets(r, family_config("llama"))
