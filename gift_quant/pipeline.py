@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,17 +241,25 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
             shutil.rmtree(run.stage(name), ignore_errors=True)
         if STAGES.index(from_stage) <= STAGES.index("train"):
             shutil.rmtree(run.dir / "train.work", ignore_errors=True)
+    # Under accelerate launch / torchrun every process runs this loop: the training stage runs on
+    # all of them (DDP), every other stage on the main process while the others wait.
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     for name in STAGES:
+        state.wait_for_everyone()
         if run.is_done(name):
             log.info("stage %s: done, skipped", name)
             continue
-        log.info("stage %s: running", name)
-        t0 = time.time()
-        with atomic_dir(run.stage(name)) as tmp:
+        if name == "train" or state.is_main_process:
+            log.info("stage %s: running", name)
+            t0 = time.time()
             kwargs = {"on_step": on_step} if name == "train" else {}
-            extra = STAGE_FNS[name](run, tmp, **kwargs)
-            (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
-        log.info("stage %s: finished in %.0f s", name, time.time() - t0)
+            with atomic_dir(run.stage(name)) if state.is_main_process else tempfile.TemporaryDirectory() as tmp:
+                tmp = Path(tmp)
+                extra = STAGE_FNS[name](run, tmp, **kwargs)
+                (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
+            log.info("stage %s: finished in %.0f s", name, time.time() - t0)
     report = run.stage("report") / "report.md"
     print(f"report: {report}")
     return report

@@ -172,7 +172,8 @@ def train(
 
     bf16 = spec.precision == "bf16" or (
         spec.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoints"
     torch.manual_seed(seed)
@@ -237,5 +238,5 @@ def train(
             on_step(step + 1, loss_v)
     model.eval()
     wall = time.time() - t_start
-    return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start,
+    return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start, "processes": world,
             "tokens_per_s": tokens / wall if wall > 0 else 0.0}

@@ -79,3 +79,23 @@ def test_recover_resumes_interrupted_training(tiny_folder, tmp_path):
 
     a, b = load_file(out / "train/trainable.safetensors"), load_file(straight / "train/trainable.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_recover_under_torchrun_two_processes(tiny_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = recipe(tiny_folder, tmp_path / "run").model_dump(mode="json")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29544",
+           "-m", "gift_quant.cli", "recover", str(tmp_path / "r.yaml")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "run/report/report.md").exists()
+    log = (tmp_path / "run/train/train_log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and '"tokens_per_s"' in log[0]
+    assert json.loads((tmp_path / "run/train/manifest.json").read_text())["processes"] == 2

@@ -45,4 +45,4 @@ if __name__ == "__main__":
     model, summary = run(out, steps)
     rank = dist.get_rank() if dist.is_initialized() else 0
     save_file(trainable_state(model), out / f"salient-rank{rank}.safetensors")
-    print("world", dist.get_world_size() if dist.is_initialized() else 1, "loss", summary["final_loss"])
+    print("world", summary["processes"], "rank", rank, "loss", summary["final_loss"])
