@@ -1,41 +1,93 @@
-"""``gift-quant`` command line."""
+"""``gift-quant`` command line: recover, quantize, eval, report."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from .export import CheckpointError
 from .recipe import RecipeError, load_recipe
 from .sources import SourceError
 
+STAGES = ["quantize", "train", "export", "evaluate", "report"]
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("recover", "run the whole pipeline of a recipe (quantize, train, export, evaluate, report)"),
-                        ("quantize", "quantize a model (GPTQ/RTN + salient columns) and print perplexity")]:
+                        ("quantize", "only quantize (GPTQ/RTN + salient columns) and print perplexity")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="recipe YAML (see recipes/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
         if name == "recover":
-            p.add_argument("--from", dest="from_stage", choices=["quantize", "train", "export", "evaluate", "report"],
-                           help="redo this stage and every later one")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from . import pipeline
+            p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+    p = sub.add_parser("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
+    p.add_argument("model", help="hub id, folder (e.g. runs/<name>/export/dense) or pkg://... .gguf")
+    p.add_argument("--tasks", default="gq_arc_easy,gq_arc_challenge,gq_hellaswag,gq_piqa,gq_winogrande,gq_boolq")
+    p.add_argument("--limit", type=int, default=None, help="items per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--ppl-data", default="pkg://exllamav3/conversion/standard_cal_data/wiki.utf8")
+    p.add_argument("--ppl-seq-len", type=int, default=2048)
+    p.add_argument("--ppl-max-windows", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for lm-eval's results JSON and our summary")
+    p = sub.add_parser("report", help="build a comparison report from one or more run folders")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    p.add_argument("--out", default="report", help="output folder")
+    return parser
 
+
+def _eval(args) -> dict:
+    from .evaluate import nonoverlapping_windows, perplexity, zero_shot
+    from .sources import load_model, read_text, tokenize
+
+    model, tok = load_model(args.model)
+    if args.device:
+        model.to(args.device)
+    summary = {"model": args.model}
+    if args.ppl_data:
+        windows = nonoverlapping_windows(tokenize(tok, read_text(args.ppl_data)), args.ppl_seq_len, args.ppl_max_windows)
+        summary["ppl"] = perplexity(model, windows, args.batch_size)
+    tasks = [t for t in args.tasks.split(",") if t]
+    raw = None
+    if tasks:
+        summary["tasks"], raw = zero_shot(model, tok, tasks, args.limit, args.batch_size, args.num_fewshot, args.device)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if raw is not None:
+            (out / "lm_eval_results.json").write_text(json.dumps(raw, indent=2, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        recipe = load_recipe(args.recipe, args.set)
-        if args.command == "quantize":
-            summary = pipeline.quantize(recipe)
+        if args.command == "eval":
+            result = _eval(args)
+        elif args.command == "report":
+            from .report import write_report
+
+            result = {"report": str(write_report([Path(r) for r in args.runs], Path(args.out)))}
         else:
-            summary = {"report": str(pipeline.recover(recipe, args.from_stage))}
-    except (RecipeError, SourceError) as e:
+            from . import pipeline
+
+            recipe = load_recipe(args.recipe, args.set)
+            if args.command == "quantize":
+                result = pipeline.quantize(recipe)
+            else:
+                result = {"report": str(pipeline.recover(recipe, args.from_stage))}
+    except (RecipeError, SourceError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(result, indent=2))
     return 0
 
 

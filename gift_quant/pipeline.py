@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .calibrate import decoder_layers, target_linears
 from .compress import quantize_model, quantize_rtn_plain
-from .evaluate import nonoverlapping_windows, perplexity
-from .export import atomic_dir, load_quantized, save_quantized
+from .evaluate import nonoverlapping_windows, perplexity, zero_shot
+from .export import atomic_dir, bits_per_weight, load_quantized, save_quantized
 from .layers import merge_to_dense, salient_layers, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -130,7 +130,7 @@ def stage_quantize(run: Run, tmp: Path) -> dict:
     results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant,
                              c.batch_size, c.sequential, c.true_sequential)
     save_quantized(results, tmp / "quantized.safetensors")
-    return {"layers": len(results)}
+    return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
 
 
 def recovered_model(run: Run, trained: bool):
@@ -193,9 +193,15 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
 
     def score(label: str, model) -> None:
         t0 = time.time()
-        rows[label] = {"ppl": perplexity(model, windows, r.eval.batch_size, desc=f"ppl {label}"),
-                       "eval_s": time.time() - t0}
+        rows[label] = {"ppl": perplexity(model, windows, r.eval.batch_size, desc=f"ppl {label}")}
         log.info("%s: perplexity %.3f", label, rows[label]["ppl"])
+        if r.eval.tasks:
+            summary, raw = zero_shot(model, tok, r.eval.tasks, r.eval.limit, r.eval.batch_size, r.eval.num_fewshot)
+            rows[label]["tasks"] = summary
+            (tmp / "lm_eval").mkdir(exist_ok=True)
+            (tmp / "lm_eval" / f"{label.replace(' ', '_')}.json").write_text(json.dumps(raw, indent=2, default=str))
+            log.info("%s: mean acc %.4f", label, summary["mean_acc"])
+        rows[label]["eval_s"] = time.time() - t0
 
     if "fp" in r.eval.baselines:
         score("full precision", fp)
@@ -221,7 +227,7 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
 def stage_report(run: Run, tmp: Path) -> dict:
     from .report import write_report
 
-    path = write_report(run, tmp)
+    path = write_report([run.dir], tmp)
     return {"report": path.name}
 
 

@@ -165,6 +165,11 @@ class EvalSpec(_Section):
     ppl_seq_len: int = Field(2048, ge=8)
     ppl_max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
+    tasks: list[str] = Field(
+        default_factory=lambda: ["gq_arc_easy", "gq_arc_challenge", "gq_hellaswag", "gq_piqa", "gq_winogrande", "gq_boolq"],
+        description="lm-eval tasks (offline mirrors gq_*, or lm-eval's own names with hub access); [] for perplexity only")
+    limit: int | None = Field(None, ge=1, description="items per task (None: the whole split)")
+    num_fewshot: int | None = Field(None, ge=0)
     baselines: list[Literal["fp", "rtn", "gptq", "salient"]] = Field(
         default_factory=lambda: ["fp", "rtn", "gptq", "salient"],
         description="compared in the report: full precision, plain RTN, plain GPTQ, GPTQ + salient columns untrained")

@@ -1,4 +1,8 @@
-"""Run reports: a markdown table, the recovery ratio, and plots (perplexity bars, training loss)."""
+"""Reports of one or more pipeline runs: markdown tables, recovery ratios and PNG plots.
+
+Built only from what the stages wrote (``evaluate/results.json``, manifests, the training log), so
+``gift-quant report RUN_DIR...`` can compare runs made at different times.
+"""
 from __future__ import annotations
 
 import json
@@ -9,20 +13,69 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+SHORT = {"gq_arc_easy": "ARC-e", "gq_arc_challenge": "ARC-c", "gq_hellaswag": "HellaSwag", "gq_piqa": "PIQA",
+         "gq_winogrande": "WinoGrande", "gq_boolq": "BoolQ"}
+
 
 def recovery(recovered: float, quantized: float, full: float) -> float:
     """Share of the gap closed: ``(recovered - quantized) / (full precision - quantized)``."""
     return (recovered - quantized) / (full - quantized)
 
 
-def _manifest(run_dir: Path, stage: str) -> dict:
-    p = run_dir / stage / "manifest.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _bar_plot(rows: dict[str, dict], path: Path) -> None:
+def load_rows(run_dirs: list[Path]) -> dict[str, dict]:
+    """Evaluated variants of every run, labelled ``<run>: <variant>`` when there are several runs."""
+    rows = {}
+    for d in map(Path, run_dirs):
+        results = _json(d / "evaluate" / "results.json")
+        if not results:
+            raise FileNotFoundError(f"{d}: no evaluate/results.json; run the evaluate stage first")
+        for label, row in results.items():
+            rows[label if len(run_dirs) == 1 else f"{d.name}: {label}"] = row
+    return rows
+
+
+def _cell(metrics: dict) -> str:
+    return " / ".join(f"{metrics[m]:.4f}" for m in ("acc", "acc_norm") if m in metrics)
+
+
+def _tables(rows: dict[str, dict]) -> list[str]:
+    tasks = next((list(k for k in r["tasks"] if k != "mean_acc") for r in rows.values() if "tasks" in r), [])
+    head = ["model", "perplexity"] + [SHORT.get(t, t) for t in tasks] + (["mean acc"] if tasks else []) + ["eval s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in rows.items():
+        cells = [label, f"{r['ppl']:.3f}"]
+        if tasks:
+            cells += [_cell(r["tasks"][t]) for t in tasks] + [f"{r['tasks']['mean_acc']:.4f}"]
+        cells.append(f"{r.get('eval_s', 0):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if tasks:
+        lines += ["", "Task cells are acc / acc_norm (where the task defines it); the mean is over acc."]
+    return lines
+
+
+def _recovery_lines(rows: dict[str, dict]) -> list[str]:
+    fp = next((r for k, r in rows.items() if k.endswith("full precision")), None)
+    rec = next((r for k, r in rows.items() if "GIFT-SW" in k), None)
+    if fp is None or rec is None:
+        return []
+    out = ["", "Recovery `(recovered - quantized) / (full precision - quantized)`:", ""]
+    for k, r in rows.items():
+        if "GPTQ" in k or "RTN" in k:
+            parts = [f"perplexity {recovery(rec['ppl'], r['ppl'], fp['ppl']):.1%}"]
+            if "tasks" in r and "tasks" in fp and r["tasks"]["mean_acc"] != fp["tasks"]["mean_acc"]:
+                parts.append(f"mean acc {recovery(rec['tasks']['mean_acc'], r['tasks']['mean_acc'], fp['tasks']['mean_acc']):.1%}")
+            out.append(f"- vs {k}: " + ", ".join(parts))
+    return out
+
+
+def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
+    md = []
     labels = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
     ax.barh(labels, [rows[k]["ppl"] for k in labels], color="#4c72b0")
     ax.set_xscale("log")
     ax.set_xlabel("perplexity (log scale, lower is better)")
@@ -30,55 +83,61 @@ def _bar_plot(rows: dict[str, dict], path: Path) -> None:
     for i, k in enumerate(labels):
         ax.text(rows[k]["ppl"], i, f" {rows[k]['ppl']:.2f}", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "perplexity.png", dpi=110)
     plt.close(fig)
+    md += ["", "![perplexity](perplexity.png)"]
+
+    with_tasks = [k for k in labels if "tasks" in rows[k]]
+    if with_tasks:
+        tasks = [t for t in rows[with_tasks[0]]["tasks"] if t != "mean_acc"]
+        fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 3, 4))
+        width = 0.8 / len(with_tasks)
+        for i, k in enumerate(with_tasks):
+            ax.bar([j + i * width for j in range(len(tasks) + 1)],
+                   [rows[k]["tasks"][t]["acc"] for t in tasks] + [rows[k]["tasks"]["mean_acc"]], width, label=k)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks) + 1)], [SHORT.get(t, t) for t in tasks] + ["mean"])
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "tasks.png", dpi=110)
+        plt.close(fig)
+        md += ["", "![zero-shot accuracy](tasks.png)"]
+
+    logs = {Path(d).name: Path(d) / "train" / "train_log.jsonl" for d in run_dirs}
+    logs = {n: [json.loads(x) for x in p.read_text().splitlines() if x.strip()] for n, p in logs.items() if p.exists()}
+    if any(logs.values()):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, recs in logs.items():
+            ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=110)
+        plt.close(fig)
+        md += ["", "![training loss](loss.png)"]
+    return md
 
 
-def _loss_plot(log_path: Path, path: Path) -> bool:
-    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
-    if not recs:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="gray", lw=0.8, ls="--")
-    ax2.set_ylabel("learning rate", color="gray")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def write_report(run, out: Path) -> Path:
-    """``report.md`` (+ PNGs) for one pipeline run, from its stage outputs."""
-    run_dir = Path(run.dir)
-    rows: dict[str, dict] = json.loads((run_dir / "evaluate" / "results.json").read_text())
-    lines = [f"# {run.recipe.name}", "", f"Model: `{run.recipe.model.ref}`", ""]
-    lines += ["| model | perplexity | eval s |", "|---|---|---|"]
-    lines += [f"| {k} | {v['ppl']:.3f} | {v['eval_s']:.0f} |" for k, v in rows.items()]
-    fp = rows.get("full precision", {}).get("ppl")
-    recovered = next((v["ppl"] for k, v in rows.items() if k.startswith("GIFT-SW")), None)
-    lines.append("")
-    if fp is not None and recovered is not None:
-        for k, v in rows.items():
-            if k.startswith(("GPTQ", "RTN")):
-                lines.append(f"- perplexity recovery vs {k}: {recovery(recovered, v['ppl'], fp):.1%} of the gap closed")
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    for stage in ("quantize", "train", "export", "evaluate"):
-        m = _manifest(run_dir, stage)
-        if m:
-            lines.append(f"| {stage} | {m['seconds']:.0f} |")
-    exp = _manifest(run_dir, "export")
-    sizes = {k[:-6]: v for k, v in exp.items() if k.endswith("_bytes")}
-    if sizes:
-        lines += ["", "| export | size on disk (MB) |", "|---|---|"]
-        lines += [f"| {k} | {v / 1e6:.1f} |" for k, v in sizes.items()]
-    _bar_plot(rows, out / "perplexity.png")
-    lines += ["", "![perplexity](perplexity.png)"]
-    if _loss_plot(run_dir / "train" / "train_log.jsonl", out / "loss.png"):
-        lines += ["", "![training loss](loss.png)"]
+def write_report(run_dirs: list[Path], out: Path) -> Path:
+    """``report.md`` and its PNGs in ``out`` for the given run folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(run_dirs)
+    lines = ["# gift-quant report", ""]
+    for d in map(Path, run_dirs):
+        recipe = _json(d / "recipe.json")
+        q = _json(d / "quantize" / "manifest.json")
+        lines.append(f"- `{d.name}`: model `{recipe.get('model', {}).get('ref')}`, "
+                     f"{q.get('bits_per_weight', float('nan')):.3f} bits per weight over the quantized linears")
+    lines += [""] + _tables(rows) + _recovery_lines(rows)
+    for d in map(Path, run_dirs):
+        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "train", "export", "evaluate")]
+        lines += ["", f"Stage wall times of `{d.name}` (s): "
+                  + ", ".join(f"{s} {m['seconds']:.0f}" for s, m in stages if m)]
+        sizes = {k[:-6]: v for k, v in _json(d / "export" / "manifest.json").items() if k.endswith("_bytes")}
+        if sizes:
+            lines.append("Export sizes (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()))
+    lines += _plots(rows, run_dirs, out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -29,7 +29,7 @@ def recipe(folder, out, **train):
         "saliency": {"k": 4, "k_overrides": {"down_proj": 8}},
         "quant": {"bits": 3},
         "train": {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "lr": 1e-3, **train},
-        "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2},
+        "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2, "tasks": ["gq_piqa"], "limit": 2},
     }
     return parse_recipe(data, "test")
 
@@ -41,7 +41,8 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
     results = json.loads((out / "evaluate/results.json").read_text())
     assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3"}
     for label, row in results.items():  # the report shows the measured numbers
-        assert f"| {label} | {row['ppl']:.3f} |" in text
+        assert f"| {label} | {row['ppl']:.3f} | {row['tasks']['gq_piqa']['acc']:.4f} / " in text
+    assert (out / "evaluate/lm_eval/GIFT-SW_W3.json").exists()
     assert (out / "report/perplexity.png").exists() and (out / "report/loss.png").exists()
     assert (out / "export/dense/config.json").exists() and (out / "export/gift/quantized.safetensors").exists()
     assert not list(out.glob(".*tmp*"))  # nothing half-written

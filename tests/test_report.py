@@ -1,0 +1,74 @@
+"""Report from fixture result files: the numbers in the table and the recovery ratios parse back."""
+import json
+import re
+
+import pytest
+import torch
+
+from gift_quant.cli import main
+from gift_quant.export import bits_per_weight
+from gift_quant.quantize import Grid, rtn
+
+TASKS = ["gq_arc_easy", "gq_boolq"]
+
+
+def fixture_run(root, name, ppl, acc):
+    d = root / name
+    (d / "evaluate").mkdir(parents=True)
+    (d / "quantize").mkdir()
+    rows = {}
+    for label, p, a in zip(["full precision", "GPTQ W3", "GIFT-SW W3"], ppl, acc):
+        rows[label] = {"ppl": p, "eval_s": 1.0,
+                       "tasks": {"gq_arc_easy": {"acc": a, "acc_norm": a + 0.01}, "gq_boolq": {"acc": a - 0.1},
+                                 "mean_acc": (a + a - 0.1) / 2}}
+    (d / "evaluate/results.json").write_text(json.dumps(rows))
+    (d / "quantize/manifest.json").write_text(json.dumps({"seconds": 12.0, "bits_per_weight": 3.25}))
+    (d / "recipe.json").write_text(json.dumps({"model": {"ref": "tiny"}}))
+    return d
+
+
+def parse_table(text):
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= 5 and not cells[0] in ("model",) and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_report_numbers_and_recovery(tmp_path):
+    run = fixture_run(tmp_path, "a", ppl=[10.0, 30.0, 15.0], acc=[0.6, 0.4, 0.55])
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep/report.md").read_text()
+    rows = parse_table(text)
+    assert float(rows["GIFT-SW W3"][0]) == 15.0
+    assert rows["GPTQ W3"][1] == "0.4000 / 0.4100" and float(rows["GPTQ W3"][3]) == pytest.approx(0.35)
+    # perplexity: (15 - 30) / (10 - 30) = 75%; mean acc: (0.5 - 0.35) / (0.55 - 0.35) = 75%
+    m = re.search(r"vs GPTQ W3: perplexity ([\d.]+)%, mean acc ([\d.]+)%", text)
+    assert float(m.group(1)) == pytest.approx(75.0) and float(m.group(2)) == pytest.approx(75.0)
+    assert "3.250 bits per weight" in text
+    assert (tmp_path / "rep/perplexity.png").stat().st_size > 1000 and (tmp_path / "rep/tasks.png").exists()
+
+
+def test_report_of_two_runs_prefixes_labels(tmp_path):
+    a = fixture_run(tmp_path, "a", [10.0, 30.0, 15.0], [0.6, 0.4, 0.55])
+    b = fixture_run(tmp_path, "b", [10.0, 20.0, 12.0], [0.6, 0.5, 0.58])
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    rows = parse_table((tmp_path / "rep/report.md").read_text())
+    assert float(rows["b: GIFT-SW W3"][0]) == 12.0 and float(rows["a: GIFT-SW W3"][0]) == 15.0
+
+
+def test_report_of_a_run_without_results_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no evaluate/results.json" in capsys.readouterr().err
+
+
+def test_bits_per_weight_matches_method_arithmetic():
+    # LLaMA-2-7B-like layer: 4096 x 4096, 3 bits, groups of 128, k = 128 salient columns
+    w = torch.randn(4096, 4096)
+    qw = rtn(w, Grid(3, 128), torch.arange(0, 4096, 32))
+    exact = (3 * 3968 + 19 * 32 + 16 * 128) / 4096 + 32 * 128 / 4096**2
+    assert bits_per_weight({"l": qw}) == pytest.approx(exact)
+    method = (3 + 19 / 128) * (1 - 128 / 4096) + 16 * 128 / 4096  # METHOD section 7
+    assert bits_per_weight({"l": qw}) == pytest.approx(method, rel=0.01)
