@@ -72,6 +72,13 @@ def _recovery_lines(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def _save(fig, out: Path, name: str, alt: str) -> list[str]:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return ["", f"![{alt}]({name})"]
+
+
 def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
     md = []
     labels = list(rows)
@@ -82,10 +89,7 @@ def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
     ax.invert_yaxis()
     for i, k in enumerate(labels):
         ax.text(rows[k]["ppl"], i, f" {rows[k]['ppl']:.2f}", va="center")
-    fig.tight_layout()
-    fig.savefig(out / "perplexity.png", dpi=110)
-    plt.close(fig)
-    md += ["", "![perplexity](perplexity.png)"]
+    md += _save(fig, out, "perplexity.png", "perplexity")
 
     with_tasks = [k for k in labels if "tasks" in rows[k]]
     if with_tasks:
@@ -98,10 +102,7 @@ def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks) + 1)], [SHORT.get(t, t) for t in tasks] + ["mean"])
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "tasks.png", dpi=110)
-        plt.close(fig)
-        md += ["", "![zero-shot accuracy](tasks.png)"]
+        md += _save(fig, out, "tasks.png", "zero-shot accuracy")
 
     logs = {Path(d).name: Path(d) / "train" / "train_log.jsonl" for d in run_dirs}
     logs = {n: [json.loads(x) for x in p.read_text().splitlines() if x.strip()] for n, p in logs.items() if p.exists()}
@@ -112,10 +113,7 @@ def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (nats/token)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=110)
-        plt.close(fig)
-        md += ["", "![training loss](loss.png)"]
+        md += _save(fig, out, "loss.png", "training loss")
     return md
 
 
