@@ -96,3 +96,59 @@ def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
         bits += qw.bits * out * (n_in - k) + (16 + qw.bits) * out * n_groups + 16 * out * k + 32 * k
         weights += out * n_in
     return bits / weights
+
+
+def _base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` except the quantized linears' weights (tied lm_head left to the config)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        module, _, leaf = k.rpartition(".")
+        if module in quantized and leaf != "bias":
+            continue
+        if k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
+            continue
+        state[k] = v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+    return state
+
+
+def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path) -> dict:
+    """A standard GPTQ v1 checkpoint (every column quantized) plus a PEFT LoRA adapter in ``out/adapter``
+    that restores the salient columns exactly: ``A`` selects the salient inputs (one-hot rows),
+    ``B = W_s - deq(W_s)``, ``lora_alpha = r`` (scaling 1), a rank per layer equal to its ``k``."""
+    from .pack import to_gptq_v1
+
+    bits = {qw.bits for qw in results.values()}
+    groups = {qw.group_size for qw in results.values()}
+    if len(bits) != 1 or len(groups) != 1:
+        raise ValueError(f"a GPTQ checkpoint has one bit width and group size; got bits {bits}, groups {groups}")
+    state = _base_state(model, set(results))
+    lora, ranks = {}, {}
+    for name, qw in results.items():
+        state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
+        k = qw.salient_idx.numel()
+        if k == 0:
+            continue
+        a = torch.zeros(k, qw.codes.shape[1])
+        a[torch.arange(k), qw.salient_idx] = 1.0
+        b = qw.salient_weight.float() - qw.dequantize_grid()[:, qw.salient_idx]
+        lora[f"base_model.model.{name}.lora_A.weight"] = a.to(torch.float16)
+        lora[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.float16).contiguous()
+        ranks[name] = k
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits.pop(), "group_size": groups.pop(),
+                                     "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    config["torch_dtype"] = "float16"
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tokenizer.save_pretrained(out)
+    if ranks:
+        (out / "adapter").mkdir()
+        save_file(lora, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+        r = max(ranks.values())
+        adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+                   "bias": "none", "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
+                   "rank_pattern": ranks, "alpha_pattern": ranks, "fan_in_fan_out": False,
+                   "base_model_name_or_path": None, "inference_mode": True}
+        (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+    return {"gptq_lora_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors"))}

@@ -25,7 +25,7 @@ from . import __version__
 from .calibrate import decoder_layers, target_linears
 from .compress import quantize_model, quantize_rtn_plain
 from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-from .export import atomic_dir, bits_per_weight, load_quantized, save_quantized
+from .export import atomic_dir, bits_per_weight, export_gptq_lora, load_quantized, save_quantized
 from .layers import merge_to_dense, salient_layers, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -169,16 +169,18 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
 def stage_export(run: Run, tmp: Path) -> dict:
     r = run.recipe
     model, tok = recovered_model(run, trained=True)
+    results = load_quantized(run.stage("quantize") / "quantized.safetensors")
+    for name, layer in salient_layers(model).items():
+        results[name].salient_weight = layer.salient_weight.detach().clone()
     out = {}
     if "gift" in r.export.formats:
-        results = load_quantized(run.stage("quantize") / "quantized.safetensors")
-        for name, layer in salient_layers(model).items():
-            results[name].salient_weight = layer.salient_weight.detach().clone()
         (tmp / "gift").mkdir()
         save_quantized(results, tmp / "gift" / "quantized.safetensors")
         out["gift_bytes"] = (tmp / "gift" / "quantized.safetensors").stat().st_size
+    merge_to_dense(model)
+    if "gptq_lora" in r.export.formats:
+        out.update(export_gptq_lora(model, tok, results, tmp / "gptq_lora"))
     if "dense" in r.export.formats:
-        merge_to_dense(model)
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")
         out["dense_bytes"] = sum(p.stat().st_size for p in (tmp / "dense").glob("*.safetensors"))

@@ -156,7 +156,9 @@ class TrainSpec(_Section):
 
 
 class ExportSpec(_Section):
-    formats: list[Literal["dense", "gift"]] = Field(default_factory=lambda: ["dense", "gift"])
+    formats: list[Literal["dense", "gift", "gptq_lora"]] = Field(
+        default_factory=lambda: ["dense", "gift", "gptq_lora"],
+        description="dense: effective weights; gift: codes + salient columns; gptq_lora: GPTQ v1 + PEFT adapter")
     dtype: Literal["float32", "bfloat16", "float16"] = "float16"
 
 

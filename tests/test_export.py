@@ -1,0 +1,96 @@
+"""Exports reload to the in-memory model: gptq+lora through transformers + gptqmodel + peft, and the native files."""
+import importlib.util
+
+import pytest
+import torch
+
+from gift_quant.export import CheckpointError, export_gptq_lora, load_quantized, save_quantized
+from gift_quant.layers import wrap_quantized
+from gift_quant.quantize import Grid, rtn
+from gift_quant.recipe import ALL_PROJECTIONS
+from gift_quant.sources import resolve_model
+
+from .conftest import SMOLLM2, tiny_llama
+
+needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                                     reason="the 'gptq' extra (gptqmodel) is not installed; CI installs it")
+
+
+def quantized_tiny(bits=4, group_size=32):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    model = tiny_llama(vocab=len(tok), hidden=128, inter=256)
+    results = {n: rtn(m.weight, Grid(bits, group_size), torch.tensor([3, 40, 77]))
+               for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_PROJECTIONS}
+    for qw in results.values():  # pretend training moved the salient columns
+        qw.salient_weight += 0.05
+    return model, tok, results
+
+
+@needs_gptqmodel
+def test_gptq_lora_export_loads_in_transformers_gptqmodel_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok, results = quantized_tiny()
+    export_gptq_lora(model, tok, results, tmp_path / "g")
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    wrap_quantized(model, results, "none", 4)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", device_map="cpu")
+    # the packed grid, through gptqmodel's own kernel, equals our dequantization
+    x = torch.randn(3, 128)
+    lin = loaded.model.layers[1].mlp.up_proj
+    torch.testing.assert_close(lin(x.to(lin.scales.dtype)).float(),
+                               x @ results["model.layers.1.mlp.up_proj"].dequantize_grid().T, atol=5e-3, rtol=5e-3)
+    with_lora = PeftModel.from_pretrained(loaded, tmp_path / "g" / "adapter")
+    with torch.no_grad():
+        got = with_lora.eval()(ids).logits.float()
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_native_file_round_trip_and_errors(tmp_path):
+    _, _, results = quantized_tiny(3, -1)
+    save_quantized(results, tmp_path / "q.safetensors")
+    back = load_quantized(tmp_path / "q.safetensors")
+    for name, qw in results.items():
+        assert torch.equal(back[name].effective_weight(), qw.effective_weight())
+
+    data = (tmp_path / "q.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_quantized(tmp_path / "trunc.safetensors")
+
+    name = next(iter(results))
+    missing = dict(results)
+    broken = rtn(torch.randn(8, 8), Grid(3), torch.tensor([1]))
+    missing[name] = broken
+    save_quantized(missing, tmp_path / "m.safetensors")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    t = load_file(tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = f.metadata()
+    del t[f"{name}.scale"]
+    save_file(t, tmp_path / "m2.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match=f"missing tensor {name}.scale"):
+        load_quantized(tmp_path / "m2.safetensors")
+
+    t = load_file(tmp_path / "m.safetensors")
+    t[f"{name}.salient_weight"] = torch.zeros(8, 5)
+    save_file(t, tmp_path / "m3.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"{name}.salient_weight has shape \(8, 5\), expected \(8, 1\)"):
+        load_quantized(tmp_path / "m3.safetensors")
+
+    meta_bits = meta["layers"].replace('"bits": 3', '"bits": 2')
+    t = load_file(tmp_path / "m.safetensors")
+    t[f"{name}.codes"] = torch.full_like(t[f"{name}.codes"], 7)
+    save_file(t, tmp_path / "m4.safetensors", metadata={"layers": meta_bits})
+    with pytest.raises(CheckpointError, match=f"{name}.codes is not 2-bit"):
+        load_quantized(tmp_path / "m4.safetensors")

@@ -1,0 +1,42 @@
+"""Packing round trips and the GPTQ v1 bit layout."""
+import pytest
+import torch
+
+from gift_quant.pack import from_gptq_v1, pack_rows, to_gptq_v1, unpack_rows
+from gift_quant.quantize import Grid, rtn
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [32, 64, 50, 7])
+def test_round_trip(bits, n):
+    codes = torch.randint(0, 2**bits, (n, 5), generator=torch.Generator().manual_seed(bits * n))
+    packed = pack_rows(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (-(-n // 32) * bits, 5)
+    assert torch.equal(unpack_rows(packed, bits, n), codes)
+
+
+def test_4bit_layout_is_nibbles_in_order():
+    codes = torch.arange(32).remainder(16).reshape(32, 1)  # 0..15, 0..15
+    words = pack_rows(codes, 4).to(torch.int64) & 0xFFFFFFFF
+    assert words[:, 0].tolist() == [0x76543210, 0xFEDCBA98, 0x76543210, 0xFEDCBA98]
+
+
+def test_3bit_values_cross_word_boundaries_like_gptq():
+    # GPTQ's 3-bit packing: values 0..9 in word 0, value 10 split (2 bits in word 0, 1 bit in word 1), ...
+    codes = torch.zeros(32, 1, dtype=torch.int64)
+    codes[10] = 0b111
+    codes[21] = 0b101
+    w = pack_rows(codes, 3).to(torch.int64) & 0xFFFFFFFF
+    assert w[0, 0] == 0b11 << 30 and w[1, 0] == (0b1 | (0b101 << 31 & 0xFFFFFFFF))
+    assert w[2, 0] == 0b10  # the two high bits of value 21 (bits 64..65)
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_gptq_v1_round_trip_of_a_layer(group_size):
+    w = torch.randn(40, 48)
+    qw = rtn(w, Grid(3, group_size), torch.tensor([1, 30]))
+    t = to_gptq_v1(qw)
+    codes, scale, zero = from_gptq_v1(t, 3, 48, 40)
+    assert torch.equal(codes, qw.codes) and torch.equal(zero, qw.zero)
+    torch.testing.assert_close(scale, qw.scale.half().float())
+    assert t["g_idx"].tolist() == [(j // group_size if group_size > 0 else 0) for j in range(48)]
