@@ -152,3 +152,87 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
                    "base_model_name_or_path": None, "inference_mode": True}
         (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
     return {"gptq_lora_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors"))}
+
+
+def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> dict:
+    """The native compact folder: GPTQ v1 packed non-salient grid plus ``salient_weight`` (fp16) and
+    ``salient_idx`` (int32) per layer; ``config.json`` carries ``quantization_config.quant_method = gift``.
+    ``model`` supplies every other tensor (dense linears are skipped)."""
+    from . import __version__
+    from .pack import to_gptq_v1
+
+    state = _base_state(model, set(results))
+    layers = {}
+    for name, qw in results.items():
+        state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
+        state[f"{name}.salient_weight"] = qw.salient_weight.to(torch.float16).contiguous()
+        state[f"{name}.salient_idx"] = qw.salient_idx.to(torch.int32)
+        layers[name] = {"k": qw.salient_idx.numel(), "in": qw.codes.shape[1], "out": qw.codes.shape[0]}
+    bits, group = {qw.bits for qw in results.values()}, {qw.group_size for qw in results.values()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gift", "bits": bits.pop(), "group_size": group.pop(),
+                                     "sym": True, "checkpoint_format": "gptq", "version": __version__,
+                                     "layers": layers, **extra_config}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tokenizer.save_pretrained(out)
+    return {"gift_bytes": (out / "model.safetensors").stat().st_size}
+
+
+def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
+    """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
+
+    Every tensor name, shape and dtype is checked against ``config.json`` before use."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .layers import replace_linears, SalientLinear
+    from .pack import from_gptq_v1
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None) or {}
+    if qc.get("quant_method") != "gift":
+        raise CheckpointError(f"{path}/config.json: quantization_config.quant_method is {qc.get('quant_method')!r}, "
+                              f"expected 'gift'; load other checkpoints with transformers")
+    bits, group = qc["bits"], qc["group_size"]
+    if bits not in (2, 3, 4, 8):
+        raise CheckpointError(f"{path}/config.json: quantization_config.bits = {bits}; expected 2, 3, 4 or 8")
+    tensors, _ = _read(path / "model.safetensors")
+    del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    factories = {}
+    for name, shape in qc["layers"].items():
+        n_in, n_out, k = shape["in"], shape["out"], shape["k"]
+        n_groups = 1 if group == -1 else -(-n_in // group)
+        expected = {"qweight": ((-(-n_in // 32)) * bits, n_out), "qzeros": (n_groups, (-(-n_out // 32)) * bits),
+                    "scales": (n_groups, n_out), "g_idx": (n_in,), "salient_weight": (n_out, k), "salient_idx": (k,)}
+        for field, want in expected.items():
+            t = tensors.get(f"{name}.{field}")
+            if t is None:
+                raise CheckpointError(f"{path}: missing tensor {name}.{field}")
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{path}: tensor {name}.{field} has shape {tuple(t.shape)}, expected {want} "
+                                      f"for {bits}-bit, group {group} (config.json)")
+        codes, scale, zero = from_gptq_v1({f: tensors.pop(f"{name}.{f}") for f in ("qweight", "qzeros", "scales")},
+                                          bits, n_in, n_out)
+        if int(codes.max()) >= 2**bits:
+            raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
+        tensors.pop(f"{name}.g_idx")
+        qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group,
+                             salient_idx=tensors.pop(f"{name}.salient_idx").long(),
+                             salient_weight=tensors.pop(f"{name}.salient_weight").float())
+        bias = tensors.pop(f"{name}.bias", None)
+        factories[name] = lambda _old, qw=qw, bias=bias: SalientLinear.from_quantized(qw, bias, noise, noise_bits)
+    replace_linears(model, factories)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
+    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in factories
+               and not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the model of config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), AutoTokenizer.from_pretrained(path)

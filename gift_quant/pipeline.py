@@ -25,7 +25,7 @@ from . import __version__
 from .calibrate import decoder_layers, target_linears
 from .compress import quantize_model, quantize_rtn_plain
 from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-from .export import atomic_dir, bits_per_weight, export_gptq_lora, load_quantized, save_quantized
+from .export import atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized
 from .layers import merge_to_dense, salient_layers, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -173,11 +173,10 @@ def stage_export(run: Run, tmp: Path) -> dict:
     for name, layer in salient_layers(model).items():
         results[name].salient_weight = layer.salient_weight.detach().clone()
     out = {}
+    merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
     if "gift" in r.export.formats:
-        (tmp / "gift").mkdir()
-        save_quantized(results, tmp / "gift" / "quantized.safetensors")
-        out["gift_bytes"] = (tmp / "gift" / "quantized.safetensors").stat().st_size
-    merge_to_dense(model)
+        extra = {"saliency": r.saliency.model_dump(mode="json"), "quant": r.quant.model_dump(mode="json")}
+        out.update(export_gift(model, tok, results, tmp / "gift", extra))
     if "gptq_lora" in r.export.formats:
         out.update(export_gptq_lora(model, tok, results, tmp / "gptq_lora"))
     if "dense" in r.export.formats:

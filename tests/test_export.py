@@ -94,3 +94,74 @@ def test_native_file_round_trip_and_errors(tmp_path):
     save_file(t, tmp_path / "m4.safetensors", metadata={"layers": meta_bits})
     with pytest.raises(CheckpointError, match=f"{name}.codes is not 2-bit"):
         load_quantized(tmp_path / "m4.safetensors")
+
+
+def test_gift_folder_round_trip_and_config_checks(tmp_path):
+    import json
+
+    import gift_quant
+    from gift_quant.export import export_gift
+
+    model, tok, results = quantized_tiny(3, 32)
+    export_gift(model, tok, results, tmp_path / "n", {})
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    wrap_quantized(model, results, "none", 4)
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    loaded, _ = gift_quant.load(tmp_path / "n")
+    with torch.no_grad():
+        got = loaded(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)  # fp16 salient columns and scales
+    assert sum(p.numel() for p in loaded.parameters() if p.requires_grad) == sum(
+        qw.salient_weight.numel() for qw in results.values())  # trainable again
+
+    cfg = json.loads((tmp_path / "n/config.json").read_text())
+    cfg["quantization_config"]["bits"] = 5
+    (tmp_path / "n/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantization_config.bits = 5"):
+        gift_quant.load(tmp_path / "n")
+    cfg["quantization_config"]["bits"] = 4
+    (tmp_path / "n/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"qweight has shape \(12, 128\), expected \(16, 128\)"):
+        gift_quant.load(tmp_path / "n")
+
+
+@needs_gptqmodel
+@pytest.mark.slow
+def test_every_format_reloads_smollm2(smollm2, tmp_path):
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import gift_quant
+    from gift_quant.export import export_gift
+    from gift_quant.layers import merge_to_dense
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    results = {n: rtn(m.weight, Grid(4, 128), torch.sort(torch.randperm(m.in_features, generator=g)[:16]).values)
+               for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_PROJECTIONS}
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    export_gptq_lora(model, tok, results, tmp_path / "gptq_lora")
+    wrap_quantized(model, results, "none", 4)
+    ids = tok("The capital of France is Paris, and the capital of Italy is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.eval()(ids).logits
+    merge_to_dense(model)
+    model.half().save_pretrained(tmp_path / "dense")
+
+    loaded = {
+        "gift": gift_quant.load(tmp_path / "gift")[0],
+        "gptq_lora": PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "gptq_lora", device_map="cpu"), tmp_path / "gptq_lora/adapter"),
+        "dense": AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float16),
+    }
+    for name, m in loaded.items():
+        with torch.no_grad():
+            got = m.eval()(ids).logits.float()
+        # fp16 storage: compare next-token distributions
+        torch.testing.assert_close(got.softmax(-1), expected.softmax(-1), atol=2e-2, rtol=0, msg=name)
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9, name

@@ -44,7 +44,7 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
         assert f"| {label} | {row['ppl']:.3f} | {row['tasks']['gq_piqa']['acc']:.4f} / " in text
     assert (out / "evaluate/lm_eval/GIFT-SW_W3.json").exists()
     assert (out / "report/perplexity.png").exists() and (out / "report/loss.png").exists()
-    assert (out / "export/dense/config.json").exists() and (out / "export/gift/quantized.safetensors").exists()
+    assert (out / "export/dense/config.json").exists() and (out / "export/gift/model.safetensors").exists()
     assert (out / "export/gptq_lora/adapter/adapter_config.json").exists()
     assert not list(out.glob(".*tmp*"))  # nothing half-written
 
