@@ -141,7 +141,7 @@ def test_every_format_reloads_smollm2(smollm2, tmp_path):
     base, tok = smollm2
     model = copy.deepcopy(base)
     g = torch.Generator().manual_seed(0)
-    results = {n: rtn(m.weight, Grid(4, 128), torch.sort(torch.randperm(m.in_features, generator=g)[:16]).values)
+    results = {n: rtn(m.weight, Grid(4, 64), torch.sort(torch.randperm(m.in_features, generator=g)[:16]).values)
                for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_PROJECTIONS}
     export_gift(model, tok, results, tmp_path / "gift", {})
