@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
     ap.add_argument("--work")
     args = ap.parse_args()
@@ -99,6 +100,8 @@ def main() -> None:
     print("| variant | trainable params | ppl | first loss | final loss | s/step | tokens/s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|")
     for name in VARIANTS:
+        if args.only and not any(o in name for o in args.only.split(",")):
+            continue
         cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
                "--lr", str(args.lr), "--eval-windows", str(args.eval_windows)]
         res = subprocess.run(cmd, capture_output=True, text=True)
