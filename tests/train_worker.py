@@ -45,4 +45,5 @@ if __name__ == "__main__":
     model, summary = run(out, steps)
     rank = dist.get_rank() if dist.is_initialized() else 0
     save_file(trainable_state(model), out / f"salient-rank{rank}.safetensors")
+    (out / f"world-rank{rank}.txt").write_text(str(summary["processes"]))
     print("world", summary["processes"], "rank", rank, "loss", summary["final_loss"])
