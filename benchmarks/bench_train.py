@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity

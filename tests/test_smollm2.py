@@ -1,6 +1,5 @@
 """Integration on the real SmolLM2-135M-Instruct: 3-bit per-row, GPTQ vs RTN, salient columns vs none."""
 import pytest
-import torch
 
 from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gift_quant.layers import salient_layers
 from gift_quant.train import batch_indices, chat_examples, distill_loss
 
 from .train_worker import build, run

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gift_quant.calibrate import target_linears
 from gift_quant.layers import wrap_quantized
 from gift_quant.quantize import Grid, rtn
 from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
