@@ -42,11 +42,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_any(ref: str):
+    """A model reference or an exported folder of any format: ``gift`` (our loader), ``gptq_lora``
+    (transformers + gptqmodel, then the PEFT adapter), ``dense`` or anything transformers loads."""
+    from .sources import load_model
+
+    folder = Path(ref)
+    config = folder / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "gift":
+        from .export import load
+
+        return load(folder)
+    if (folder / "adapter" / "adapter_config.json").exists():
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        base = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+        return PeftModel.from_pretrained(base, folder / "adapter").eval(), AutoTokenizer.from_pretrained(folder)
+    return load_model(ref)
+
+
 def _eval(args) -> dict:
     from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-    from .sources import load_model, read_text, tokenize
+    from .sources import read_text, tokenize
 
-    model, tok = load_model(args.model)
+    model, tok = _load_any(args.model)
     if args.device:
         model.to(args.device)
     summary = {"model": args.model}

@@ -125,3 +125,28 @@ def test_gift_folder_round_trip_and_config_checks(tmp_path):
     with pytest.raises(CheckpointError, match=r"qweight has shape \(12, 128\), expected \(16, 128\)"):
         gift_quant.load(tmp_path / "n")
 
+
+
+@needs_gptqmodel
+def test_eval_command_reads_every_export_format(tmp_path):
+    import json
+
+    from gift_quant.cli import main
+    from gift_quant.export import export_gift
+    from gift_quant.layers import merge_to_dense
+
+    model, tok, results = quantized_tiny(4, 32)
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    export_gptq_lora(model, tok, results, tmp_path / "gptq_lora")
+    wrap_quantized(model, results, "none", 4)
+    merge_to_dense(model)
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    ppl = {}
+    for fmt in ("gift", "gptq_lora", "dense"):
+        args = ["eval", str(tmp_path / fmt), "--tasks", "", "--ppl-data", str(tmp_path / "text.txt"),
+                "--ppl-seq-len", "32", "--out", str(tmp_path / f"eval-{fmt}")]
+        assert main(args) == 0, fmt
+        ppl[fmt] = json.loads((tmp_path / f"eval-{fmt}/summary.json").read_text())["ppl"]
+    assert ppl["gift"] == pytest.approx(ppl["dense"], rel=1e-2) and ppl["gptq_lora"] == pytest.approx(ppl["dense"], rel=1e-2)
