@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="3-bit per-row only")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--peer-only", action="store_true", help="only the comparison with gptqmodel")
     ap.add_argument("--peer-calib", type=int, default=32, help="calibration windows of the sequential peer runs")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -46,6 +47,8 @@ def main() -> None:
     calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
     evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
 
+    if args.peer_only:
+        return peer(model, original, calib[: args.peer_calib], evalw)
     t = time.time()
     fp = perplexity(model, evalw)
     print(f"full precision: ppl {fp:.2f} ({time.time() - t:.0f} s eval)", flush=True)

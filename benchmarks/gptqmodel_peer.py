@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ["GPTQMODEL_CPU_WORKERS"] = "2"  # its model loader pool asks for 2 workers
 
 import torch  # noqa: E402
 from gptqmodel import GPTQModel, QuantizeConfig  # noqa: E402
