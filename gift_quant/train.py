@@ -19,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -74,9 +75,14 @@ def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, wor
     idx = []
     for pos in range(start, start + spec.micro_batch_size):
         epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        idx.append(int(perm[i]))
+        idx.append(int(_epoch_order(n, seed, epoch)[i]))
     return torch.tensor(idx)
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of one epoch, drawn once (not once per example)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
 
 
 # ----------------------------------------------------------------------------- checkpoints
