@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from .export import CheckpointError
+from . import pipeline
+from .pipeline import STAGES
 from .recipe import RecipeError, load_recipe
 from .sources import SourceError
-
-STAGES = ["quantize", "train", "export", "evaluate", "report"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
             result = {"report": str(write_report([Path(r) for r in args.runs], Path(args.out)))}
         else:
-            from . import pipeline
-
             recipe = load_recipe(args.recipe, args.set)
             if args.command == "quantize":
                 result = pipeline.quantize(recipe)

@@ -83,7 +83,6 @@ class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.run_dir()
-        self._model_cache = None
 
     def stage(self, name: str) -> Path:
         return self.dir / name
@@ -259,17 +258,22 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
             log.info("stage %s: done, skipped", name)
             continue
         if name == "train" or state.is_main_process:
-            log.info("stage %s: running", name)
-            t0 = time.time()
-            kwargs = {"on_step": on_step} if name == "train" else {}
-            with atomic_dir(run.stage(name)) if state.is_main_process else tempfile.TemporaryDirectory() as tmp:
-                tmp = Path(tmp)
-                extra = STAGE_FNS[name](run, tmp, **kwargs)
-                (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
-            log.info("stage %s: finished in %.0f s", name, time.time() - t0)
+            _run_stage(run, name, state.is_main_process, **({"on_step": on_step} if name == "train" else {}))
     report = run.stage("report") / "report.md"
     print(f"report: {report}")
     return report
+
+
+def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
+    """Run one stage into a temporary folder with its manifest; ``write`` renames it into place
+    (other ranks of a multi-process run work in a scratch folder that is thrown away)."""
+    log.info("stage %s: running", name)
+    t0 = time.time()
+    with atomic_dir(run.stage(name)) if write else tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        extra = STAGE_FNS[name](run, tmp, **kwargs)
+        (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
+    log.info("stage %s: finished in %.0f s", name, time.time() - t0)
 
 
 def _log_to_file(path: Path) -> None:
@@ -286,9 +290,6 @@ def quantize(recipe: Recipe) -> dict:
     check_against_model(recipe)
     run = Run(recipe)
     if not run.is_done("quantize"):
-        t0 = time.time()
-        with atomic_dir(run.stage("quantize")) as tmp:
-            extra = stage_quantize(run, tmp)
-            (tmp / "manifest.json").write_text(json.dumps(run.manifest("quantize", time.time() - t0, extra), indent=2))
+        _run_stage(run, "quantize")
     model, tok = recovered_model(run, trained=False)
     return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(recipe, tok), recipe.eval.batch_size)}
