@@ -3,23 +3,34 @@
 Run as a separate process by bench_quantize.py (gptqmodel patches torch/transformers globally on
 import, so it stays out of our process). Arguments: model folder, windows .pt, eval windows .pt,
 bits, group size, damp, output folder.
+
+The perplexity is measured on the full-precision model with every quantized linear replaced by the
+dequantization of gptqmodel's saved GPTQ v1 tensors (our unpacker, checked against gptqmodel's own
+kernel in tests/test_export.py). That way any group size can be compared, including group 128 on
+SmolLM2's 576 inputs, which gptqmodel's CPU kernels refuse to load.
 """
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ["GPTQMODEL_CPU_WORKERS"] = "2"  # its model loader pool asks for 2 workers
 
 import torch  # noqa: E402
 from gptqmodel import GPTQModel, QuantizeConfig  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from gift_quant.evaluate import perplexity  # noqa: E402
+from gift_quant.pack import from_gptq_v1  # noqa: E402
+from gift_quant.quantize import QuantizedWeight  # noqa: E402
+from gift_quant.sources import load_model  # noqa: E402
 
 model_dir, calib_pt, eval_pt, bits, group, damp, out = sys.argv[1:8]
+bits, group = int(bits), int(group)
 calib = torch.load(calib_pt, weights_only=True)
 evalw = torch.load(eval_pt, weights_only=True)
-cfg = QuantizeConfig(bits=int(bits), group_size=int(group), sym=True, desc_act=False, act_group_aware=False, damp_percent=float(damp))
+cfg = QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=False, act_group_aware=False, damp_percent=float(damp))
 t0 = time.time()
 model = GPTQModel.load(model_dir, cfg, device="cpu")
 data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
@@ -27,6 +38,24 @@ model.quantize(data, batch_size=8, calibration_sort=None)
 t1 = time.time()
 model.save(out)
 del model
-q = GPTQModel.load(out, device="cpu")
-ppl = perplexity(q.model, evalw)
-print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": t1 - t0}))
+
+tensors = {}
+for f in Path(out).glob("*.safetensors"):
+    tensors.update(load_file(f))
+dense, _ = load_model(model_dir)
+replaced = 0
+for name, lin in dense.named_modules():
+    if f"{name}.qweight" not in tensors:
+        continue
+    t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+    n_in, n_out = lin.in_features, lin.out_features
+    g = n_in if group == -1 else group
+    assert torch.equal(t["g_idx"].long(), torch.arange(n_in) // g), f"{name}: non-standard g_idx"
+    codes, scale, zero = from_gptq_v1(t, bits, n_in, n_out)
+    empty = torch.zeros(0, dtype=torch.long)
+    qw = QuantizedWeight(codes, scale, zero, bits, group, empty, torch.zeros(n_out, 0))
+    lin.weight.data = qw.dequantize_grid().to(lin.weight.dtype)
+    replaced += 1
+assert replaced, f"no GPTQ tensors found in {out}"
+ppl = perplexity(dense, evalw)
+print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": t1 - t0, "layers": replaced}))

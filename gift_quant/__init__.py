@@ -2,3 +2,4 @@
 __version__ = "0.1.0"
 
 from .export import load  # noqa: E402,F401  the native checkpoint loader: gift_quant.load(path)
+from . import hf_quantizer  # noqa: E402,F401  registers quant_method "gift" with transformers

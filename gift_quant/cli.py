@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .export import CheckpointError
@@ -69,14 +70,19 @@ def _eval(args) -> dict:
     model, tok = _load_any(args.model)
     if args.device:
         model.to(args.device)
-    summary = {"model": args.model}
+    summary = {"model": args.model, "limit": args.limit, "seconds": {}}
     if args.ppl_data:
+        t = time.time()
         windows = nonoverlapping_windows(tokenize(tok, read_text(args.ppl_data)), args.ppl_seq_len, args.ppl_max_windows)
         summary["ppl"] = perplexity(model, windows, args.batch_size)
+        summary["ppl_windows"] = [len(windows), args.ppl_seq_len]
+        summary["seconds"]["ppl"] = round(time.time() - t, 1)
     tasks = [t for t in args.tasks.split(",") if t]
     raw = None
     if tasks:
+        t = time.time()
         summary["tasks"], raw = zero_shot(model, tok, tasks, args.limit, args.batch_size, args.num_fewshot, args.device)
+        summary["seconds"]["tasks"] = round(time.time() - t, 1)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

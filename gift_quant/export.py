@@ -180,55 +180,79 @@ def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path
     return {"gift_bytes": (out / "model.safetensors").stat().st_size}
 
 
-def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
-    """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
-
-    Every tensor name, shape and dtype is checked against ``config.json`` before use."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .layers import replace_linears, SalientLinear
-    from .pack import from_gptq_v1
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    qc = getattr(config, "quantization_config", None) or {}
+def gift_config(path: Path, qc: dict | None) -> tuple[int, int]:
+    """``(bits, group_size)`` of a ``gift`` folder's ``quantization_config``, checked."""
+    qc = qc or {}
     if qc.get("quant_method") != "gift":
         raise CheckpointError(f"{path}/config.json: quantization_config.quant_method is {qc.get('quant_method')!r}, "
                               f"expected 'gift'; load other checkpoints with transformers")
-    bits, group = qc["bits"], qc["group_size"]
+    bits, group = qc.get("bits"), qc.get("group_size")
     if bits not in (2, 3, 4, 8):
         raise CheckpointError(f"{path}/config.json: quantization_config.bits = {bits}; expected 2, 3, 4 or 8")
+    if group != -1 and (not isinstance(group, int) or group < 1):
+        raise CheckpointError(f"{path}/config.json: quantization_config.group_size = {group}; expected -1 or > 0")
+    return bits, group
+
+
+def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's tensors in a ``gift`` folder (``shape``: its ``in``, ``out``, ``k``)."""
+    n_in, n_out, k = shape["in"], shape["out"], shape["k"]
+    n_groups = 1 if group == -1 else -(-n_in // group)
+    return {"qweight": ((-(-n_in // 32)) * bits, n_out), "qzeros": (n_groups, (-(-n_out // 32)) * bits),
+            "scales": (n_groups, n_out), "g_idx": (n_in,), "salient_weight": (n_out, k), "salient_idx": (k,)}
+
+
+def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.Tensor], shape: dict, bits: int,
+                               group: int, noise: str = "none", noise_bits: int = 4):
+    """One ``SalientLinear`` from its packed tensors (``tensors``: field -> tensor, ``bias`` optional),
+    after checking every name and shape against ``config.json``."""
+    from .layers import SalientLinear
+    from .pack import from_gptq_v1
+
+    for field, want in packed_shapes(shape, bits, group).items():
+        t = tensors.get(field)
+        if t is None or t.is_meta:
+            raise CheckpointError(f"{path}: missing tensor {name}.{field}")
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{path}: tensor {name}.{field} has shape {tuple(t.shape)}, expected {want} "
+                                  f"for {bits}-bit, group {group} (config.json)")
+    codes, scale, zero = from_gptq_v1(tensors, bits, shape["in"], shape["out"])
+    if int(codes.max()) >= 2**bits:
+        raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
+    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group,
+                         salient_idx=tensors["salient_idx"].long(), salient_weight=tensors["salient_weight"].float())
+    bias = tensors.get("bias")
+    return SalientLinear.from_quantized(qw, None if bias is None else bias.float(), noise, noise_bits)
+
+
+def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
+    """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
+
+    Every tensor name, shape and dtype is checked against ``config.json`` before use. After
+    ``import gift_quant``, ``AutoModelForCausalLM.from_pretrained(path)`` gives the same model
+    (see ``gift_quant.hf_quantizer``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .layers import replace_linears
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
+    bits, group = gift_config(path, qc)
     tensors, _ = _read(path / "model.safetensors")
     del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    factories = {}
+    layers = {}
     for name, shape in qc["layers"].items():
-        n_in, n_out, k = shape["in"], shape["out"], shape["k"]
-        n_groups = 1 if group == -1 else -(-n_in // group)
-        expected = {"qweight": ((-(-n_in // 32)) * bits, n_out), "qzeros": (n_groups, (-(-n_out // 32)) * bits),
-                    "scales": (n_groups, n_out), "g_idx": (n_in,), "salient_weight": (n_out, k), "salient_idx": (k,)}
-        for field, want in expected.items():
-            t = tensors.get(f"{name}.{field}")
-            if t is None:
-                raise CheckpointError(f"{path}: missing tensor {name}.{field}")
-            if tuple(t.shape) != want:
-                raise CheckpointError(f"{path}: tensor {name}.{field} has shape {tuple(t.shape)}, expected {want} "
-                                      f"for {bits}-bit, group {group} (config.json)")
-        codes, scale, zero = from_gptq_v1({f: tensors.pop(f"{name}.{f}") for f in ("qweight", "qzeros", "scales")},
-                                          bits, n_in, n_out)
-        if int(codes.max()) >= 2**bits:
-            raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
-        tensors.pop(f"{name}.g_idx")
-        qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group,
-                             salient_idx=tensors.pop(f"{name}.salient_idx").long(),
-                             salient_weight=tensors.pop(f"{name}.salient_weight").float())
-        bias = tensors.pop(f"{name}.bias", None)
-        factories[name] = lambda _old, qw=qw, bias=bias: SalientLinear.from_quantized(qw, bias, noise, noise_bits)
-    replace_linears(model, factories)
+        fields = {f: tensors.pop(f"{name}.{f}") for f in (*packed_shapes(shape, bits, group), "bias")
+                  if f"{name}.{f}" in tensors}
+        layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits)
+    replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
-    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in factories
+    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in layers
                and not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the model of config.json: missing {missing[:3]}, "

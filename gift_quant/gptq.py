@@ -6,15 +6,21 @@ column's rounding error is spread over all columns that come after it, salient o
 (``W[:, later] -= err * Hinv[i, later] / Hinv[i, i]``), so the full-precision columns absorb part of
 the error of the others, as OWQ does. Their final values are the updated ones.
 
-Grid parameters come from the original weight before any update (static groups: group of column
-``j`` is ``j // group_size`` whatever the order), computed on the non-salient columns only. This keeps
-``g_idx`` standard for GPTQ v1 export and makes act-order a pure change of processing order.
+Group membership is always ``j // group_size`` (a standard ``g_idx`` for GPTQ v1 export), and grid
+parameters are computed on the non-salient columns only. *When* they are computed is a choice:
+
+* static groups (``dynamic_groups=False``): from the original weight before any update, so act-order
+  is a pure change of processing order;
+* dynamic groups (``dynamic_groups=True``, what the GPTQ tools do without act-order): when GPTQ
+  reaches a group's first column, from the group's weights *as already updated* by the error of all
+  earlier columns. At 3 bits those updates are large and a grid fitted before them is badly placed.
+  Blocks are cut at group boundaries so a whole group is in hand when its parameters are fitted.
 """
 from __future__ import annotations
 
 import torch
 
-from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize
+from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize, row_params
 
 
 def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -47,9 +53,13 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    dynamic_groups: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in)."""
     n_in, bits = w.shape[1], grid.bits
+    dynamic = dynamic_groups and grid.group_size != -1
+    if dynamic and act_order:
+        raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
     h, w = dampen(h, w.float(), damp)
     scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
     col_scale = expand_groups(scale, grid.group_size, n_in)
@@ -63,13 +73,23 @@ def gptq(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
     n_q = n_in - salient_idx.numel()
+    cuts, group_end = list(range(0, n_q, block_size)), {}
+    if dynamic:  # positions where a group starts; blocks of whole groups
+        group_of = (perm[:n_q] // grid.group_size).tolist()
+        starts = [p for p in range(n_q) if p == 0 or group_of[p] != group_of[p - 1]]
+        group_end = dict(zip(starts, starts[1:] + [n_q]))
+        cuts = starts[:: max(1, block_size // grid.group_size)]
     codes = torch.zeros_like(w)
-    for i1 in range(0, n_q, block_size):
-        i2 = min(i1 + block_size, n_q)
+    for i1, i2 in zip(cuts, cuts[1:] + [n_q]):
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            if i1 + i in group_end:  # dynamic groups: fit this group on its current weights
+                j1, j2 = i1 + i, group_end[i1 + i]
+                gs, gz = row_params(w1[:, i : i + j2 - j1], grid)
+                s[:, j1:j2], z[:, j1:j2] = gs, gz
+                scale[:, group_of[j1]], zero[:, group_of[j1]] = gs[:, 0], gz[:, 0]
             col = w1[:, i]
             q = quantize(col, s[:, i1 + i], z[:, i1 + i], bits)
             codes[:, i1 + i] = q

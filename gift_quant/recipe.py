@@ -109,6 +109,9 @@ class QuantSpec(_Section):
     sym_step: Literal["paper", "gptq"] = Field(
         "paper", description="symmetric step: alpha/(2^(b-1)-1) (paper) or 2 alpha/(2^b-1) (GPTQ tools)")
     act_order: bool = False
+    dynamic_groups: bool = Field(
+        True, description="with groups: fit each group's grid when GPTQ reaches it, on the already updated "
+        "weights (the GPTQ tools' default), instead of on the original weights")
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
     clip_min: float = Field(0.2, gt=0, le=1, description="smallest clipping ratio of the grid search")
@@ -121,6 +124,12 @@ class QuantSpec(_Section):
             raise ValueError(f"got {v}; use -1 (per row) or a positive number of columns such as 128")
         return v
 
+    @model_validator(mode="after")
+    def _order(self) -> "QuantSpec":
+        if self.act_order and self.dynamic_groups and self.group_size != -1 and self.method == "gptq":
+            raise ValueError("quant.act_order=true with quant.dynamic_groups=true: dynamic groups need the natural "
+                             "column order; set quant.dynamic_groups=false (static groups) to use act_order")
+        return self
 
     def grid(self) -> Grid:
         return Grid(self.bits, self.group_size, self.sym, self.sym_step, self.clip_min, self.clip_steps)

@@ -126,6 +126,40 @@ def test_gift_folder_round_trip_and_config_checks(tmp_path):
         gift_quant.load(tmp_path / "n")
 
 
+def test_gift_folder_loads_with_transformers_from_pretrained(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import gift_quant
+    from gift_quant.export import export_gift
+    from gift_quant.layers import SalientLinear
+
+    model, tok, results = quantized_tiny(3, 32)
+    export_gift(model, tok, results, tmp_path / "n", {})
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    ours, _ = gift_quant.load(tmp_path / "n")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "n", dtype=torch.float32)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, SalientLinear)
+    assert loaded.config.quantization_config.quant_method == "gift"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)  # the same tensors, the same model
+    assert sum(p.numel() for p in loaded.parameters() if p.requires_grad) == sum(
+        qw.salient_weight.numel() for qw in results.values())  # trainable again
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "n/model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.scales"]
+    save_file(tensors, tmp_path / "n/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.scales is missing"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "n")
+    cfg = json.loads((tmp_path / "n/config.json").read_text())
+    cfg["quantization_config"]["bits"] = 4
+    (tmp_path / "n/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own shape check
+        AutoModelForCausalLM.from_pretrained(tmp_path / "n")
+
 
 @needs_gptqmodel
 def test_eval_command_reads_every_export_format(tmp_path):

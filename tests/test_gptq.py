@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gift_quant.gptq import gptq
-from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, rtn
+from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, row_params, rtn
 
 
-def reference(w, h, bits, group_size, sym, salient, damp, act_order):
+def reference(w, h, bits, group_size, sym, salient, damp, act_order, dynamic=False):
     n = w.shape[1]
     w = w.double().clone()
     h = h.double().clone()
@@ -28,7 +28,13 @@ def reference(w, h, bits, group_size, sym, salient, damp, act_order):
     if act_order:
         order = sorted(order, key=lambda j: -h[j, j].item())  # sorted() is stable: ties keep index order
     hinv = torch.linalg.inv(h)
+    fitted = set()
     for j in order:
+        if dynamic and j // group_size not in fitted:  # fit the group on its weights as they are now
+            fitted.add(j // group_size)
+            cols = [c for c in order if c // group_size == j // group_size]
+            gs, gz = row_params(w[:, cols].float(), Grid(bits, group_size, sym))
+            s[:, cols], z[:, cols] = gs.double(), gz.double()
         q = fake_quantize(w[:, j], s[:, j], z[:, j], bits)
         err = (w[:, j] - q) / hinv[j, j]
         w -= err[:, None] * hinv[j][None, :]
@@ -55,6 +61,26 @@ def test_gptq_equals_obs_reference(salient, group_size, act_order, sym):
     got = gptq(w, h, Grid(3, group_size, sym), idx, damp=0.01, block_size=8, act_order=act_order).effective_weight()
     ref = reference(w, h, 3, group_size, sym, idx, 0.01, act_order)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("salient", [[], [3, 11, 16, 17, 50]])
+@pytest.mark.parametrize("group_size,block_size", [(16, 8), (16, 40), (32, 16)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_dynamic_groups_equal_reference(salient, group_size, block_size, sym):
+    w, _, h = problem(len(salient) + group_size + block_size + sym)
+    idx = torch.tensor(salient, dtype=torch.long)
+    got = gptq(w, h, Grid(3, group_size, sym), idx, block_size=block_size, dynamic_groups=True)
+    ref = reference(w, h, 3, group_size, sym, idx, 0.01, False, dynamic=True)
+    torch.testing.assert_close(got.effective_weight(), ref, atol=1e-5, rtol=1e-5)
+    # the stored per-group parameters are the ones the columns were rounded with
+    assert torch.equal(got.dequantize_grid()[:, got.salient_idx], fake_quantize(
+        got.salient_weight, expand_groups(got.scale, group_size, 70)[:, idx], expand_groups(got.zero, group_size, 70)[:, idx], 3))
+
+
+def test_dynamic_groups_refuse_act_order():
+    w, _, h = problem(0)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq(w, h, Grid(3, 16), torch.tensor([], dtype=torch.long), act_order=True, dynamic_groups=True)
 
 
 def test_dead_inputs_and_block_size_invariance():

@@ -27,10 +27,11 @@ def bad(overrides: list[str]) -> str:
         ("saliency.metric=foo", "saliency.metric", "'gift'"),
         ("calibration.n_samples=abc", "calibration.n_samples", "integer"),
         ("saliency.tau=2", "saliency", "metric: custom"),
+        ("quant.group_size=128,quant.act_order=true", "quant", "quant.dynamic_groups=false"),
     ],
 )
 def test_bad_values_name_the_field(override, field, hint):
-    msg = bad([override])
+    msg = bad(override.split(","))
     assert f"  {field} = " in msg and hint in msg, msg
 
 
