@@ -7,6 +7,7 @@ or malformed tensor is named in the error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -98,6 +99,31 @@ def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
     return bits / weights
 
 
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "U8": 8, "I8": 8, "BOOL": 8}
+
+
+def storage(folder: Path, layers: dict[str, tuple[int, int]]) -> dict:
+    """Size on disk of an exported folder (every safetensors file, adapter included) and the bits per
+    weight its tensors spend on the quantized linears ``layers`` (name -> (out, in)): packed codes,
+    scales, zeros, ``g_idx``, salient columns and indices, LoRA factors, or plain dense weights.
+    Read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    linear_bits = total_bytes = 0
+    for f in Path(folder).rglob("*.safetensors"):
+        total_bytes += f.stat().st_size
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                module = key.removeprefix("base_model.model.")
+                while module and module not in layers:
+                    module = module.rpartition(".")[0]
+                if module:
+                    sl = st.get_slice(key)
+                    linear_bits += _DTYPE_BITS[sl.get_dtype()] * math.prod(sl.get_shape())
+    weights = sum(o * i for o, i in layers.values())
+    return {"bytes": total_bytes, "linear_bits_per_weight": linear_bits / weights}
+
+
 def _base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` except the quantized linears' weights (tied lm_head left to the config)."""
     state = {}
@@ -111,7 +137,7 @@ def _base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path) -> dict:
+def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path) -> None:
     """A standard GPTQ v1 checkpoint (every column quantized) plus a PEFT LoRA adapter in ``out/adapter``
     that restores the salient columns exactly: ``A`` selects the salient inputs (one-hot rows),
     ``B = W_s - deq(W_s)``, ``lora_alpha = r`` (scaling 1), a rank per layer equal to its ``k``."""
@@ -151,10 +177,9 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
                    "rank_pattern": ranks, "alpha_pattern": ranks, "fan_in_fan_out": False,
                    "base_model_name_or_path": None, "inference_mode": True}
         (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
-    return {"gptq_lora_bytes": sum(p.stat().st_size for p in out.rglob("*.safetensors"))}
 
 
-def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> dict:
+def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> None:
     """The native compact folder: GPTQ v1 packed non-salient grid plus ``salient_weight`` (fp16) and
     ``salient_idx`` (int32) per layer; ``config.json`` carries ``quantization_config.quant_method = gift``.
     ``model`` supplies every other tensor (dense linears are skipped)."""
@@ -177,7 +202,6 @@ def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path
                                      "layers": layers, **extra_config}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(out)
-    return {"gift_bytes": (out / "model.safetensors").stat().st_size}
 
 
 def gift_config(path: Path, qc: dict | None) -> tuple[int, int]:
@@ -228,6 +252,7 @@ def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.T
 def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
     """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
 
+    ``noise``/``noise_bits``: the noise of a further GIFT-SW fine-tuning (``none`` for inference).
     Every tensor name, shape and dtype is checked against ``config.json`` before use. After
     ``import gift_quant``, ``AutoModelForCausalLM.from_pretrained(path)`` gives the same model
     (see ``gift_quant.hf_quantizer``)."""

@@ -45,6 +45,7 @@ def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     return h, w
 
 
+@torch.no_grad()
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,

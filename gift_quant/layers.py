@@ -101,7 +101,7 @@ class SalientLinear(nn.Module):
                        dtype: torch.dtype = torch.float32) -> "SalientLinear":
         base = QuantBase(qw)
         mask = nonsalient_mask(qw.codes.shape[1], qw.salient_idx)
-        step = noise_step(base.weight(torch.float32), mask, noise_bits)
+        step = noise_step(base.weight(torch.float32), mask, noise_bits, noise)
         return cls(base, qw.salient_idx, qw.salient_weight.to(dtype), bias, step, noise)
 
     @classmethod
@@ -109,7 +109,7 @@ class SalientLinear(nn.Module):
         """Full-precision variant: the original weight stays dense; noise from a ``noise_bits`` grid."""
         w = linear.weight.detach()
         mask = nonsalient_mask(w.shape[1], salient_idx)
-        step = noise_step(w, mask, noise_bits)
+        step = noise_step(w, mask, noise_bits, noise)
         return cls(DenseBase(w, salient_idx), salient_idx, w[:, salient_idx], linear.bias, step, noise)
 
     def noise_mask(self) -> torch.Tensor:

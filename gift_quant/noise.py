@@ -19,8 +19,13 @@ from .quantize import Grid, row_params
 NoiseKind = Literal["gaussian", "uniform", "none"]
 
 
-def noise_step(w: torch.Tensor, mask: torch.Tensor, bits: int, clip_min: float = 0.2, clip_steps: int = 81) -> torch.Tensor:
-    """Per-row step ``Delta`` (out, 1) of a symmetric ``bits`` grid fitted to the columns in ``mask``."""
+@torch.no_grad()
+def noise_step(w: torch.Tensor, mask: torch.Tensor, bits: int, kind: NoiseKind = "gaussian", clip_min: float = 0.2,
+               clip_steps: int = 81) -> torch.Tensor:
+    """Per-row step ``Delta`` (out, 1) of a symmetric ``bits`` grid fitted to the columns in ``mask``;
+    zeros for ``kind = "none"`` (the clipping search is most of the time of loading a model for inference)."""
+    if kind == "none":
+        return torch.zeros(w.shape[0], 1)
     scale, _ = row_params(w.float(), Grid(bits, clip_min=clip_min, clip_steps=clip_steps), mask)
     return scale
 

@@ -25,7 +25,8 @@ from . import __version__
 from .calibrate import decoder_layers, target_linears
 from .compress import quantize_model, quantize_rtn_plain
 from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-from .export import atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized
+from .export import (atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized,
+                     storage)
 from .layers import merge_to_dense, salient_layers, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -175,13 +176,20 @@ def stage_export(run: Run, tmp: Path) -> dict:
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
     if "gift" in r.export.formats:
         extra = {"saliency": r.saliency.model_dump(mode="json"), "quant": r.quant.model_dump(mode="json")}
-        out.update(export_gift(model, tok, results, tmp / "gift", extra))
+        export_gift(model, tok, results, tmp / "gift", extra)
     if "gptq_lora" in r.export.formats:
-        out.update(export_gptq_lora(model, tok, results, tmp / "gptq_lora"))
+        export_gptq_lora(model, tok, results, tmp / "gptq_lora")
     if "dense" in r.export.formats:
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")
-        out["dense_bytes"] = sum(p.stat().st_size for p in (tmp / "dense").glob("*.safetensors"))
+    shapes = {name: tuple(qw.codes.shape) for name, qw in results.items()}
+    out["bits_per_weight_formula"] = bits_per_weight(results)
+    out["formats"] = {fmt: storage(tmp / fmt, shapes) for fmt in r.export.formats}
+    (tmp / "sizes.json").write_text(json.dumps(out, indent=2))
+    log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
+    for fmt, st in out["formats"].items():
+        log.info("%-10s %8.1f MB on disk, %.3f bits per weight in the quantized linears", fmt, st["bytes"] / 1e6,
+                 st["linear_bits_per_weight"])
     return out
 
 

@@ -187,6 +187,7 @@ def nonsalient_mask(n_in: int, salient_idx: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+@torch.no_grad()  # a weight that requires grad would otherwise chain every clipping candidate into a graph
 def rtn(w: torch.Tensor, grid: Grid, salient_idx: torch.Tensor) -> QuantizedWeight:
     """Round-to-nearest with ``salient_idx`` columns kept in full precision."""
     w = w.float()

@@ -132,9 +132,11 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "train", "export", "evaluate")]
         lines += ["", f"Stage wall times of `{d.name}` (s): "
                   + ", ".join(f"{s} {m['seconds']:.0f}" for s, m in stages if m)]
-        sizes = {k[:-6]: v for k, v in _json(d / "export" / "manifest.json").items() if k.endswith("_bytes")}
+        sizes = _json(d / "export" / "manifest.json").get("formats", {})
         if sizes:
-            lines.append("Export sizes (MB): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sizes.items()))
+            lines.append("Export sizes: " + ", ".join(f"`{k}` {v['bytes'] / 1e6:.1f} MB "
+                         f"({v['linear_bits_per_weight']:.2f} bits per weight in the quantized linears)"
+                         for k, v in sizes.items()))
     lines += _plots(rows, run_dirs, out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

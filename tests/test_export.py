@@ -184,3 +184,73 @@ def test_eval_command_reads_every_export_format(tmp_path):
         assert main(args) == 0, fmt
         ppl[fmt] = json.loads((tmp_path / f"eval-{fmt}/summary.json").read_text())["ppl"]
     assert ppl["gift"] == pytest.approx(ppl["dense"], rel=1e-2) and ppl["gptq_lora"] == pytest.approx(ppl["dense"], rel=1e-2)
+
+
+def test_storage_counts_the_bits_of_each_format(tmp_path):
+    from gift_quant.export import bits_per_weight, export_gift, storage
+    from gift_quant.layers import merge_to_dense
+
+    model, tok, results = quantized_tiny(3, 32)
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    wrap_quantized(model, results, "none", 4)
+    merge_to_dense(model)
+    model.half().save_pretrained(tmp_path / "dense")
+    shapes = {n: tuple(qw.codes.shape) for n, qw in results.items()}
+    # by hand from the GPTQ v1 layout: words of 32 bits for codes and zeros, fp16 scales and salient
+    # columns, int32 g_idx and salient indices
+    bits = 0
+    for out, n_in in shapes.values():
+        groups, k = n_in // 32, 3
+        bits += (-(-n_in // 32) * 3 * out + groups * (-(-out // 32)) * 3) * 32 + groups * out * 16 + n_in * 32
+        bits += out * k * 16 + k * 32
+    weights = sum(o * i for o, i in shapes.values())
+    gift = storage(tmp_path / "gift", shapes)
+    assert gift["linear_bits_per_weight"] == pytest.approx(bits / weights)
+    assert gift["bytes"] == (tmp_path / "gift" / "model.safetensors").stat().st_size
+    assert storage(tmp_path / "dense", shapes)["linear_bits_per_weight"] == 16.0
+    # the METHOD section 7 formula leaves out g_idx and padding, nothing else
+    assert bits_per_weight(results) == pytest.approx(bits / weights - sum(i * 32 for _, i in shapes.values()) / weights,
+                                                     rel=0.02)
+
+
+@needs_gptqmodel
+@pytest.mark.slow
+def test_every_format_reloads_smollm2(smollm2, tmp_path):
+    """Real model, 4-bit group 64 (gptqmodel's CPU kernel needs 576 inputs divisible by the group)."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from gift_quant.export import export_gift
+    from gift_quant.layers import merge_to_dense
+
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
+    results = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
+            idx = torch.sort(torch.topk(m.weight.norm(dim=0), 8).indices).values
+            results[name] = rtn(m.weight, Grid(4, 64), idx)
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    export_gptq_lora(model, tok, results, tmp_path / "gptq_lora")
+    wrap_quantized(model, results, "none", 4)
+    ids = tok("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+    merge_to_dense(model)
+    model.half().save_pretrained(tmp_path / "dense")
+    del model
+
+    def close(loaded, tol):
+        with torch.no_grad():
+            got = loaded.eval()(ids).logits.float()
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+        assert (got[0, -1].argmax() == expected[0, -1].argmax()).item()
+
+    close(AutoModelForCausalLM.from_pretrained(tmp_path / "gift", dtype=torch.float32), 0.05)
+    close(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32), 0.05)
+    # gptqmodel's plain torch kernel: its default CPU kernel for 4 bits (aten int4 matmul) rounds the
+    # scales to bf16, about 0.3% error a layer, which 30 layers grow past any fp16 tolerance
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq_lora", device_map="cpu", dtype=torch.float32,
+                                                quantization_config=GPTQConfig(bits=4, backend="torch"))
+    close(PeftModel.from_pretrained(base, tmp_path / "gptq_lora" / "adapter"), 0.05)

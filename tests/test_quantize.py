@@ -106,3 +106,13 @@ def test_gptq_style_symmetric_step():
     assert scale.item() == pytest.approx(1.0) and zero.item() == 4
     # +3.5 clips to the top level 3; -3.5 rounds half-to-even to -4, the bottom level
     assert fake_quantize(w, scale, zero, 3).tolist() == [[3.0, -4.0, 1.0]]
+
+
+def test_quantizers_never_build_a_graph():
+    # A trainable weight used to chain all clipping candidates into an autograd graph (GBs on SmolLM2).
+    from gift_quant.gptq import gptq
+
+    w = torch.nn.Linear(32, 8).weight
+    qw = rtn(w, Grid(3, clip_min=0.5, clip_steps=5), torch.tensor([1]))
+    qg = gptq(w, torch.eye(32), Grid(3, clip_min=0.5, clip_steps=5), torch.tensor([1]))
+    assert not any(t.requires_grad for q in (qw, qg) for t in (q.scale, q.zero, q.salient_weight))
