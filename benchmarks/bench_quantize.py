@@ -59,16 +59,13 @@ def main() -> None:
     print(f"calibration statistics: {calib_s:.0f} s", flush=True)
 
     rows = []
-    settings = [(3, -1)] if args.quick else [(3, -1), (3, 128), (4, -1), (4, 128), (2, -1)]
+    settings = [(3, -1)] if args.quick else [(b, g) for b in (3, 4, 2) for g in (-1, 128)]
     for bits, group in settings:
         # (label, method, k, preset, sym_step, clip search)
         configs = [("RTN", "rtn", 0, "gift", "paper", True), ("GPTQ", "gptq", 0, "gift", "paper", True),
                    ("GPTQ, gptq step, no clip", "gptq", 0, "gift", "gptq", False),
                    ("RTN + salient (gift)", "rtn", args.k, "gift", "paper", True)]
-        presets = ["gift", "owq", "quik", "wanda"] if (bits, group) == (3, -1) else ["gift"]
-        configs += [(f"GPTQ + salient ({p})", "gptq", args.k, p, "paper", True) for p in presets]
-        if bits == 2:
-            configs = [c for c in configs if c[2] > 0]
+        configs += [(f"GPTQ + salient ({p})", "gptq", args.k, p, "paper", True) for p in ("gift", "owq", "quik", "wanda")]
         for label, method, k, preset, step, clip in configs:
             model.load_state_dict(original)
             sal = SaliencySpec(metric=preset, k=k, k_overrides={"down_proj": 3 * k})

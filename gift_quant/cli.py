@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-seq-len", type=int, default=2048)
     p.add_argument("--ppl-max-windows", type=int, default=None)
     p.add_argument("--out", default=None, help="folder for lm-eval's results JSON and our summary")
+    sub.add_parser("lm-eval", add_help=False,
+                   help="lm-eval's own command line with the offline tasks and the gift format available; for "
+                   "multi-GPU evaluation: accelerate launch -m gift_quant.cli lm-eval --model hf --model_args "
+                   "pretrained=FOLDER --tasks gq_paper6 (every argument goes to lm-eval)")
     p = sub.add_parser("report", help="build a comparison report from one or more run folders")
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     p.add_argument("--out", default="report", help="output folder")
@@ -92,7 +96,27 @@ def _eval(args) -> dict:
     return summary
 
 
+def _lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI, unchanged, with ``--include_path`` set to this checkout's offline tasks (filled
+    for this machine). ``import gift_quant`` has registered the ``gift`` format with transformers, so
+    ``--model hf --model_args pretrained=<gift folder>`` loads it; lm-eval handles data parallelism
+    itself when started by ``accelerate launch``."""
+    import tempfile
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from .evaluate import offline_tasks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.argv = ["lm-eval", "run", *argv, "--include_path", str(offline_tasks(Path(tmp)))]
+        cli_evaluate()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, options included
+        return _lm_eval(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

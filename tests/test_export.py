@@ -254,3 +254,23 @@ def test_every_format_reloads_smollm2(smollm2, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq_lora", device_map="cpu", dtype=torch.float32,
                                                 quantization_config=GPTQConfig(bits=4, backend="torch"))
     close(PeftModel.from_pretrained(base, tmp_path / "gptq_lora" / "adapter"), 0.05)
+
+
+def test_lm_eval_command_scores_a_gift_folder(tmp_path):
+    """lm-eval's own HF model class loads the gift folder through the registered quantizer."""
+    import json
+
+    import gift_quant
+    from gift_quant.cli import main
+    from gift_quant.evaluate import zero_shot
+    from gift_quant.export import export_gift
+
+    model, tok, results = quantized_tiny(4, 32)
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    assert main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'gift'},dtype=float32",
+                 "--tasks", "gq_arc_easy", "--limit", "6", "--device", "cpu", "--batch_size", "2",
+                 "--output_path", str(tmp_path / "out")]) == 0
+    got = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["gq_arc_easy"]
+    loaded, tok2 = gift_quant.load(tmp_path / "gift")
+    ours, _ = zero_shot(loaded, tok2, ["gq_arc_easy"], limit=6, batch_size=2)
+    assert got["acc,none"] == ours["gq_arc_easy"]["acc"] and got["acc_norm,none"] == ours["gq_arc_easy"]["acc_norm"]
