@@ -36,19 +36,22 @@ def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec,
     return top_k(scores, k)
 
 
-def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str) -> QuantizedWeight:
-    """Salient columns by the metric, then GPTQ or RTN of the rest (``stats`` may be None for plain RTN)."""
+def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str,
+                    idx: torch.Tensor | None = None) -> QuantizedWeight:
+    """Salient columns by the metric (or ``idx`` when they are already chosen), then GPTQ or RTN of the
+    rest (``stats`` may be None for plain RTN)."""
     w = w.detach().float().cpu()
-    idx = select_salient(w, stats, sal, quant, name)
+    idx = select_salient(w, stats, sal, quant, name) if idx is None else idx
     if quant.method == "gptq":
         return gptq(w, stats.mean_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
                     quant.dynamic_groups)
     return rtn(w, quant.grid(), idx)
 
 
-def _quantize_into(lin: nn.Linear, name: str, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec) -> QuantizedWeight:
+def _quantize_into(lin: nn.Linear, name: str, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec,
+                   idx: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize one module and write its dense effective weight back."""
-    qw = quantize_linear(lin.weight, stats, sal, quant, name.rsplit(".", 1)[-1])
+    qw = quantize_linear(lin.weight, stats, sal, quant, name.rsplit(".", 1)[-1], idx)
     lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
     return qw
 
@@ -65,14 +68,19 @@ def quantize_model(
     batch_size: int = 8,
     sequential: bool = True,
     true_sequential: bool = True,
+    salient: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedWeight]:
-    """Quantize every targeted linear in place (dense effective weights); return the results by module name."""
+    """Quantize every targeted linear in place (dense effective weights); return the results by module name.
+
+    ``salient`` (module name -> column indices) fixes the salient columns instead of scoring them,
+    as pre-quantization GIFT-SW needs: the columns it trained are the ones kept."""
     names = _names(model)
     results: dict[str, QuantizedWeight] = {}
 
     def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
         for name, lin in linears.items():
-            results[names[lin]] = _quantize_into(lin, names[lin], stats[name], sal, quant)
+            idx = None if salient is None else salient[names[lin]].long()
+            results[names[lin]] = _quantize_into(lin, names[lin], stats[name], sal, quant, idx)
 
     run_blocks(model, windows, sal.targets, on_block, batch_size, sequential, true_sequential)
     return results

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .calibrate import decoder_layers, target_linears
-from .compress import quantize_model, quantize_rtn_plain
+from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import nonoverlapping_windows, perplexity, zero_shot
 from .export import (atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized,
                      storage)
-from .layers import merge_to_dense, salient_layers, wrap_quantized
+from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
 from .sources import load_model, read_records, read_text, resolve_model, sample_windows, tokenize
@@ -36,14 +36,24 @@ from .train import chat_examples, text_examples, train, trainable_state
 log = logging.getLogger(__name__)
 
 STAGES = ["quantize", "train", "export", "evaluate", "report"]
-# recipe sections each stage depends on (its own and those of the stages before it)
-DEPENDS = {
-    "quantize": ("model", "calibration", "saliency", "quant", "seed"),
-    "train": ("model", "calibration", "saliency", "quant", "seed", "train"),
-    "export": ("model", "calibration", "saliency", "quant", "seed", "train", "export"),
-    "evaluate": ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval"),
-    "report": ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval"),
-}
+# recipe sections a stage reads itself; it also depends on those of every stage before it
+_READS = {"quantize": ("calibration", "saliency", "quant"), "train": ("calibration", "saliency", "quant", "train"),
+          "export": ("export",), "evaluate": ("eval",), "report": ()}
+_SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval")
+
+
+def stages(recipe: Recipe) -> list[str]:
+    """Stage order of the recipe's training mode: ``post`` quantizes and then trains, ``pre`` trains
+    and then quantizes, ``fp`` never quantizes."""
+    return {"post": STAGES, "pre": ["train", "quantize", "export", "evaluate", "report"],
+            "fp": ["train", "export", "evaluate", "report"]}[recipe.train.mode]
+
+
+def depends(recipe: Recipe, name: str) -> tuple[str, ...]:
+    """Recipe sections stage ``name`` depends on: its own and those of the stages before it."""
+    order = stages(recipe)
+    used = {"model", "seed"}.union(*(_READS[s] for s in order[: order.index(name) + 1]))
+    return tuple(sec for sec in _SECTIONS if sec in used)
 
 
 def check_against_model(recipe: Recipe) -> None:
@@ -93,16 +103,17 @@ class Run:
         if not manifest.exists():
             return False
         saved = json.loads(manifest.read_text())["key"]
-        if saved != self.recipe.digest(*DEPENDS[name]):
+        if saved != self.recipe.digest(*depends(self.recipe, name)):
             raise RecipeError(
-                f"stage '{name}' in {self.dir} was run with a different recipe (sections {', '.join(DEPENDS[name])}); "
+                f"stage '{name}' in {self.dir} was run with a different recipe (sections "
+                f"{', '.join(depends(self.recipe, name))}); "
                 f"rerun with --from {name} to redo it, or set output_dir to a new folder")
         return True
 
     def manifest(self, name: str, seconds: float, extra: dict | None = None) -> dict:
         import transformers
 
-        return {"stage": name, "key": self.recipe.digest(*DEPENDS[name]), "seconds": seconds,
+        return {"stage": name, "key": self.recipe.digest(*depends(self.recipe, name)), "seconds": seconds,
                 "versions": {"gift_quant": __version__, "torch": torch.__version__,
                              "transformers": transformers.__version__}, **(extra or {})}
 
@@ -124,32 +135,76 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
 
 
 def stage_quantize(run: Run, tmp: Path) -> dict:
+    """GPTQ/RTN with salient columns: scored on the full-precision model (post), or the columns the
+    train stage chose and trained (pre)."""
     r = run.recipe
-    model, tok = run.load_fp()
     c = r.calibration
+    if r.train.mode == "pre":
+        (model, tok), salient = run.load_fp(), _train_salient(run)
+        wrap_full_precision(model, salient, "none", r.train.noise_bits)
+        _load_trained(model, run)
+        merge_to_dense(model)  # the full-precision model with its trained columns
+    else:
+        (model, tok), salient = run.load_fp(), None
     results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant,
-                             c.batch_size, c.sequential, c.true_sequential)
+                             c.batch_size, c.sequential, c.true_sequential, salient)
     save_quantized(results, tmp / "quantized.safetensors")
     return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
 
 
+def _train_salient(run: Run) -> dict[str, torch.Tensor]:
+    return load_file(run.stage("train") / "salient_idx.safetensors")
+
+
+def _load_trained(model, run: Run) -> None:
+    state = load_file(run.stage("train") / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
 def recovered_model(run: Run, trained: bool):
-    """FP model with its targeted linears replaced by GIFT-SW layers (salient columns trained or not)."""
+    """The model with its targeted linears replaced by GIFT-SW layers, salient columns trained or not.
+
+    post: on the quantized weights of the quantize stage. pre: trained, the quantize stage's result
+    (it quantized the trained model); untrained, the full-precision model quantized with the same
+    columns. fp: on the full-precision weights."""
     model, tok = run.load_fp()
-    t = run.recipe.train
-    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), t.noise, t.noise_bits)
-    if trained:
-        state = load_file(run.stage("train") / "trainable.safetensors")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in state.items():
-                params[n].copy_(v)
+    r = run.recipe
+    t = r.train
+    if t.mode == "fp":
+        wrap_full_precision(model, _train_salient(run), t.noise, t.noise_bits)
+    elif t.mode == "pre" and not trained:
+        c = r.calibration
+        results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant, c.batch_size, c.sequential,
+                                 c.true_sequential, _train_salient(run))
+        wrap_quantized(model, results, t.noise, t.noise_bits)
+        return model, tok
+    else:
+        wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), t.noise, t.noise_bits)
+    if trained and t.mode != "pre":  # pre: the quantized columns already are the trained ones
+        _load_trained(model, run)
+    return model, tok
+
+
+def _fp_salient_model(run: Run, tmp: Path):
+    """pre / fp: the full-precision model with GIFT-SW layers on columns scored from its own statistics
+    (the indices are saved for the later stages)."""
+    r = run.recipe
+    model, tok = run.load_fp()
+    stats = collect_stats(model, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size)
+    modules = dict(model.named_modules())
+    salient = {n: select_salient(modules[n].weight.detach().float(), st, r.saliency, r.quant, n.rsplit(".", 1)[-1])
+               for n, st in stats.items()}
+    save_file({n: i.contiguous() for n, i in salient.items()}, tmp / "salient_idx.safetensors")
+    wrap_full_precision(model, salient, r.train.noise, r.train.noise_bits)
     return model, tok
 
 
 def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     r = run.recipe
-    model, tok = recovered_model(run, trained=False)
+    model, tok = recovered_model(run, trained=False) if r.train.mode == "post" else _fp_salient_model(run, tmp)
     t = r.train
     if not t.enabled:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -169,9 +224,10 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
 def stage_export(run: Run, tmp: Path) -> dict:
     r = run.recipe
     model, tok = recovered_model(run, trained=True)
-    results = load_quantized(run.stage("quantize") / "quantized.safetensors")
-    for name, layer in salient_layers(model).items():
-        results[name].salient_weight = layer.salient_weight.detach().clone()
+    results = {} if r.train.mode == "fp" else load_quantized(run.stage("quantize") / "quantized.safetensors")
+    for name, qw in results.items():
+        qw.salient_weight = model.get_submodule(name).salient_weight.detach().clone()
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
     out = {}
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
     if "gift" in r.export.formats:
@@ -182,11 +238,11 @@ def stage_export(run: Run, tmp: Path) -> dict:
     if "dense" in r.export.formats:
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")
-    shapes = {name: tuple(qw.codes.shape) for name, qw in results.items()}
-    out["bits_per_weight_formula"] = bits_per_weight(results)
+    if results:
+        out["bits_per_weight_formula"] = bits_per_weight(results)
+        log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
     out["formats"] = {fmt: storage(tmp / fmt, shapes) for fmt in r.export.formats}
     (tmp / "sizes.json").write_text(json.dumps(out, indent=2))
-    log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
     for fmt, st in out["formats"].items():
         log.info("%-10s %8.1f MB on disk, %.3f bits per weight in the quantized linears", fmt, st["bytes"] / 1e6,
                  st["linear_bits_per_weight"])
@@ -224,10 +280,12 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         quantize_model(model, calibration_windows(r, tok), r.saliency.model_copy(update={"k": 0, "k_overrides": {}}),
                        r.quant, c.batch_size, c.sequential, c.true_sequential)
         score(f"GPTQ {bits}", model)
-    if "salient" in r.eval.baselines:
+    mode = r.train.mode
+    if "salient" in r.eval.baselines and mode != "fp":
         score(f"{r.quant.method.upper()} {bits} + salient columns", recovered_model(run, trained=False)[0].eval())
     if r.train.enabled:
-        score(f"GIFT-SW {bits}", recovered_model(run, trained=True)[0].eval())
+        label = {"post": f"GIFT-SW {bits}", "pre": f"Pre-GIFT-SW {bits}", "fp": "GIFT-SW full precision"}[mode]
+        score(label, recovered_model(run, trained=True)[0].eval())
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}
 
@@ -250,17 +308,20 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
     run.dir.mkdir(parents=True, exist_ok=True)
     _log_to_file(run.dir / "run.log")
     (run.dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    order = stages(recipe)
     if from_stage is not None:
-        for name in STAGES[STAGES.index(from_stage):]:
+        if from_stage not in order:
+            raise RecipeError(f"--from {from_stage}: train.mode={recipe.train.mode} has the stages {order}")
+        for name in order[order.index(from_stage):]:
             shutil.rmtree(run.stage(name), ignore_errors=True)
-        if STAGES.index(from_stage) <= STAGES.index("train"):
+        if order.index(from_stage) <= order.index("train"):
             shutil.rmtree(run.dir / "train.work", ignore_errors=True)
     # Under accelerate launch / torchrun every process runs this loop: the training stage runs on
     # all of them (DDP), every other stage on the main process while the others wait.
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    for name in STAGES:
+    for name in order:
         state.wait_for_everyone()
         if run.is_done(name):
             log.info("stage %s: done, skipped", name)
@@ -295,6 +356,9 @@ def _log_to_file(path: Path) -> None:
 
 def quantize(recipe: Recipe) -> dict:
     """``gift-quant quantize``: only the quantize stage, then the perplexity of the result."""
+    if recipe.train.mode != "post":
+        raise RecipeError(f"train.mode={recipe.train.mode}: quantization comes after (pre) or without (fp) training; "
+                          f"use gift-quant recover, or --set train.mode=post")
     check_against_model(recipe)
     run = Run(recipe)
     if not run.is_done("quantize"):

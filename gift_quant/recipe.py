@@ -139,9 +139,10 @@ class TrainSpec(_Section):
     """GIFT-SW fine-tuning of the salient columns (METHOD sections 3 and 4)."""
 
     enabled: bool = True
-    mode: Literal["post"] = Field(
-        "post", description="post: train the salient columns on the frozen quantized base (the pipeline's only "
-        "mode so far; the dense-base layer for pre-quantization / full-precision GIFT-SW is in layers.py)")
+    mode: Literal["post", "pre", "fp"] = Field(
+        "post", description="post: quantize, then train the salient columns with noise on the frozen quantized "
+        "weights; pre: train them with noise on the full-precision weights (set noise_bits to quant.bits, as the "
+        "paper does), then quantize with those columns kept; fp: full-precision GIFT-SW, nothing quantized")
     noise: Literal["gaussian", "uniform", "none"] = "gaussian"
     noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise (paper: 4 after quantization)")
     noise_schedule: Literal["constant", "linear"] = Field("constant", description="linear: anneal the noise to 0")
@@ -197,6 +198,14 @@ class Recipe(_Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output_dir: str = "runs/{name}"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _fp_mode_exports(self) -> "Recipe":
+        packed = [f for f in self.export.formats if f != "dense"]
+        if self.train.mode == "fp" and packed:
+            raise ValueError(f"train.mode=fp keeps every weight in full precision, so export.formats {packed} have "
+                             f"nothing quantized to pack; use export.formats: [dense]")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))

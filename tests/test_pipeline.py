@@ -22,7 +22,7 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def recipe(folder, out, **train):
+def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
     data = {
         "name": "tiny", "model": {"ref": str(folder)}, "output_dir": str(out),
         "calibration": {"n_samples": 4, "seq_len": 64, "batch_size": 2},
@@ -30,6 +30,7 @@ def recipe(folder, out, **train):
         "quant": {"bits": 3},
         "train": {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "lr": 1e-3, **train},
         "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2, "tasks": ["gq_piqa"], "limit": 2},
+        "export": {"formats": list(formats)},
     }
     return parse_recipe(data, "test")
 
@@ -101,3 +102,33 @@ def test_recover_under_torchrun_two_processes(tiny_folder, tmp_path):
     log = (tmp_path / "run/train/train_log.jsonl").read_text().splitlines()
     assert len(log) == 4 and '"tokens_per_s"' in log[0]
     assert json.loads((tmp_path / "run/train/manifest.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("mode", ["pre", "fp"])
+def test_pre_and_full_precision_modes(tiny_folder, tmp_path, mode):
+    from safetensors.torch import load_file
+
+    from gift_quant.export import load_quantized
+
+    out = tmp_path / mode
+    recover(recipe(tiny_folder, out, ["dense"] if mode == "fp" else ["dense", "gift"], mode=mode, noise_bits=3))
+    results = json.loads((out / "evaluate/results.json").read_text())
+    idx = load_file(out / "train/salient_idx.safetensors")
+    trained = load_file(out / "train/trainable.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    assert idx[name].numel() == 8 and trained[f"{name}.salient_weight"].shape == (64, 8)
+    if mode == "fp":
+        assert not (out / "quantize").exists()
+        assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GIFT-SW full precision"}
+        assert results["GIFT-SW full precision"]["ppl"] != results["full precision"]["ppl"]  # the columns moved
+    else:
+        assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "Pre-GIFT-SW W3"}
+        q = load_quantized(out / "quantize/quantized.safetensors")[name]
+        assert torch.equal(q.salient_idx, idx[name])  # quantized with the columns that were trained
+        # the train stage ran before quantize, so its manifest is older
+        assert (out / "train/manifest.json").stat().st_mtime_ns < (out / "quantize/manifest.json").stat().st_mtime_ns
+
+
+def test_fp_mode_refuses_packed_exports(tiny_folder, tmp_path):
+    with pytest.raises(RecipeError, match=r"train.mode=fp .*export.formats: \[dense\]"):
+        recipe(tiny_folder, tmp_path, mode="fp")
