@@ -61,10 +61,11 @@ class GiftHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         qc = self.quantization_config
         self._path = getattr(model.config, "_name_or_path", "<gift folder>")
-        unknown = [n for n in qc.layers if model.get_submodule(n.rpartition(".")[0]) is None]
+        have = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        unknown = [n for n in qc.layers if n not in have]
         if unknown:
             raise CheckpointError(f"{self._path}/config.json: quantization_config.layers names {unknown[0]}, "
-                                  f"which the model of config.json does not have")
+                                  f"which is not a linear layer of the model of config.json")
         replace_linears(model, {name: lambda old, shape=shape: PackedSalientLinear(
             shape, qc.bits, qc.group_size, old.bias is not None) for name, shape in qc.layers.items()})
 

@@ -155,6 +155,11 @@ def test_gift_folder_loads_with_transformers_from_pretrained(tmp_path):
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.scales is missing"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "n")
     cfg = json.loads((tmp_path / "n/config.json").read_text())
+    bad = json.loads(json.dumps(cfg))
+    bad["quantization_config"]["layers"]["model.layers.7.mlp.up_proj"] = {"in": 128, "out": 256, "k": 3}
+    (tmp_path / "n/config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="model.layers.7.mlp.up_proj, which is not a linear layer"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "n")
     cfg["quantization_config"]["bits"] = 4
     (tmp_path / "n/config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers' own shape check
