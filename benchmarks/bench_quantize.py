@@ -40,16 +40,19 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--peer-only", action="store_true", help="only the comparison with gptqmodel")
     ap.add_argument("--peer-calib", type=int, default=32, help="calibration windows of the sequential peer runs")
+    ap.add_argument("--peer-setting", action="append", default=None, metavar="BITS:GROUP",
+                    help="peer comparison only at these settings, e.g. 3:-1 (repeatable; default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampler")
     args = ap.parse_args()
     torch.manual_seed(0)
 
     model, tok = load_model(MODEL)
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
+    calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=args.seed)
     evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
 
     if args.peer_only:
-        return peer(model, original, calib[: args.peer_calib], evalw)
+        return peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting)
     t = time.time()
     fp = perplexity(model, evalw)
     print(f"full precision: ppl {fp:.2f} ({time.time() - t:.0f} s eval)", flush=True)
@@ -83,10 +86,10 @@ def main() -> None:
     for b, g, label, ppl, q_s in rows:
         print(f"| {b} | {g} | {label} | {ppl:.2f} | {q_s:.0f} |")
     if not args.skip_peer:
-        peer(model, original, calib[: args.peer_calib], evalw)
+        peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting)
 
 
-def peer(model, original, calib, evalw) -> None:
+def peer(model, original, calib, evalw, only: list[str] | None = None) -> None:
     """Sequential GPTQ, ours vs gptqmodel 7.6.0: same windows, same grid (sym GPTQ step, no clipping
     search, damp 0.01, no act-order, true-sequential, groups fitted on the updated weights as
     gptqmodel does). gptqmodel's time includes its model load."""
@@ -96,7 +99,8 @@ def peer(model, original, calib, evalw) -> None:
     tmp = Path(tempfile.mkdtemp())
     torch.save(calib, tmp / "calib.pt")
     torch.save(evalw, tmp / "eval.pt")
-    for bits, group in PEER_SETTINGS:
+    settings = [tuple(map(int, x.split(":"))) for x in only] if only else PEER_SETTINGS
+    for bits, group in settings:
         model.load_state_dict(original)
         t = time.time()
         quantize_model(model, calib, SaliencySpec(k=0),
