@@ -164,15 +164,16 @@ def _load_trained(model, run: Run) -> None:
             params[n].copy_(v)
 
 
-def recovered_model(run: Run, trained: bool):
+def recovered_model(run: Run, trained: bool, noise: bool = False):
     """The model with its targeted linears replaced by GIFT-SW layers, salient columns trained or not.
 
     post: on the quantized weights of the quantize stage. pre: trained, the quantize stage's result
     (it quantized the trained model); untrained, the full-precision model quantized with the same
-    columns. fp: on the full-precision weights."""
+    columns. fp: on the full-precision weights. ``noise``: set up the recipe's training noise (its
+    grid search costs time, so export and evaluation skip it)."""
     model, tok = run.load_fp()
     r = run.recipe
-    t = r.train
+    t = r.train.model_copy(update={"noise": r.train.noise if noise else "none"})
     if t.mode == "fp":
         wrap_full_precision(model, _train_salient(run), t.noise, t.noise_bits)
     elif t.mode == "pre" and not trained:
@@ -204,7 +205,7 @@ def _fp_salient_model(run: Run, tmp: Path):
 
 def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     r = run.recipe
-    model, tok = recovered_model(run, trained=False) if r.train.mode == "post" else _fp_salient_model(run, tmp)
+    model, tok = recovered_model(run, False, noise=True) if r.train.mode == "post" else _fp_salient_model(run, tmp)
     t = r.train
     if not t.enabled:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
