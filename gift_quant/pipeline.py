@@ -28,7 +28,7 @@ from .evaluate import nonoverlapping_windows, perplexity, zero_shot
 from .export import (atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized,
                      storage)
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, SaliencySpec
 from .saliency import resolve_k
 from .sources import load_model, read_records, read_text, resolve_model, sample_windows, tokenize
 from .train import chat_examples, text_examples, train, trainable_state
@@ -137,19 +137,23 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
 def stage_quantize(run: Run, tmp: Path) -> dict:
     """GPTQ/RTN with salient columns: scored on the full-precision model (post), or the columns the
     train stage chose and trained (pre)."""
-    r = run.recipe
-    c = r.calibration
-    if r.train.mode == "pre":
-        (model, tok), salient = run.load_fp(), _train_salient(run)
-        wrap_full_precision(model, salient, "none", r.train.noise_bits)
-        _load_trained(model, run)
+    if run.recipe.train.mode == "pre":
+        model, tok = _full_precision_model(run, "none", trained=True)
         merge_to_dense(model)  # the full-precision model with its trained columns
+        salient = _train_salient(run)
     else:
         (model, tok), salient = run.load_fp(), None
-    results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant,
-                             c.batch_size, c.sequential, c.true_sequential, salient)
+    results = _quantize(run, model, tok, salient=salient)
     save_quantized(results, tmp / "quantized.safetensors")
     return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
+
+
+def _quantize(run: Run, model, tok, sal: SaliencySpec | None = None, salient: dict[str, torch.Tensor] | None = None):
+    """``quantize_model`` with the recipe's calibration data and mode (``sal`` overrides its saliency)."""
+    r = run.recipe
+    c = r.calibration
+    return quantize_model(model, calibration_windows(r, tok), sal or r.saliency, r.quant, c.batch_size, c.sequential,
+                          c.true_sequential, salient)
 
 
 def _train_salient(run: Run) -> dict[str, torch.Tensor]:
@@ -164,6 +168,15 @@ def _load_trained(model, run: Run) -> None:
             params[n].copy_(v)
 
 
+def _full_precision_model(run: Run, noise: str, trained: bool):
+    """pre / fp: the full-precision model with GIFT-SW layers on the train stage's columns."""
+    model, tok = run.load_fp()
+    wrap_full_precision(model, _train_salient(run), noise, run.recipe.train.noise_bits)
+    if trained:
+        _load_trained(model, run)
+    return model, tok
+
+
 def recovered_model(run: Run, trained: bool, noise: bool = False):
     """The model with its targeted linears replaced by GIFT-SW layers, salient columns trained or not.
 
@@ -171,20 +184,16 @@ def recovered_model(run: Run, trained: bool, noise: bool = False):
     (it quantized the trained model); untrained, the full-precision model quantized with the same
     columns. fp: on the full-precision weights. ``noise``: set up the recipe's training noise (its
     grid search costs time, so export and evaluation skip it)."""
-    model, tok = run.load_fp()
-    r = run.recipe
-    t = r.train.model_copy(update={"noise": r.train.noise if noise else "none"})
+    t = run.recipe.train
+    kind = t.noise if noise else "none"
     if t.mode == "fp":
-        wrap_full_precision(model, _train_salient(run), t.noise, t.noise_bits)
-    elif t.mode == "pre" and not trained:
-        c = r.calibration
-        results = quantize_model(model, calibration_windows(r, tok), r.saliency, r.quant, c.batch_size, c.sequential,
-                                 c.true_sequential, _train_salient(run))
-        wrap_quantized(model, results, t.noise, t.noise_bits)
+        return _full_precision_model(run, kind, trained)
+    model, tok = run.load_fp()
+    if t.mode == "pre" and not trained:
+        wrap_quantized(model, _quantize(run, model, tok, salient=_train_salient(run)), kind, t.noise_bits)
         return model, tok
-    else:
-        wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), t.noise, t.noise_bits)
-    if trained and t.mode != "pre":  # pre: the quantized columns already are the trained ones
+    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), kind, t.noise_bits)
+    if trained and t.mode == "post":  # pre: the quantized columns already are the trained ones
         _load_trained(model, run)
     return model, tok
 
@@ -277,9 +286,7 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         score(f"RTN {bits}", model)
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
         model, _ = run.load_fp()
-        c = r.calibration
-        quantize_model(model, calibration_windows(r, tok), r.saliency.model_copy(update={"k": 0, "k_overrides": {}}),
-                       r.quant, c.batch_size, c.sequential, c.true_sequential)
+        _quantize(run, model, tok, sal=r.saliency.model_copy(update={"k": 0, "k_overrides": {}}))
         score(f"GPTQ {bits}", model)
     mode = r.train.mode
     if "salient" in r.eval.baselines and mode != "fp":
