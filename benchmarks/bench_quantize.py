@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--peer-setting", action="append", default=None, metavar="BITS:GROUP",
                     help="peer comparison only at these settings, e.g. 3:-1 (repeatable; default: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampler")
+    ap.add_argument("--peer-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype gptqmodel quantizes in (ours calibrates in float32; gptqmodel's CPU default is bfloat16)")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -52,7 +54,7 @@ def main() -> None:
     evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
 
     if args.peer_only:
-        return peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting)
+        return peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting, args.peer_dtype)
     t = time.time()
     fp = perplexity(model, evalw)
     print(f"full precision: ppl {fp:.2f} ({time.time() - t:.0f} s eval)", flush=True)
@@ -86,13 +88,13 @@ def main() -> None:
     for b, g, label, ppl, q_s in rows:
         print(f"| {b} | {g} | {label} | {ppl:.2f} | {q_s:.0f} |")
     if not args.skip_peer:
-        peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting)
+        peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting, args.peer_dtype)
 
 
-def peer(model, original, calib, evalw, only: list[str] | None = None) -> None:
+def peer(model, original, calib, evalw, only: list[str] | None = None, dtype: str = "float32") -> None:
     """Sequential GPTQ, ours vs gptqmodel 7.6.0: same windows, same grid (sym GPTQ step, no clipping
     search, damp 0.01, no act-order, true-sequential, groups fitted on the updated weights as
-    gptqmodel does). gptqmodel's time includes its model load."""
+    gptqmodel does; gptqmodel's model in ``dtype``, ours always float32). gptqmodel's time includes its model load."""
     print("\n| setting | ours ppl | gptqmodel ppl | ours s | gptqmodel s | time ratio (gptqmodel/ours) | ppl ratio (ours/gptqmodel) |")
     print("|---|---|---|---|---|---|---|")
     folder = resolve_model(MODEL)
@@ -108,7 +110,7 @@ def peer(model, original, calib, evalw, only: list[str] | None = None) -> None:
         ours_s = time.time() - t
         ours = perplexity(model, evalw)
         cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_peer.py")), folder, str(tmp / "calib.pt"),
-               str(tmp / "eval.pt"), str(bits), str(group), "0.01", str(tmp / f"gm{bits}")]
+               str(tmp / "eval.pt"), str(bits), str(group), "0.01", str(tmp / f"gm{bits}"), dtype]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:

@@ -2,7 +2,8 @@
 
 Run as a separate process by bench_quantize.py (gptqmodel patches torch/transformers globally on
 import, so it stays out of our process). Arguments: model folder, windows .pt, eval windows .pt,
-bits, group size, damp, output folder.
+bits, group size, damp, output folder, dtype of gptqmodel's model (float32 matches our calibration; on
+CPU gptqmodel's own default is bfloat16, which changes its Hessians and hence its result).
 
 The perplexity is measured on the full-precision model with every quantized linear replaced by the
 dequantization of gptqmodel's saved GPTQ v1 tensors (our unpacker, checked against gptqmodel's own
@@ -26,13 +27,14 @@ from gift_quant.pack import from_gptq_v1  # noqa: E402
 from gift_quant.quantize import QuantizedWeight  # noqa: E402
 from gift_quant.sources import load_model  # noqa: E402
 
-model_dir, calib_pt, eval_pt, bits, group, damp, out = sys.argv[1:8]
+model_dir, calib_pt, eval_pt, bits, group, damp, out, dtype = sys.argv[1:9]
 bits, group = int(bits), int(group)
 calib = torch.load(calib_pt, weights_only=True)
 evalw = torch.load(eval_pt, weights_only=True)
 cfg = QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=False, act_group_aware=False, damp_percent=float(damp))
 t0 = time.time()
-model = GPTQModel.load(model_dir, cfg, device="cpu")
+model = GPTQModel.load(model_dir, cfg, device="cpu", dtype=getattr(torch, dtype))
+assert next(model.model.parameters()).dtype == getattr(torch, dtype)
 data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in calib]
 model.quantize(data, batch_size=8, calibration_sort=None)
 t1 = time.time()

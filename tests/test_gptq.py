@@ -10,6 +10,8 @@ import torch
 from gift_quant.gptq import gptq
 from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, row_params, rtn
 
+from .conftest import needs_gptqmodel
+
 
 def reference(w, h, bits, group_size, sym, salient, damp, act_order, dynamic=False):
     n = w.shape[1]
@@ -75,6 +77,33 @@ def test_dynamic_groups_equal_reference(salient, group_size, block_size, sym):
     # the stored per-group parameters are the ones the columns were rounded with
     assert torch.equal(got.dequantize_grid()[:, got.salient_idx], fake_quantize(
         got.salient_weight, expand_groups(got.scale, group_size, 70)[:, idx], expand_groups(got.zero, group_size, 70)[:, idx], 3))
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("bits,group_size,act_order", [(3, -1, False), (3, -1, True), (4, 32, False), (4, 32, True), (2, 32, False)])
+def test_gptq_equals_gptqmodel(bits, group_size, act_order):
+    """Same weights and inputs through gptqmodel 7.6.0's own ``GPTQ`` class (the path HF optimum drives):
+    the same quantized weights. Its grid is the GPTQ tools' symmetric step with no clipping search; its
+    groups are fitted when reached, except with act-order, where they are static (``static_groups``).
+    One group per block here: with groups smaller than a block the tools fit a group on weights that
+    lack the updates of the earlier columns of the same block, ours on the updated ones (module doc)."""
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    w, x, h = problem(bits + group_size, out=40, n=96, tokens=500)
+    lin = torch.nn.Linear(96, 40, bias=False)
+    lin.weight.data = w.clone()
+    static = act_order and group_size != -1
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, sym=True, desc_act=act_order, static_groups=static,
+                         act_group_aware=False, damp_percent=0.01, damp_auto_increment=0.0)
+    ref = GPTQ(lin, cfg)
+    ref.quantizer.configure(perchannel=True)
+    ref.add_batch(x[None], None)
+    ref.fasterquant(blocksize=32, percdamp=0.01, damp_auto_increment=0.0, group_size=group_size,
+                    actorder=act_order, static_groups=static)
+    got = gptq(w, h, Grid(bits, group_size, sym_step="gptq"), torch.tensor([], dtype=torch.long), block_size=32,
+               act_order=act_order, dynamic_groups=not static)
+    torch.testing.assert_close(got.effective_weight(), lin.weight.data, atol=1e-5, rtol=1e-5)
 
 
 def test_dynamic_groups_refuse_act_order():
