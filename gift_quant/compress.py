@@ -43,7 +43,7 @@ def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec
     w = w.detach().float().cpu()
     idx = select_salient(w, stats, sal, quant, name) if idx is None else idx
     if quant.method == "gptq":
-        return gptq(w, stats.mean_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
+        return gptq(w, stats.gptq_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
                     quant.dynamic_groups)
     return rtn(w, quant.grid(), idx)
 

@@ -21,9 +21,13 @@ parameters are computed on the non-salient columns only. *When* they are compute
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize, row_params
+
+log = logging.getLogger(__name__)
 
 
 def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -39,13 +43,29 @@ def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order:
 
 def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Make ``H`` positive definite: dead inputs get weight 0 and unit curvature, then ``+ damp * mean(diag H) * I``."""
-    h = h.clone().double()
+    h = h.clone()
     w = w.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     return h, w
+
+
+def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` in float32, as the GPTQ tools compute it.
+
+    Row ``i`` holds the OBS update for column ``i`` given columns ``< i`` fixed. Damping bounds the
+    condition number by about ``in_features / damp``; should float32 still fail to factor, float64 does.
+    """
+    chol, info = torch.linalg.cholesky_ex(h.float())
+    if info != 0:
+        log.warning("GPTQ: the damped Hessian (%d inputs) did not factor in float32; using float64", h.shape[0])
+        chol, info = torch.linalg.cholesky_ex(h.double())
+    if info != 0:
+        raise ValueError(f"quant.damp: the damped Hessian ({h.shape[0]} inputs) is not positive definite even in "
+                         "float64; raise quant.damp (the GPTQ tools use 0.01-0.1)")
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
 
 
 @torch.no_grad()
@@ -64,7 +84,7 @@ def gptq(
     dynamic = dynamic_groups and grid.group_size != -1
     if dynamic and act_order:
         raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
-    h, w = dampen(h, w.float(), damp)
+    h, w = dampen(h.float(), w.float(), damp)
     scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
     col_scale = expand_groups(scale, grid.group_size, n_in)
     col_zero = expand_groups(zero, grid.group_size, n_in)
@@ -73,8 +93,7 @@ def gptq(
     w = w[:, perm].clone()
     h = h[perm][:, perm]
     s, z = col_scale[:, perm], col_zero[:, perm]
-    # Upper Cholesky factor of H^-1: row i holds the OBS update for column i given columns < i fixed.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    hinv = inverse_cholesky(h)
 
     n_q = n_in - salient_idx.numel()
     cuts, group_end = list(range(0, n_q, block_size)), {}

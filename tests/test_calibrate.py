@@ -29,7 +29,8 @@ def test_block_statistics_equal_whole_model_hooks():
     for name, x in ref.items():
         st = stats[name]
         assert st.n_tokens == 6 * 24
-        torch.testing.assert_close(st.hessian.float(), x.T @ x, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(st.hessian, x.T @ x, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(st.gptq_hessian(), 2 * x.T @ x / len(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(st.absmax, x.abs().amax(0))
         torch.testing.assert_close(st.norm(2), x.norm(dim=0), atol=1e-4, rtol=1e-4)
 

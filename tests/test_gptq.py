@@ -7,7 +7,7 @@ share no code beyond the grid parameters (tested separately in test_quantize.py)
 import pytest
 import torch
 
-from gift_quant.gptq import gptq
+from gift_quant.gptq import gptq, inverse_cholesky
 from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, row_params, rtn
 
 from .conftest import needs_gptqmodel
@@ -104,6 +104,24 @@ def test_gptq_equals_gptqmodel(bits, group_size, act_order):
     got = gptq(w, h, Grid(bits, group_size, sym_step="gptq"), torch.tensor([], dtype=torch.long), block_size=32,
                act_order=act_order, dynamic_groups=not static)
     torch.testing.assert_close(got.effective_weight(), lin.weight.data, atol=1e-5, rtol=1e-5)
+
+
+def spectrum(n, lowest, seed=0):
+    """A float32 symmetric matrix with eigenvalues logspace(0, lowest) before rounding."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return ((q * torch.logspace(0, lowest, n, dtype=torch.float64)) @ q.T).float()
+
+
+def test_inverse_cholesky_float32_then_float64_then_a_named_error(caplog):
+    for lowest, warns in ((-3, False), (-8.5, True)):  # -8.5: float32 fails to factor, float64 does not
+        h = spectrum(64, lowest)
+        exact = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True)
+        caplog.clear()
+        u = inverse_cholesky(h)
+        assert u.dtype == torch.float32 and ("float64" in caplog.text) == warns
+        torch.testing.assert_close(u.double(), exact, rtol=1e-3, atol=1e-3 * exact.abs().max().item())
+    with pytest.raises(ValueError, match="quant.damp"):  # rounded to float32 it has negative eigenvalues
+        inverse_cholesky(spectrum(64, -9))
 
 
 def test_dynamic_groups_refuse_act_order():
