@@ -26,7 +26,6 @@ class InputStats:
     n_features: int
     hessian: torch.Tensor = field(init=False)  # sum over tokens of x x^T, float32 as the GPTQ tools keep it
     absmax: torch.Tensor = field(init=False)
-    sqsum: torch.Tensor = field(init=False)
     abssum: torch.Tensor = field(init=False)
     n_tokens: int = 0
 
@@ -34,15 +33,14 @@ class InputStats:
         n = self.n_features
         self.hessian = torch.zeros(n, n)
         self.absmax = torch.zeros(n)
-        self.sqsum = torch.zeros(n, dtype=torch.float64)
         self.abssum = torch.zeros(n, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         self.hessian += x.T @ x
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
-        self.sqsum += (x.double() ** 2).sum(0)
-        self.abssum += x.double().abs().sum(0)
+        a = x.abs()
+        self.absmax = torch.maximum(self.absmax, a.amax(0))
+        self.abssum += a.sum(0).double()
         self.n_tokens += x.shape[0]
 
     def norm(self, rho: float) -> torch.Tensor:
@@ -50,7 +48,7 @@ class InputStats:
         if rho == math.inf:
             return self.absmax.clone()
         if rho == 2:
-            return self.sqsum.sqrt().float()
+            return self.hessian.diagonal().sqrt()  # sum_t x_tj^2 is H's diagonal
         if rho == 1:
             return self.abssum.float()
         raise ValueError(f"saliency rho={rho}: streamed statistics support 1, 2 or inf")
@@ -142,16 +140,37 @@ def _block_out(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats], list]:
-    """One pass of all batches through ``block``: input statistics of ``linears`` and the block outputs."""
+def _stop_after(block: nn.Module, linears: dict[str, nn.Linear]) -> list:
+    """Hooks that abort a block forward once every layer of ``linears`` has run (what follows is not needed)."""
+    pending: set[str] = set()
+
+    def done(name: str) -> None:
+        pending.discard(name)
+        if not pending:
+            raise _Stop
+
+    hooks = [block.register_forward_pre_hook(lambda *_: pending.update(linears))]
+    hooks += [m.register_forward_hook(lambda *_, name=name: done(name)) for name, m in linears.items()]
+    return hooks
+
+
+def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear],
+             outputs: bool = True) -> tuple[dict[str, InputStats], list]:
+    """One pass of all batches through ``block``: input statistics of ``linears`` and the block outputs
+    (``outputs=False``: none, and each forward stops once the last of ``linears`` has run)."""
     stats = {name: InputStats(m.in_features) for name, m in linears.items()}
-    hooks = _stat_hooks(block, linears, stats)
+    hooks = _stat_hooks(block, linears, stats) + ([] if outputs else _stop_after(block, linears))
+    results = []
     try:
-        outputs = [_block_out(block(h, **kw)) for h, kw in batches]
+        for h, kw in batches:
+            try:
+                results.append(_block_out(block(h, **kw)))
+            except _Stop:
+                pass
     finally:
         for hk in hooks:
             hk.remove()
-    return stats, outputs
+    return stats, results
 
 
 def _subsets(stats: dict[str, InputStats]) -> list[list[str]]:
@@ -182,15 +201,20 @@ def run_blocks(
     """
     layers = decoder_layers(model)
     batches = block_inputs(model, windows, batch_size)
+    groups: dict[tuple[str, ...], list[list[str]]] = {}  # block layout (its linears) -> layers sharing an input
     for i, block in enumerate(tqdm(layers, desc="calibrate+quantize", unit="block")):
         linears = target_linears(block, targets)
-        stats, outputs = _measure(block, batches, linears)
         if sequential and true_sequential:
-            for j, names in enumerate(_subsets(stats)):
+            # which layers share an input, from one batch of the first block of each layout; then each
+            # group measured on all batches after the groups before it were modified, its forwards cut
+            # short after the group
+            if tuple(linears) not in groups:
+                groups[tuple(linears)] = _subsets(_measure(block, batches[:1], linears, outputs=False)[0])
+            for names in groups[tuple(linears)]:
                 subset = {n: linears[n] for n in names}
-                sub_stats = {n: stats[n] for n in names} if j == 0 else _measure(block, batches, subset)[0]
-                on_block(i, subset, sub_stats)
+                on_block(i, subset, _measure(block, batches, subset, outputs=False)[0])
         else:
+            stats, outputs = _measure(block, batches, linears)
             on_block(i, linears, stats)
         if sequential:
             outputs = [_block_out(block(h, **kw)) for h, kw in batches]
