@@ -17,9 +17,16 @@ SHORT = {"gq_arc_easy": "ARC-e", "gq_arc_challenge": "ARC-c", "gq_hellaswag": "H
          "gq_winogrande": "WinoGrande", "gq_boolq": "BoolQ"}
 
 
-def recovery(recovered: float, quantized: float, full: float) -> float:
-    """Share of the gap closed: ``(recovered - quantized) / (full precision - quantized)``."""
-    return (recovered - quantized) / (full - quantized)
+def recovery(recovered: float, quantized: float, full: float, higher_is_better: bool) -> float | None:
+    """Share of the gap closed: ``(recovered - quantized) / (full precision - quantized)``.
+
+    None when there is no gap: a quantized model that already scores as well as full precision (an
+    accuracy above it, as 40-item task samples produce) would otherwise turn the ratio's sign around.
+    """
+    gap = full - quantized
+    if (gap <= 0) if higher_is_better else (gap >= 0):
+        return None
+    return (recovered - quantized) / gap
 
 
 def _json(path: Path) -> dict:
@@ -65,11 +72,16 @@ def _recovery_lines(rows: dict[str, dict]) -> list[str]:
     out = ["", "Recovery `(recovered - quantized) / (full precision - quantized)`:", ""]
     for k, r in rows.items():
         if "GPTQ" in k or "RTN" in k:
-            parts = [f"perplexity {recovery(rec['ppl'], r['ppl'], fp['ppl']):.1%}"]
-            if "tasks" in r and "tasks" in fp and r["tasks"]["mean_acc"] != fp["tasks"]["mean_acc"]:
-                parts.append(f"mean acc {recovery(rec['tasks']['mean_acc'], r['tasks']['mean_acc'], fp['tasks']['mean_acc']):.1%}")
+            parts = [_ratio("perplexity", recovery(rec["ppl"], r["ppl"], fp["ppl"], higher_is_better=False))]
+            if "tasks" in r and "tasks" in fp and "tasks" in rec:
+                acc = recovery(rec["tasks"]["mean_acc"], r["tasks"]["mean_acc"], fp["tasks"]["mean_acc"], higher_is_better=True)
+                parts.append(_ratio("mean acc", acc))
             out.append(f"- vs {k}: " + ", ".join(parts))
     return out
+
+
+def _ratio(metric: str, value: float | None) -> str:
+    return f"{metric} {value:.1%}" if value is not None else f"{metric} n/a (no worse than full precision)"
 
 
 def _save(fig, out: Path, name: str, alt: str) -> list[str]:

@@ -50,6 +50,14 @@ def test_report_numbers_and_recovery(tmp_path):
     assert (tmp_path / "rep/perplexity.png").stat().st_size > 1000 and (tmp_path / "rep/tasks.png").exists()
 
 
+def test_recovery_is_undefined_without_a_gap(tmp_path):
+    # quantized mean acc 0.65 above full precision's 0.55: no gap to close; perplexity 9 < 10 likewise
+    run = fixture_run(tmp_path, "a", ppl=[10.0, 9.0, 15.0], acc=[0.6, 0.7, 0.55])
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep/report.md").read_text()
+    assert "vs GPTQ W3: perplexity n/a (no worse than full precision), mean acc n/a (no worse than full precision)" in text
+
+
 def test_report_of_two_runs_prefixes_labels(tmp_path):
     a = fixture_run(tmp_path, "a", [10.0, 30.0, 15.0], [0.6, 0.4, 0.55])
     b = fixture_run(tmp_path, "b", [10.0, 20.0, 12.0], [0.6, 0.5, 0.58])
