@@ -1,6 +1,6 @@
 """Perplexity of RTN / GPTQ / GPTQ + salient columns on SmolLM2-135M-Instruct, and the gptqmodel peer.
 
-    python benchmarks/bench_quantize.py [--calib 128] [--eval-windows 20] [--quick]
+    python benchmarks/bench_quantize.py [--calib 128] [--eval-windows 20] [--setting 3:-1 ...]
 
 Calibration: C4 windows of 512 tokens; held-out: Wikipedia, 512-token non-overlapping windows
 (both from ASSETS.md). The saliency/bit/group grid shares one non-sequential calibration pass
@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="3-bit per-row only")
+    ap.add_argument("--setting", action="append", default=None, metavar="BITS:GROUP",
+                    help="grid only at these settings, e.g. 3:-1 (repeatable; default: 2/3/4 bits x row/g128)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--peer-only", action="store_true", help="only the comparison with gptqmodel")
     ap.add_argument("--peer-calib", type=int, default=32, help="calibration windows of the sequential peer runs")
@@ -64,7 +65,7 @@ def main() -> None:
     print(f"calibration statistics: {calib_s:.0f} s", flush=True)
 
     rows = []
-    settings = [(3, -1)] if args.quick else [(b, g) for b in (3, 4, 2) for g in (-1, 128)]
+    settings = _settings(args.setting) or [(b, g) for b in (3, 4, 2) for g in (-1, 128)]
     for bits, group in settings:
         # (label, method, k, preset, sym_step, clip search)
         configs = [("RTN", "rtn", 0, "gift", "paper", True), ("GPTQ", "gptq", 0, "gift", "paper", True),
@@ -91,6 +92,11 @@ def main() -> None:
         peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting, args.peer_dtype)
 
 
+def _settings(args: list[str] | None) -> list[tuple[int, int]]:
+    """``["3:-1", "4:128"]`` -> ``[(3, -1), (4, 128)]``."""
+    return [tuple(map(int, x.split(":"))) for x in args or []]
+
+
 def peer(model, original, calib, evalw, only: list[str] | None = None, dtype: str = "float32") -> None:
     """Sequential GPTQ, ours vs gptqmodel 7.6.0: same windows, same grid (sym GPTQ step, no clipping
     search, damp 0.01, no act-order, true-sequential, groups fitted on the updated weights as
@@ -101,7 +107,7 @@ def peer(model, original, calib, evalw, only: list[str] | None = None, dtype: st
     tmp = Path(tempfile.mkdtemp())
     torch.save(calib, tmp / "calib.pt")
     torch.save(evalw, tmp / "eval.pt")
-    settings = [tuple(map(int, x.split(":"))) for x in only] if only else PEER_SETTINGS
+    settings = _settings(only) or PEER_SETTINGS
     for bits, group in settings:
         model.load_state_dict(original)
         t = time.time()
