@@ -23,10 +23,10 @@ def recovery(recovered: float, quantized: float, full: float, higher_is_better: 
     None when there is no gap: a quantized model that already scores as well as full precision (an
     accuracy above it, as 40-item task samples produce) would otherwise turn the ratio's sign around.
     """
-    gap = full - quantized
-    if (gap <= 0) if higher_is_better else (gap >= 0):
+    worse_by = (full - quantized) if higher_is_better else (quantized - full)
+    if worse_by <= 0:
         return None
-    return (recovered - quantized) / gap
+    return (recovered - quantized) / (full - quantized)
 
 
 def _json(path: Path) -> dict:
