@@ -208,9 +208,10 @@ def run_blocks(
             # which layers share an input, from one batch of the first block of each layout; then each
             # group measured on all batches after the groups before it were modified, its forwards cut
             # short after the group
-            if tuple(linears) not in groups:
-                groups[tuple(linears)] = _subsets(_measure(block, batches[:1], linears, outputs=False)[0])
-            for names in groups[tuple(linears)]:
+            layout = tuple(linears)
+            if layout not in groups:
+                groups[layout] = _subsets(_measure(block, batches[:1], linears, outputs=False)[0])
+            for names in groups[layout]:
                 subset = {n: linears[n] for n in names}
                 on_block(i, subset, _measure(block, batches, subset, outputs=False)[0])
         else:
