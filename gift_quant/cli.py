@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import devices, pipeline
+from .devices import DeviceError
 from .export import CheckpointError
-from . import pipeline
 from .pipeline import STAGES
 from .recipe import RecipeError, load_recipe
 from .sources import SourceError
@@ -19,11 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("recover", "run the whole pipeline of a recipe (quantize, train, export, evaluate, report)"),
-                        ("quantize", "only quantize (GPTQ/RTN + salient columns) and print perplexity")]:
+                        ("quantize", "only quantize (GPTQ/RTN + salient columns) and print perplexity"),
+                        ("plan", "print each stage's expected peak memory for the recipe's model on its device "
+                                 "(from the model's config; nothing is loaded)")]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="recipe YAML (see recipes/)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
+        p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (the same as --set device=...)")
         if name == "recover":
             p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
     p = sub.add_parser("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
@@ -127,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
 
             result = {"report": str(write_report([Path(r) for r in args.runs], Path(args.out)))}
         else:
-            recipe = load_recipe(args.recipe, args.set)
-            if args.command == "quantize":
+            recipe = load_recipe(args.recipe, args.set + ([f"device={args.device}"] if args.device else []))
+            if args.command == "plan":
+                from .plan import format_plan, plan
+
+                result = plan(recipe, devices.resolve(recipe.device))
+                print(format_plan(result), file=sys.stderr)
+            elif args.command == "quantize":
                 result = pipeline.quantize(recipe)
             else:
                 result = {"report": str(pipeline.recover(recipe, args.from_stage))}
-    except (RecipeError, SourceError, CheckpointError, FileNotFoundError) as e:
+    except (RecipeError, SourceError, CheckpointError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

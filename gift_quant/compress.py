@@ -40,7 +40,7 @@ def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec
                     idx: torch.Tensor | None = None) -> QuantizedWeight:
     """Salient columns by the metric (or ``idx`` when they are already chosen), then GPTQ or RTN of the
     rest (``stats`` may be None for plain RTN)."""
-    w = w.detach().float().cpu()
+    w = w.detach().float()
     idx = select_salient(w, stats, sal, quant, name) if idx is None else idx
     if quant.method == "gptq":
         return gptq(w, stats.gptq_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
@@ -50,10 +50,13 @@ def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec
 
 def _quantize_into(lin: nn.Linear, name: str, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec,
                    idx: torch.Tensor | None = None) -> QuantizedWeight:
-    """Quantize one module and write its dense effective weight back."""
-    qw = quantize_linear(lin.weight, stats, sal, quant, name.rsplit(".", 1)[-1], idx)
+    """Quantize one module where its weight is and write its dense effective weight back; the result
+    goes to the CPU (a whole model's codes would not stay on an accelerator)."""
+    device = lin.weight.device if stats is None else stats.hessian.device
+    idx = None if idx is None else idx.to(device)
+    qw = quantize_linear(lin.weight.to(device), stats, sal, quant, name.rsplit(".", 1)[-1], idx)
     lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
-    return qw
+    return qw.to("cpu")
 
 
 def _names(model: nn.Module) -> dict[nn.Module, str]:
@@ -69,11 +72,15 @@ def quantize_model(
     sequential: bool = True,
     true_sequential: bool = True,
     salient: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    resident: bool | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize every targeted linear in place (dense effective weights); return the results by module name.
 
     ``salient`` (module name -> column indices) fixes the salient columns instead of scoring them,
-    as pre-quantization GIFT-SW needs: the columns it trained are the ones kept."""
+    as pre-quantization GIFT-SW needs: the columns it trained are the ones kept. ``device``: where the
+    blocks are calibrated and quantized, one at a time (default: where the model is); ``resident``: keep
+    the block inputs there (default: when they fit)."""
     names = _names(model)
     results: dict[str, QuantizedWeight] = {}
 
@@ -82,12 +89,14 @@ def quantize_model(
             idx = None if salient is None else salient[names[lin]].long()
             results[names[lin]] = _quantize_into(lin, names[lin], stats[name], sal, quant, idx)
 
-    run_blocks(model, windows, sal.targets, on_block, batch_size, sequential, true_sequential)
+    run_blocks(model, windows, sal.targets, on_block, batch_size, sequential, true_sequential, device, resident)
     return results
 
 
-def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], batch_size: int = 8) -> dict[str, InputStats]:
-    """Input statistics of every targeted linear of the unmodified model (non-sequential), by module name.
+def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], batch_size: int = 8,
+                  device: torch.device | str | None = None) -> dict[str, InputStats]:
+    """Input statistics of every targeted linear of the unmodified model (non-sequential), by module name,
+    accumulated on ``device`` (default: the model's).
 
     Lets many quantization settings share one calibration pass (benchmarks, ablations).
     """
@@ -95,9 +104,9 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], b
     out: dict[str, InputStats] = {}
 
     def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
-        out.update({names[lin]: stats[name] for name, lin in linears.items()})
+        out.update({names[lin]: stats[name].move("cpu") for name, lin in linears.items()})
 
-    run_blocks(model, windows, targets, on_block, batch_size=batch_size, sequential=False)
+    run_blocks(model, windows, targets, on_block, batch_size=batch_size, sequential=False, device=device)
     return out
 
 

@@ -5,8 +5,9 @@
 * ``base`` is the frozen non-salient part, zero on the salient columns: integer codes with per-row
   or per-group scale/zero (``QuantBase``, one byte a weight) after quantization, or the original
   dense weight (``DenseBase``) for full-precision / pre-quantization GIFT-SW.
-* ``salient_weight`` (out, k) is the only trainable parameter. Its gradient comes from the small
-  product with the gathered inputs: no full weight gradient is ever formed.
+* ``salient_weight`` (out, k) is the only trainable parameter, kept in float32 (the optimizer's master
+  copy) whatever the compute dtype. Its gradient comes from the small product with the gathered
+  inputs: no full weight gradient is ever formed.
 * In training mode noise is added to the base (see ``noise.py``); the frozen product is a custom
   autograd function that rebuilds the dequantized, noised weight from a seed in the backward pass
   instead of keeping it alive between forward and backward.
@@ -81,11 +82,13 @@ class SalientLinear(nn.Module):
         bias: torch.Tensor | None,
         noise_step_: torch.Tensor,
         noise: NoiseKind = "gaussian",
+        dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         self.base = base
+        self.dtype = dtype  # of the linear it replaces: what merge_to_dense gives back
         self.register_buffer("salient_idx", salient_idx.long().clone())
-        self.salient_weight = nn.Parameter(salient_weight.detach().clone())
+        self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("noise_step", noise_step_.float().clone())  # (out, 1): Delta of the noise grid
         self.noise = noise
@@ -102,7 +105,7 @@ class SalientLinear(nn.Module):
         base = QuantBase(qw)
         mask = nonsalient_mask(qw.codes.shape[1], qw.salient_idx)
         step = noise_step(base.weight(torch.float32), mask, noise_bits, noise)
-        return cls(base, qw.salient_idx, qw.salient_weight.to(dtype), bias, step, noise)
+        return cls(base, qw.salient_idx, qw.salient_weight, bias, step, noise, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, salient_idx: torch.Tensor, noise: NoiseKind, noise_bits: int) -> "SalientLinear":
@@ -110,7 +113,7 @@ class SalientLinear(nn.Module):
         w = linear.weight.detach()
         mask = nonsalient_mask(w.shape[1], salient_idx)
         step = noise_step(w, mask, noise_bits, noise)
-        return cls(DenseBase(w, salient_idx), salient_idx, w[:, salient_idx], linear.bias, step, noise)
+        return cls(DenseBase(w, salient_idx), salient_idx, w[:, salient_idx], linear.bias, step, noise, w.dtype)
 
     def noise_mask(self) -> torch.Tensor:
         return nonsalient_mask(self.in_features, self.salient_idx)
@@ -175,9 +178,10 @@ def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
 
 
 def merge_to_dense(model: nn.Module) -> None:
-    """Replace every ``SalientLinear`` by an ``nn.Linear`` holding its effective weight."""
+    """Replace every ``SalientLinear`` by an ``nn.Linear`` holding its effective weight, in the dtype of
+    the linear it replaced."""
     for name, layer in salient_layers(model).items():
-        w = layer.effective_weight()
+        w = layer.effective_weight().to(layer.dtype)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
         lin.weight.data.copy_(w)
         if layer.bias is not None:

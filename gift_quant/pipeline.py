@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, devices
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import nonoverlapping_windows, perplexity, zero_shot
@@ -94,6 +94,7 @@ class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.run_dir()
+        self.device = devices.resolve(recipe.device)
 
     def stage(self, name: str) -> Path:
         return self.dir / name
@@ -153,7 +154,7 @@ def _quantize(run: Run, model, tok, sal: SaliencySpec | None = None, salient: di
     r = run.recipe
     c = r.calibration
     return quantize_model(model, calibration_windows(r, tok), sal or r.saliency, r.quant, c.batch_size, c.sequential,
-                          c.true_sequential, salient)
+                          c.true_sequential, salient, run.device)
 
 
 def _train_salient(run: Run) -> dict[str, torch.Tensor]:
@@ -203,7 +204,7 @@ def _fp_salient_model(run: Run, tmp: Path):
     (the indices are saved for the later stages)."""
     r = run.recipe
     model, tok = run.load_fp()
-    stats = collect_stats(model, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size)
+    stats = collect_stats(model, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size, run.device)
     modules = dict(model.named_modules())
     salient = {n: select_salient(modules[n].weight.detach().float(), st, r.saliency, r.quant, n.rsplit(".", 1)[-1])
                for n, st in stats.items()}
@@ -225,7 +226,7 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
         ids, labels = text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
     teacher = run.load_fp()[0] if t.distill > 0 else None
     work = run.dir / "train.work"
-    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step)
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device)
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     return summary
@@ -261,11 +262,15 @@ def stage_export(run: Run, tmp: Path) -> dict:
 
 def stage_evaluate(run: Run, tmp: Path) -> dict:
     r = run.recipe
-    fp, tok = run.load_fp()
+    tok = run.load_fp()[1]
     windows = eval_windows(r, tok)
     rows: dict[str, dict] = {}
 
     def score(label: str, model) -> None:
+        """Score ``model`` on the run's device; GIFT-SW layers are merged into plain linears first (the
+        same weights, without dequantizing them on every forward)."""
+        merge_to_dense(model)
+        model.to(run.device).eval()
         t0 = time.time()
         rows[label] = {"ppl": perplexity(model, windows, r.eval.batch_size, desc=f"ppl {label}")}
         log.info("%s: perplexity %.3f", label, rows[label]["ppl"])
@@ -276,9 +281,10 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
             (tmp / "lm_eval" / f"{label.replace(' ', '_')}.json").write_text(json.dumps(raw, indent=2, default=str))
             log.info("%s: mean acc %.4f", label, summary["mean_acc"])
         rows[label]["eval_s"] = time.time() - t0
+        model.to("cpu")
 
     if "fp" in r.eval.baselines:
-        score("full precision", fp)
+        score("full precision", run.load_fp()[0])
     bits = f"W{r.quant.bits}" + ("" if r.quant.group_size == -1 else f" g{r.quant.group_size}")
     if "rtn" in r.eval.baselines:
         model, _ = run.load_fp()
@@ -313,6 +319,7 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
     """Run every stage not yet done; return the report path."""
     check_against_model(recipe)
     run = Run(recipe)
+    _check_plan(run)
     run.dir.mkdir(parents=True, exist_ok=True)
     _log_to_file(run.dir / "run.log")
     (run.dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
@@ -328,7 +335,7 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
     # all of them (DDP), every other stage on the main process while the others wait.
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=run.device.type == "cpu")
     for name in order:
         state.wait_for_everyone()
         if run.is_done(name):
@@ -341,6 +348,15 @@ def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | N
     return report
 
 
+def _check_plan(run: Run) -> None:
+    """Log the memory plan and refuse, before anything loads, a run that does not fit its device."""
+    from .plan import check_fits, format_plan, plan
+
+    result = plan(run.recipe, run.device)
+    log.info("%s", format_plan(result))
+    check_fits(result)
+
+
 def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
     """Run one stage into a temporary folder with its manifest; ``write`` renames it into place
     (other ranks of a multi-process run work in a scratch folder that is thrown away)."""
@@ -348,7 +364,9 @@ def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
     t0 = time.time()
     with atomic_dir(run.stage(name)) if write else tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        extra = STAGE_FNS[name](run, tmp, **kwargs)
+        with devices.peak(run.device, f"stage {name}") as used:
+            extra = STAGE_FNS[name](run, tmp, **kwargs)
+        extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak}
         (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
     log.info("stage %s: finished in %.0f s", name, time.time() - t0)
 
@@ -369,7 +387,10 @@ def quantize(recipe: Recipe) -> dict:
                           f"use gift-quant recover, or --set train.mode=post")
     check_against_model(recipe)
     run = Run(recipe)
+    _check_plan(run)
     if not run.is_done("quantize"):
         _run_stage(run, "quantize")
     model, tok = recovered_model(run, trained=False)
+    merge_to_dense(model)
+    model.to(run.device)
     return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(recipe, tok), recipe.eval.batch_size)}

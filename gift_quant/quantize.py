@@ -17,7 +17,7 @@ Conventions (METHOD section 2, GPTQ v1 compatible):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -142,6 +142,11 @@ class QuantizedWeight:
     group_size: int
     salient_idx: torch.Tensor  # (k,) int64, sorted
     salient_weight: torch.Tensor  # (out, k) float32
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with every tensor on ``device``."""
+        return replace(self, **{f: getattr(self, f).to(device) for f in
+                                ("codes", "scale", "zero", "salient_idx", "salient_weight")})
 
     def dequantize_grid(self) -> torch.Tensor:
         """The all-columns-quantized weight ``(out, in)``."""

@@ -198,6 +198,15 @@ class Recipe(_Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output_dir: str = "runs/{name}"
     seed: int = 0
+    device: str = Field("auto", description="where every stage computes: auto (the GPU when there is one), cpu, "
+                        "cuda or cuda:N; the model itself stays on the CPU while it is quantized, block by block")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"got {v!r}; use auto, cpu, cuda or cuda:N (N the GPU index)")
 
     @model_validator(mode="after")
     def _fp_mode_exports(self) -> "Recipe":

@@ -171,15 +171,23 @@ def train(
     seed: int = 0,
     teacher: nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """Train the parameters of ``model`` that require grad; return timing and loss summary."""
+    """Train the parameters of ``model`` that require grad; return timing and loss summary.
+
+    ``device``: where to train (default: the GPU when there is one); under ``accelerate launch`` each
+    process takes the GPU accelerate gives it. The teacher goes to the same device, in bfloat16 when
+    training in bf16."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    bf16 = spec.precision == "bf16" or (
-        spec.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if on_gpu and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
     # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoints"
     torch.manual_seed(seed)
@@ -193,7 +201,7 @@ def train(
                           num_training_steps=spec.steps)
     model, opt = accelerator.prepare(model, opt)
     if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval()
+        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
     start = load_checkpoint(accelerator, ckpt, model, opt, sched)
     layers = list(salient_layers(accelerator.unwrap_model(model)).values())
     model.train()

@@ -1,4 +1,5 @@
 """Block-by-block statistics against plain whole-model forward hooks."""
+import pytest
 import torch
 
 from gift_quant.calibrate import run_blocks
@@ -52,3 +53,51 @@ def test_true_sequential_order_and_sequential_feeding():
     assert calls[:4] == [(0, ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"]), (0, ["self_attn.o_proj"]),
                          (0, ["mlp.gate_proj", "mlp.up_proj"]), (0, ["mlp.down_proj"])]
     assert len(calls) == 8
+
+
+def _stats_from(x: torch.Tensor, rows: int):
+    """Statistics of ``x`` fed ``rows`` tokens at a time (the batches' order, so float sums match)."""
+    from gift_quant.calibrate import InputStats
+
+    st = InputStats(x.shape[1])
+    for chunk in x.split(rows):
+        st.update(chunk)
+    return st
+
+
+def test_block_offload_path_equals_whole_model_reference():
+    """Non-sequential GPTQ + salient columns through the block-by-block path with the inputs kept off the
+    device (``resident=False``) equals each layer quantized from one ordinary whole-model forward."""
+    from gift_quant.compress import quantize_linear, quantize_model
+    from gift_quant.recipe import QuantSpec, SaliencySpec
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    sal, quant = SaliencySpec(k=4), QuantSpec(bits=3, clip_steps=5)
+    modules = dict(model.named_modules())
+    ref = {n: quantize_linear(modules[n].weight, _stats_from(x, 2 * 16), sal, quant, n.rsplit(".", 1)[-1])
+           for n, x in reference_inputs(model, ids).items()}
+    for resident in (False, True):
+        got = quantize_model(tiny_llama(layers=2), ids, sal, quant, batch_size=2, sequential=False, device="cpu",
+                             resident=resident)
+        assert set(got) == set(ref)
+        for n in ref:
+            assert torch.equal(got[n].salient_idx, ref[n].salient_idx), n
+            assert torch.equal(got[n].codes, ref[n].codes), n
+            assert got[n].codes.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_quantize_on_the_gpu_equals_the_cpu():
+    from gift_quant.compress import quantize_model
+    from gift_quant.recipe import QuantSpec, SaliencySpec
+
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))
+    sal, quant = SaliencySpec(k=4), QuantSpec(bits=3)
+    cpu = quantize_model(tiny_llama(layers=2), ids, sal, quant, batch_size=2, device="cpu")
+    model = tiny_llama(layers=2)
+    gpu = quantize_model(model, ids, sal, quant, batch_size=2, device="cuda")
+    assert next(model.parameters()).device.type == "cpu"  # every block went back
+    for n in cpu:
+        assert torch.equal(cpu[n].salient_idx, gpu[n].salient_idx)
+        assert (cpu[n].codes == gpu[n].codes).float().mean() > 0.999

@@ -59,6 +59,20 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
         recover(recipe(tiny_folder, out, lr=5e-3))
     recover(recipe(tiny_folder, out, lr=5e-3), from_stage="train")
     assert (out / "quantize/manifest.json").stat().st_mtime_ns == stamps["quantize"]  # earlier stage kept
+    for stage in ("quantize", "train", "evaluate"):  # every stage says where it ran and what it took there
+        m = json.loads((out / stage / "manifest.json").read_text())
+        assert m["device"] == "cpu" and m["peak_memory_bytes"] > 0
+
+
+def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_folder, tmp_path, monkeypatch):
+    import gift_quant.plan
+    import gift_quant.sources
+
+    monkeypatch.setattr(gift_quant.plan, "capacity", lambda _d: 2**20)
+    monkeypatch.setattr(gift_quant.sources, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(RecipeError, match="stage quantize needs about .* GiB on cpu"):
+        recover(recipe(tiny_folder, tmp_path / "run"))
+    assert not list((tmp_path / "run").glob("*/manifest.json"))
 
 
 def test_recover_resumes_interrupted_training(tiny_folder, tmp_path):

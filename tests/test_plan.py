@@ -1,0 +1,109 @@
+"""The memory plan: shapes from the shipped configs, hand arithmetic for Llama-2-7B, a measured peak, refusal."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gift_quant import plan as plan_mod
+from gift_quant.devices import DeviceError, GiB, resolve
+from gift_quant.plan import check_fits, model_config, plan, plan_train, shape_of, shipped_configs
+from gift_quant.recipe import RecipeError, load_recipe, parse_recipe
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+# parameter counts the model cards / safetensors indexes of these models state
+PUBLISHED = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-13b-hf": 13_015_864_320,
+             "meta-llama/Meta-Llama-3-8B": 8_030_261_248, "mistralai/Mistral-7B-v0.3": 7_248_023_552,
+             "Qwen/Qwen2.5-7B": 7_615_616_512, "google/gemma-2-9b": 9_241_705_984,
+             "google/gemma-3-1b-pt": 999_885_952}
+
+
+def test_every_recipe_model_has_a_shipped_config_with_its_published_size():
+    refs = {load_recipe(p).model.ref for p in RECIPES.glob("*.yaml")}
+    hub = {r for r in refs if not r.startswith("pkg://")}
+    assert hub <= set(shipped_configs()), hub - set(shipped_configs())
+    for ref, n in PUBLISHED.items():
+        r = parse_recipe({"model": {"ref": ref}})
+        assert shape_of(model_config(r), r).params == n, ref
+
+
+def test_llama2_7b_training_plan_by_hand():
+    """W3 per-row + 128 salient columns, micro-batch 1 x 2048, bf16, checkpointing, on a GPU."""
+    r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1"])
+    parts = plan_train(shape_of(model_config(r), r), r, torch.device("cuda"))
+    h, i, L, V, s = 4096, 11008, 32, 32000, 2048
+    assert parts["codes (uint8)"] == L * (4 * h * h + 3 * h * i)
+    assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * L * 128 * (5 * h + 2 * i)
+    assert 16 * L * 128 * (5 * h + 2 * i) // 16 == 174_063_616  # the paper's "174M trainable parameters"
+    assert parts["other parameters (embeddings, norms, head)"] == 2 * (2 * V * h + h)
+    per_block = s * (8 * h + 4 * h + 5 * i) * 2
+    assert parts["activations (gradient checkpointing)"] == L * s * h * 2 + 3 * per_block
+    assert parts["logits and loss"] == s * V * 14
+    assert sum(parts.values()) <= 20e9  # the 24 GB card's goal, as planned
+
+
+def test_plan_against_a_measured_peak_on_the_cpu():
+    """Stated tolerance: the plan's working memory of two training steps within 30% of the measured RSS rise."""
+    code = """
+import gc, json, sys, tempfile, torch
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from gpu_check import config, quantized_model
+from gift_quant import devices
+from gift_quant.plan import plan_train, shape_of
+from gift_quant.recipe import parse_recipe
+from gift_quant.train import train
+ckpt = CKPT
+cfg = config(True, hidden_size=256, intermediate_size=704, num_hidden_layers=4, vocab_size=8192)
+model = quantized_model(cfg, torch.device("cpu"), torch.float32, 16)
+r = parse_recipe({"model": {"ref": "-"}, "saliency": {"k": 16},
+                  "train": {"steps": 2, "micro_batch_size": 4, "seq_len": 256, "gradient_checkpointing": ckpt,
+                            "noise": "gaussian", "checkpoint_every": 1000}})
+parts = plan_train(shape_of(cfg, r), r, torch.device("cpu"))
+before = sum(v for k, v in parts.items() if k.startswith(("codes", "grid", "other")))  # already resident
+ids = torch.randint(0, 8192, (16, 256))
+gc.collect()
+with tempfile.TemporaryDirectory() as w, devices.peak(torch.device("cpu")) as used:
+    train(model, ids, ids.clone(), r.train, Path(w), device=torch.device("cpu"))
+print(json.dumps([sum(parts.values()) - before, used.added]))
+"""
+    root = Path(__file__).resolve().parent.parent
+    for ckpt in (False, True):
+        out = subprocess.run([sys.executable, "-c", code.replace("CKPT", str(ckpt))], cwd=root, capture_output=True,
+                             text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        planned, measured = json.loads(out.stdout.strip().splitlines()[-1])
+        assert 0.7 <= planned / measured <= 1.3, (ckpt, planned, measured)
+
+
+def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):
+    monkeypatch.setattr(plan_mod, "capacity", lambda _d: 8 * GiB)
+    r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1", "train.distill=1.0"])
+    result = plan(r, torch.device("cpu"))
+    assert not result["stages"]["train"]["fits"]
+    assert "distillation teacher" in result["stages"]["train"]["parts"]
+    with pytest.raises(RecipeError, match=r"stage train needs about .* GiB on cpu, 8.0 GiB usable; .*"
+                                          r"train.gradient_checkpointing.*train.distill: 0"):
+        check_fits(result)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_resolution_and_refusal():
+    assert resolve("auto") == torch.device("cpu") and resolve("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="device = 'cuda:1': this machine has no CUDA GPU.*--device cpu"):
+        resolve("cuda:1")
+    with pytest.raises(RecipeError, match=r"device = 'gpu': got 'gpu'; use auto, cpu, cuda or cuda:N"):
+        parse_recipe({"model": {"ref": "x"}, "device": "gpu"})
+
+
+def test_cli_plan_prints_the_stages(capsys):
+    from gift_quant.cli import main
+
+    assert main(["plan", str(RECIPES / "llama-3-8b-w3.yaml"), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert set(result["stages"]) == {"quantize", "train", "evaluate"} and result["params"] == 8_030_261_248
+    assert "memory plan on cpu" in err and "codes (uint8)" in err
