@@ -11,6 +11,7 @@ from pathlib import Path
 from . import devices, pipeline
 from .devices import DeviceError
 from .export import CheckpointError
+from .train import TrainingError
 from .pipeline import STAGES
 from .recipe import RecipeError, load_recipe
 from .sources import SourceError
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
         p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (the same as --set device=...)")
+        if name != "plan":
+            p.add_argument("--trust-remote-code", action="store_true",
+                           help="confirm a recipe's model.trust_remote_code: true (runs the model repository's code)")
         if name == "recover":
             p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
     p = sub.add_parser("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
@@ -45,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="lm-eval's own command line with the offline tasks and the gift format available; for "
                    "multi-GPU evaluation: accelerate launch -m gift_quant.cli lm-eval --model hf --model_args "
                    "pretrained=FOLDER --tasks gq_paper6 (every argument goes to lm-eval)")
+    p = sub.add_parser("verify", help="check a run, stage or export folder against its recorded sha256s and, for a "
+                                      "gift export, every tensor; exits 1 with what is wrong")
+    p.add_argument("folder")
     p = sub.add_parser("report", help="build a comparison report from one or more run folders")
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     p.add_argument("--out", default="report", help="output folder")
@@ -75,7 +82,10 @@ def _eval(args) -> dict:
     from .evaluate import nonoverlapping_windows, perplexity, zero_shot
     from .sources import read_text, tokenize
 
+    from .layers import merge_to_dense
+
     model, tok = _load_any(args.model)
+    merge_to_dense(model)  # a gift folder's layers as plain linears: no dequantization on every forward
     if args.device:
         model.to(args.device)
     summary = {"model": args.model, "limit": args.limit, "seconds": {}}
@@ -126,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             result = _eval(args)
+        elif args.command == "verify":
+            from .integrity import verify
+
+            result = {"folder": args.folder, "problems": verify(Path(args.folder))}
         elif args.command == "report":
             from .report import write_report
 
@@ -138,12 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = plan(recipe, devices.resolve(recipe.device))
                 print(format_plan(result), file=sys.stderr)
             elif args.command == "quantize":
-                result = pipeline.quantize(recipe)
+                result = pipeline.quantize(recipe, args.trust_remote_code)
             else:
-                result = {"report": str(pipeline.recover(recipe, args.from_stage))}
-    except (RecipeError, SourceError, CheckpointError, DeviceError, FileNotFoundError) as e:
+                result = {"report": str(pipeline.recover(recipe, args.from_stage, trust_remote_code=args.trust_remote_code))}
+    except (RecipeError, SourceError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingError, OSError) as e:  # damaged files, a diverged training, disk full, permissions
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.command == "verify" and result["problems"]:
+        print("\n".join(result["problems"]), file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     return 0
 

@@ -28,21 +28,35 @@ def nonoverlapping_windows(tokens: torch.Tensor, seq_len: int, max_windows: int 
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
-    """``exp(mean NLL)`` of ``model`` over ``windows`` (n, seq_len)."""
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> torch.Tensor:
+    """Mean next-token NLL of each window (n,), float64."""
     model.eval()
     device = next(model.parameters()).device
     # the fp32 logits (batch x seq_len x vocab) dominate memory: 32 x 2048 x 49152 is 13 GB, so cap them at 1 GiB
     vocab = model.get_output_embeddings().out_features
     batch_size = max(1, min(batch_size, 2**28 // (windows.shape[1] * vocab)))
-    total, count = 0.0, 0
+    out = []
     for b in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
         ids = windows[b : b + batch_size].to(device)
         logits = model(ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total += nll.item()
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        out.append(nll.view(len(ids), -1).double().mean(1).cpu())
+    return torch.cat(out)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> float:
+    """``exp(mean NLL)`` of ``model`` over ``windows`` (n, seq_len): every window predicts the same number
+    of tokens, so the mean of the window means is the mean over all tokens."""
+    return math.exp(float(window_nll(model, windows, batch_size, desc).mean()))
+
+
+def interval(nll: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
+    """Perplexity interval ``exp(mean +- z * sd / sqrt(n))`` from the spread of the windows' mean NLLs
+    (windows treated as independent samples of the text; 95% for ``z = 1.96``)."""
+    n = nll.numel()
+    half = z * float(nll.std()) / math.sqrt(n) if n > 1 else float("inf")
+    mean = float(nll.mean())
+    return math.exp(mean - half), math.exp(mean + half)
 
 
 # ----------------------------------------------------------------------------- zero-shot (lm-eval)
@@ -72,12 +86,18 @@ def offline_tasks(out_dir: Path) -> Path:
 
 
 def summarize(results: dict, tasks: list[str]) -> dict:
-    """Per task ``acc`` / ``acc_norm`` and the mean ``acc`` over ``tasks`` from lm-eval's results dict."""
+    """Per task ``acc`` / ``acc_norm`` with lm-eval's standard errors, and the mean ``acc`` over ``tasks``
+    with its standard error ``sqrt(sum se_t^2) / n`` (the tasks are independent samples)."""
     out = {}
     for t in tasks:
         r = results["results"][t]
         out[t] = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
+        se = r.get("acc_stderr,none")
+        if isinstance(se, (int, float)):
+            out[t]["acc_stderr"] = se
     out["mean_acc"] = sum(out[t]["acc"] for t in tasks) / len(tasks)
+    if all("acc_stderr" in out[t] for t in tasks):
+        out["mean_acc_stderr"] = math.sqrt(sum(out[t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
     return out
 
 

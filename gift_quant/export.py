@@ -18,9 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .integrity import sha256
 from .quantize import QuantizedWeight
 
 _FIELDS = ("codes", "scale", "zero", "salient_idx", "salient_weight")
+# dtype of each tensor of a ``gift`` layer (GPTQ v1 packing plus the salient columns)
+GIFT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
+               "salient_weight": torch.float16, "salient_idx": torch.int32}
 
 
 class CheckpointError(ValueError):
@@ -99,6 +103,9 @@ def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
     return bits / weights
 
 
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
+                  "BOOL": torch.bool}
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "U8": 8, "I8": 8, "BOOL": 8}
 
 
@@ -199,7 +206,8 @@ def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "gift", "bits": bits.pop(), "group_size": group.pop(),
                                      "sym": True, "checkpoint_format": "gptq", "version": __version__,
-                                     "layers": layers, **extra_config}
+                                     "layers": layers, "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
+                                     **extra_config}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(out)
 
@@ -216,6 +224,59 @@ def gift_config(path: Path, qc: dict | None) -> tuple[int, int]:
     if group != -1 and (not isinstance(group, int) or group < 1):
         raise CheckpointError(f"{path}/config.json: quantization_config.group_size = {group}; expected -1 or > 0")
     return bits, group
+
+
+def check_gift_file(path: Path, qc: dict) -> None:
+    """The ``gift`` folder's ``model.safetensors`` against the sha256 its config recorded (a truncated or
+    damaged file is named here, before any loader reads it)."""
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    recorded = (qc.get("sha256") or {}).get("model.safetensors")
+    if recorded is None:
+        raise CheckpointError(f"{path}/config.json: quantization_config has no sha256 of model.safetensors; "
+                              f"export it again with gift-quant (recover --from export)")
+    if sha256(file) != recorded:
+        raise CheckpointError(f"{file}: sha256 differs from the one in config.json; the file is damaged or truncated")
+
+
+def expected_tensors(model, qc: dict) -> set[str]:
+    """Every tensor name a ``gift`` file must hold for ``model`` (the model with its linears unreplaced)."""
+    bits, group = qc["bits"], qc["group_size"]
+    names = {f"{n}.{f}" for n, shape in qc["layers"].items() for f in packed_shapes(shape, bits, group)}
+    for k in model.state_dict():
+        module, _, leaf = k.rpartition(".")
+        if module in qc["layers"]:
+            if leaf == "bias":
+                names.add(k)
+            continue
+        if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)):
+            names.add(k)
+    return names
+
+
+def check_dtype(path: Path, name: str, field: str, dtype: torch.dtype | str) -> None:
+    """A ``gift`` layer tensor has the dtype of the format (``dtype``: torch's, or a safetensors header's)."""
+    dtype = _HEADER_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype != GIFT_DTYPES[field]:
+        raise CheckpointError(f"{path}: tensor {name}.{field} is {dtype}, expected {GIFT_DTYPES[field]}")
+
+
+def check_complete(path: Path, expected: set[str], present: set[str]) -> None:
+    """Every tensor a ``gift`` folder must hold is in its file (no loader may re-initialise one)."""
+    absent = sorted(expected - present)
+    if absent:
+        raise CheckpointError(f"{path}/model.safetensors: missing tensor {absent[0]}"
+                              + (f" and {len(absent) - 1} more" if len(absent) > 1 else ""))
+
+
+def verify_gift(path: Path) -> list[str]:
+    """Problems of a ``gift`` folder (checksum, missing tensors, bad indices), one line each."""
+    try:
+        load(path)
+    except (CheckpointError, OSError, ValueError) as e:
+        return [str(e)]
+    return []
 
 
 def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ...]]:
@@ -240,6 +301,12 @@ def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.T
         if tuple(t.shape) != want:
             raise CheckpointError(f"{path}: tensor {name}.{field} has shape {tuple(t.shape)}, expected {want} "
                                   f"for {bits}-bit, group {group} (config.json)")
+        check_dtype(path, name, field, t.dtype)
+    idx = tensors["salient_idx"].long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape["in"]):
+        raise CheckpointError(f"{path}: tensor {name}.salient_idx holds column indices outside 0..{shape['in'] - 1}")
+    if idx.unique().numel() != idx.numel():
+        raise CheckpointError(f"{path}: tensor {name}.salient_idx repeats a column")
     codes, scale, zero = from_gptq_v1(tensors, bits, shape["in"], shape["out"])
     if int(codes.max()) >= 2**bits:
         raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
@@ -266,10 +333,12 @@ def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
     qc = getattr(config, "quantization_config", None)
     qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
     bits, group = gift_config(path, qc)
+    check_gift_file(path, qc)
     tensors, _ = _read(path / "model.safetensors")
     del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
+    check_complete(path, expected_tensors(model, qc), set(tensors))
     layers = {}
     for name, shape in qc["layers"].items():
         fields = {f: tensors.pop(f"{name}.{f}") for f in (*packed_shapes(shape, bits, group), "bias")

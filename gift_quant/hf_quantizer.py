@@ -16,11 +16,9 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .export import CheckpointError, gift_config, packed_shapes, salient_linear_from_packed
+from .export import (GIFT_DTYPES, CheckpointError, check_complete, check_dtype, check_gift_file, expected_tensors,
+                     gift_config, packed_shapes, salient_linear_from_packed)
 from .layers import replace_linears
-
-_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
-           "salient_weight": torch.float16, "salient_idx": torch.int32}
 
 
 @register_quantization_config("gift")
@@ -44,7 +42,7 @@ class PackedSalientLinear(nn.Module):
     def __init__(self, shape: dict, bits: int, group: int, bias: bool):
         super().__init__()
         for field, size in packed_shapes(shape, bits, group).items():
-            self.register_buffer(field, torch.zeros(size, dtype=_DTYPES[field]))
+            self.register_buffer(field, torch.zeros(size, dtype=GIFT_DTYPES[field]))
         self.bias = nn.Parameter(torch.zeros(shape["out"]), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +59,8 @@ class GiftHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         qc = self.quantization_config
         self._path = getattr(model.config, "_name_or_path", "<gift folder>")
+        check_gift_file(self._path, qc.to_dict())
+        self._expected = expected_tensors(model, qc.to_dict())
         have = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         unknown = [n for n in qc.layers if n not in have]
         if unknown:
@@ -70,7 +70,15 @@ class GiftHfQuantizer(HfQuantizer):
             shape, qc.bits, qc.group_size, old.bias is not None) for name, shape in qc.layers.items()})
 
     def _process_model_after_weight_loading(self, model, **kwargs) -> None:
+        from safetensors import safe_open
+
         qc = self.quantization_config
+        # transformers re-initialises what is absent and casts what has another dtype: the file decides here
+        with safe_open(f"{self._path}/model.safetensors", "pt") as f:
+            check_complete(self._path, self._expected, set(f.keys()))
+            for name in qc.layers:
+                for field in GIFT_DTYPES:
+                    check_dtype(self._path, name, field, f.get_slice(f"{name}.{field}").get_dtype())
         layers = {}
         for name, shape in qc.layers.items():
             packed = model.get_submodule(name)

@@ -157,20 +157,27 @@ def replace_linears(model: nn.Module, make: dict[str, callable]) -> None:
         setattr(parent, child, factory(modules[name]))
 
 
-def wrap_quantized(model: nn.Module, results: dict[str, QuantizedWeight], noise: NoiseKind, noise_bits: int) -> None:
-    """Post-quantization GIFT-SW: every quantized linear becomes a ``SalientLinear`` on its codes."""
-    replace_linears(model, {
-        name: (lambda lin, qw=qw: SalientLinear.from_quantized(qw, lin.bias, noise, noise_bits, lin.weight.dtype))
-        for name, qw in results.items()
-    })
+def wrap_quantized(model: nn.Module, results: dict[str, QuantizedWeight], noise: NoiseKind, noise_bits: int,
+                   device: torch.device | str | None = None) -> None:
+    """Post-quantization GIFT-SW: every quantized linear becomes a ``SalientLinear`` on its codes, built on
+    ``device`` (default: the codes'), where the noise grid's clipping search runs."""
+    def make(lin: nn.Linear, qw: QuantizedWeight) -> SalientLinear:
+        bias = None if lin.bias is None else lin.bias.to(device or qw.codes.device)
+        return SalientLinear.from_quantized(qw.to(device) if device else qw, bias, noise, noise_bits, lin.weight.dtype)
+
+    replace_linears(model, {name: (lambda lin, qw=qw: make(lin, qw)) for name, qw in results.items()})
 
 
-def wrap_full_precision(model: nn.Module, salient: dict[str, torch.Tensor], noise: NoiseKind, noise_bits: int) -> None:
-    """Full-precision / pre-quantization GIFT-SW: dense frozen base, noise from a ``noise_bits`` grid."""
-    replace_linears(model, {
-        name: (lambda lin, idx=idx: SalientLinear.from_linear(lin, idx, noise, noise_bits))
-        for name, idx in salient.items()
-    })
+def wrap_full_precision(model: nn.Module, salient: dict[str, torch.Tensor], noise: NoiseKind, noise_bits: int,
+                        device: torch.device | str | None = None) -> None:
+    """Full-precision / pre-quantization GIFT-SW: dense frozen base, noise from a ``noise_bits`` grid; each
+    layer built on ``device`` (default: where it is)."""
+    def make(lin: nn.Linear, idx: torch.Tensor) -> SalientLinear:
+        if device is not None:
+            lin, idx = lin.to(device), idx.to(device)
+        return SalientLinear.from_linear(lin, idx, noise, noise_bits)
+
+    replace_linears(model, {name: (lambda lin, idx=idx: make(lin, idx)) for name, idx in salient.items()})
 
 
 def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,28 +26,32 @@ from safetensors.torch import load_file, save_file
 from . import __version__, devices
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
-from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-from .export import (atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized, save_quantized,
-                     storage)
+from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
+from .export import (CheckpointError, atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized,
+                     save_quantized, storage)
+from .integrity import check_hashes, file_hashes, read_json
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from .recipe import Recipe, RecipeError, SaliencySpec
 from .saliency import resolve_k
-from .sources import load_model, read_records, read_text, resolve_model, sample_windows, tokenize
-from .train import chat_examples, text_examples, train, trainable_state
+from .sources import (SourceError, check_text, load_model, load_tokenizer, read_records, read_text, resolve_model,
+                      sample_windows, tokenize, unreachable)
+from .train import chat_examples, check_resumable, text_examples, train, trainable_state
 
 log = logging.getLogger(__name__)
 
-STAGES = ["quantize", "train", "export", "evaluate", "report"]
+STAGES = ["quantize", "train", "lora", "export", "evaluate", "report"]
 # recipe sections a stage reads itself; it also depends on those of every stage before it
 _READS = {"quantize": ("calibration", "saliency", "quant"), "train": ("calibration", "saliency", "quant", "train"),
-          "export": ("export",), "evaluate": ("eval",), "report": ()}
+          "lora": ("calibration", "saliency", "quant", "train"), "export": ("export",), "evaluate": ("eval",),
+          "report": ()}
 _SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval")
 
 
 def stages(recipe: Recipe) -> list[str]:
-    """Stage order of the recipe's training mode: ``post`` quantizes and then trains, ``pre`` trains
-    and then quantizes, ``fp`` never quantizes."""
-    return {"post": STAGES, "pre": ["train", "quantize", "export", "evaluate", "report"],
+    """Stage order of the recipe's training mode: ``post`` quantizes and then trains (and trains the LoRA
+    baseline when ``eval.baselines`` names it), ``pre`` trains and then quantizes, ``fp`` never quantizes."""
+    post = [s for s in STAGES if s != "lora" or "lora" in recipe.eval.baselines]
+    return {"post": post, "pre": ["train", "quantize", "export", "evaluate", "report"],
             "fp": ["train", "export", "evaluate", "report"]}[recipe.train.mode]
 
 
@@ -61,7 +67,11 @@ def check_against_model(recipe: Recipe) -> None:
     from transformers import AutoConfig
 
     where = resolve_model(recipe.model.ref)
-    check_targets(recipe, AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code))
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as e:
+        raise SourceError(unreachable("model.ref", recipe.model.ref, e)) from None
+    check_targets(recipe, config)
 
 
 def check_targets(recipe: Recipe, config) -> None:
@@ -99,24 +109,63 @@ class Run:
     def stage(self, name: str) -> Path:
         return self.dir / name
 
-    def is_done(self, name: str) -> bool:
+    def is_done(self, name: str, full: bool = True) -> bool:
+        """Whether stage ``name`` finished with this recipe; with ``full``, its files are also checked against
+        their recorded sha256 and a change of package versions since is logged."""
         manifest = self.stage(name) / "manifest.json"
         if not manifest.exists():
             return False
-        saved = json.loads(manifest.read_text())["key"]
-        if saved != self.recipe.digest(*depends(self.recipe, name)):
+        saved = read_json(manifest)
+        if saved.get("key") != self.recipe.digest(*depends(self.recipe, name)):
             raise RecipeError(
                 f"stage '{name}' in {self.dir} was run with a different recipe (sections "
                 f"{', '.join(depends(self.recipe, name))}); "
                 f"rerun with --from {name} to redo it, or set output_dir to a new folder")
+        if not full:
+            return True
+        problems = check_hashes(self.stage(name), saved.get("files", {}))
+        if problems:
+            raise CheckpointError(f"stage '{name}': {problems[0]}; rerun with --from {name}")
+        now = self.versions()
+        changed = {k: (v, now.get(k)) for k, v in saved.get("versions", {}).items() if now.get(k) != v}
+        if changed:
+            log.warning("stage %s was run with other package versions (then, now): %s", name, changed)
         return True
 
-    def manifest(self, name: str, seconds: float, extra: dict | None = None) -> dict:
+    @staticmethod
+    def versions() -> dict[str, str]:
         import transformers
 
+        return {"gift_quant": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def lock(self):
+        """An exclusive lock on the run folder (``filelock``: released by the OS when its process dies, so a
+        killed run leaves no stale lock); a second run is refused at once, naming the holder."""
+        import os
+        import socket
+
+        from filelock import FileLock, Timeout
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock, holder = FileLock(self.dir / ".lock", timeout=0), self.dir / ".lock.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            who = holder.read_text().strip() if holder.exists() else "another process"
+            raise RecipeError(f"run folder {self.dir} is in use by {who}; wait for it to finish, or set "
+                              f"output_dir (or name) to another folder") from None
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return lock
+
+    def remove_leftovers(self) -> None:
+        """Temporary folders of a killed run (stages, checkpoints) are removed; complete ones are never touched."""
+        for tmp in [*self.dir.glob(".*.tmp-*"), *(self.dir / "train.work" / "checkpoints").glob(".tmp-*")]:
+            log.info("removing %s, left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def manifest(self, name: str, seconds: float, files: dict[str, str], extra: dict | None = None) -> dict:
         return {"stage": name, "key": self.recipe.digest(*depends(self.recipe, name)), "seconds": seconds,
-                "versions": {"gift_quant": __version__, "torch": torch.__version__,
-                             "transformers": transformers.__version__}, **(extra or {})}
+                "versions": self.versions(), "files": files, **(extra or {})}
 
     def load_fp(self):
         r = self.recipe.model
@@ -172,7 +221,7 @@ def _load_trained(model, run: Run) -> None:
 def _full_precision_model(run: Run, noise: str, trained: bool):
     """pre / fp: the full-precision model with GIFT-SW layers on the train stage's columns."""
     model, tok = run.load_fp()
-    wrap_full_precision(model, _train_salient(run), noise, run.recipe.train.noise_bits)
+    wrap_full_precision(model, _train_salient(run), noise, run.recipe.train.noise_bits, _noise_device(run, noise))
     if trained:
         _load_trained(model, run)
     return model, tok
@@ -190,13 +239,20 @@ def recovered_model(run: Run, trained: bool, noise: bool = False):
     if t.mode == "fp":
         return _full_precision_model(run, kind, trained)
     model, tok = run.load_fp()
+    where = _noise_device(run, kind)
     if t.mode == "pre" and not trained:
-        wrap_quantized(model, _quantize(run, model, tok, salient=_train_salient(run)), kind, t.noise_bits)
+        wrap_quantized(model, _quantize(run, model, tok, salient=_train_salient(run)), kind, t.noise_bits, where)
         return model, tok
-    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), kind, t.noise_bits)
+    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), kind, t.noise_bits, where)
     if trained and t.mode == "post":  # pre: the quantized columns already are the trained ones
         _load_trained(model, run)
     return model, tok
+
+
+def _noise_device(run: Run, noise: str) -> torch.device | None:
+    """Where GIFT-SW layers are built: on the run's device when there is a noise grid to search (minutes
+    a 7B model on a CPU), else where the weights are."""
+    return run.device if noise != "none" else None
 
 
 def _fp_salient_model(run: Run, tmp: Path):
@@ -209,7 +265,7 @@ def _fp_salient_model(run: Run, tmp: Path):
     salient = {n: select_salient(modules[n].weight.detach().float(), st, r.saliency, r.quant, n.rsplit(".", 1)[-1])
                for n, st in stats.items()}
     save_file({n: i.contiguous() for n, i in salient.items()}, tmp / "salient_idx.safetensors")
-    wrap_full_precision(model, salient, r.train.noise, r.train.noise_bits)
+    wrap_full_precision(model, salient, r.train.noise, r.train.noise_bits, _noise_device(run, r.train.noise))
     return model, tok
 
 
@@ -220,16 +276,76 @@ def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     if not t.enabled:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         return {"trained": False}
-    if t.data_format == "chat":
-        ids, labels = chat_examples(tok, read_records(t.data, "messages"), t.seq_len)
-    else:
-        ids, labels = text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
+    ids, labels = training_examples(r, tok)
     teacher = run.load_fp()[0] if t.distill > 0 else None
     work = run.dir / "train.work"
-    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device)
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device,
+                    key=r.digest(*depends(r, "train")))
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     return summary
+
+
+def training_examples(recipe: Recipe, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    t = recipe.train
+    if t.data_format == "chat":
+        return chat_examples(tok, read_records(t.data, "messages"), t.seq_len)
+    return text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
+
+
+def _plain(sal: SaliencySpec) -> SaliencySpec:
+    """The same targets without salient columns (the plain GPTQ / RTN baselines)."""
+    return sal.model_copy(update={"k": 0, "k_overrides": {}})
+
+
+def lora_rank(salient: int, shapes: list[tuple[int, int]]) -> int:
+    """LoRA rank whose trainable parameters ``r * sum(in + out)`` come closest to ``salient``."""
+    return max(1, round(salient / sum(i + o for i, o in shapes)))
+
+
+def stage_lora(run: Run, tmp: Path) -> dict:
+    """The paper's baseline: a PEFT LoRA on the plain quantized model (no salient columns), of the salient
+    columns' trainable size, trained on the same data, steps and schedule as GIFT-SW, without noise.
+
+    Writes ``base.safetensors`` (the plain quantization, which evaluate's GPTQ baseline reuses) and
+    ``export/`` (a GPTQ v1 checkpoint with the trained adapter in ``export/adapter``)."""
+    from peft import LoraConfig, get_peft_model
+
+    r = run.recipe
+    model, tok = run.load_fp()
+    base = _quantize(run, model, tok, sal=_plain(r.saliency))  # the model now holds the dense quantized weights
+    save_quantized(base, tmp / "base.safetensors")
+    export_gptq_lora(model, tok, base, tmp / "export")
+    salient = sum(qw.salient_idx.numel() * qw.codes.shape[0] for qw in load_quantized(
+        run.stage("quantize") / "quantized.safetensors").values())
+    rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in base.values()])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=r.saliency.targets))
+    ids, labels = training_examples(r, tok)
+    work = run.dir / "lora.work"
+    spec = r.train.model_copy(update={"noise": "none", "distill": 0.0})
+    summary = train(model, ids, labels, spec, work, seed=r.seed, device=run.device, key=r.digest(*depends(r, "lora")))
+    model.save_pretrained(tmp / "export" / "adapter")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA baseline: rank %d, %d trainable parameters (salient columns: %d)", rank, trainable, salient)
+    return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
+
+
+def _lora_model(run: Run):
+    """The LoRA baseline for scoring: the plain quantized weights with the trained adapter merged in."""
+    from peft import PeftModel
+
+    model, tok = run.load_fp()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
+            modules[name].weight.copy_(qw.effective_weight())
+    model = PeftModel.from_pretrained(model, run.stage("lora") / "export" / "adapter").merge_and_unload()
+    rank = read_json(run.stage("lora") / "manifest.json")["rank"]
+    return model, rank
 
 
 def stage_export(run: Run, tmp: Path) -> dict:
@@ -272,8 +388,9 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         merge_to_dense(model)
         model.to(run.device).eval()
         t0 = time.time()
-        rows[label] = {"ppl": perplexity(model, windows, r.eval.batch_size, desc=f"ppl {label}")}
-        log.info("%s: perplexity %.3f", label, rows[label]["ppl"])
+        nll = window_nll(model, windows, r.eval.batch_size, desc=f"ppl {label}")
+        rows[label] = {"ppl": math.exp(float(nll.mean())), "ppl_ci95": interval(nll), "ppl_windows": len(nll)}
+        log.info("%s: perplexity %.3f (95%% interval %.3f-%.3f)", label, rows[label]["ppl"], *rows[label]["ppl_ci95"])
         if r.eval.tasks:
             summary, raw = zero_shot(model, tok, r.eval.tasks, r.eval.limit, r.eval.batch_size, r.eval.num_fewshot)
             rows[label]["tasks"] = summary
@@ -292,7 +409,13 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         score(f"RTN {bits}", model)
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
         model, _ = run.load_fp()
-        _quantize(run, model, tok, sal=r.saliency.model_copy(update={"k": 0, "k_overrides": {}}))
+        if "lora" in stages(r) and run.is_done("lora", full=False):  # the LoRA stage quantized this model already
+            modules = dict(model.named_modules())
+            with torch.no_grad():
+                for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
+                    modules[name].weight.copy_(qw.effective_weight())
+        else:
+            _quantize(run, model, tok, sal=_plain(r.saliency))
         score(f"GPTQ {bits}", model)
     mode = r.train.mode
     if "salient" in r.eval.baselines and mode != "fp":
@@ -300,6 +423,9 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
     if r.train.enabled:
         label = {"post": f"GIFT-SW {bits}", "pre": f"Pre-GIFT-SW {bits}", "fp": "GIFT-SW full precision"}[mode]
         score(label, recovered_model(run, trained=True)[0].eval())
+    if "lora" in stages(r):
+        model, rank = _lora_model(run)
+        score(f"{r.quant.method.upper()} {bits} + LoRA r={rank}", model)
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}
 
@@ -311,41 +437,77 @@ def stage_report(run: Run, tmp: Path) -> dict:
     return {"report": path.name}
 
 
-STAGE_FNS = {"quantize": stage_quantize, "train": stage_train, "export": stage_export,
+STAGE_FNS = {"quantize": stage_quantize, "train": stage_train, "lora": stage_lora, "export": stage_export,
              "evaluate": stage_evaluate, "report": stage_report}
 
 
-def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | None = None) -> Path:
-    """Run every stage not yet done; return the report path."""
+def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> None:
+    """Everything a run reads, checked before any weights load: remote code confirmed, the model
+    reachable, the targets and k against its shapes, every data file there and long enough for a window."""
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise RecipeError("model.trust_remote_code = true runs code from the model's repository; confirm it "
+                          "with --trust-remote-code on the command line")
     check_against_model(recipe)
+    tok = load_tokenizer(recipe.model.ref, recipe.model.trust_remote_code)
+    t, c, e = recipe.train, recipe.calibration, recipe.eval
+    texts = [("calibration.data", c.data, c.seq_len + 1)]
+    if recipe.train.enabled and t.data_format == "text":
+        texts.append(("train.data", t.data, t.seq_len))
+    texts.append(("eval.ppl_data", e.ppl_data, e.ppl_seq_len))
+    for field, ref, need in texts:
+        check_text(field, ref, tok, need)
+    if recipe.train.enabled and t.data_format == "chat" and not read_records(t.data, "messages"):
+        raise RecipeError(f"train.data = {t.data!r}: no conversations (records with 'messages') in it")
+
+
+def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | None = None,
+            trust_remote_code: bool = False) -> Path:
+    """Run every stage not yet done; return the report path."""
+    check_inputs(recipe, trust_remote_code)
     run = Run(recipe)
     _check_plan(run)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    _log_to_file(run.dir / "run.log")
-    (run.dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
     order = stages(recipe)
-    if from_stage is not None:
-        if from_stage not in order:
-            raise RecipeError(f"--from {from_stage}: train.mode={recipe.train.mode} has the stages {order}")
-        for name in order[order.index(from_stage):]:
-            shutil.rmtree(run.stage(name), ignore_errors=True)
-        if order.index(from_stage) <= order.index("train"):
-            shutil.rmtree(run.dir / "train.work", ignore_errors=True)
+    if from_stage is not None and from_stage not in order:
+        raise RecipeError(f"--from {from_stage}: train.mode={recipe.train.mode} has the stages {order}")
     # Under accelerate launch / torchrun every process runs this loop: the training stage runs on
     # all of them (DDP), every other stage on the main process while the others wait.
     from accelerate import PartialState
 
     state = PartialState(cpu=run.device.type == "cpu")
-    for name in order:
-        state.wait_for_everyone()
-        if run.is_done(name):
-            log.info("stage %s: done, skipped", name)
-            continue
-        if name == "train" or state.is_main_process:
-            _run_stage(run, name, state.is_main_process, **({"on_step": on_step} if name == "train" else {}))
+    with run.lock() if state.is_main_process else nullcontext():
+        if state.is_main_process:
+            _prepare(run, order, from_stage)
+        for name in order:
+            state.wait_for_everyone()
+            if run.is_done(name, full=False):
+                log.info("stage %s: done, skipped", name)
+                continue
+            if name in ("train", "lora") or state.is_main_process:
+                _run_stage(run, name, state.is_main_process, **({"on_step": on_step} if name == "train" else {}))
     report = run.stage("report") / "report.md"
-    print(f"report: {report}")
+    log.info("report: %s", report)
     return report
+
+
+def _prepare(run: Run, order: list[str], from_stage: str | None) -> None:
+    """Under the lock: clear what ``--from`` redoes and what a killed run left, check every finished stage
+    (recipe and files), and only then record the recipe."""
+    _log_to_file(run.dir / "run.log")
+    if from_stage is not None:
+        for name in order[order.index(from_stage):]:
+            shutil.rmtree(run.stage(name), ignore_errors=True)
+        for stage in ("train", "lora"):
+            if stage in order and order.index(from_stage) <= order.index(stage):
+                shutil.rmtree(run.dir / f"{stage}.work", ignore_errors=True)
+    run.remove_leftovers()
+    for name in order:
+        run.is_done(name)
+    for stage in ("train", "lora"):
+        if stage in order and not run.is_done(stage, full=False):
+            check_resumable(run.dir / f"{stage}.work", run.recipe.digest(*depends(run.recipe, stage)))
+    tmp = run.dir / "recipe.json.tmp"
+    tmp.write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
+    tmp.replace(run.dir / "recipe.json")
 
 
 def _check_plan(run: Run) -> None:
@@ -367,7 +529,8 @@ def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
         with devices.peak(run.device, f"stage {name}") as used:
             extra = STAGE_FNS[name](run, tmp, **kwargs)
         extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak}
-        (tmp / "manifest.json").write_text(json.dumps(run.manifest(name, time.time() - t0, extra), indent=2))
+        manifest = run.manifest(name, time.time() - t0, file_hashes(tmp), extra)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("stage %s: finished in %.0f s", name, time.time() - t0)
 
 
@@ -380,16 +543,18 @@ def _log_to_file(path: Path) -> None:
         root.setLevel(logging.INFO)
 
 
-def quantize(recipe: Recipe) -> dict:
+def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
     """``gift-quant quantize``: only the quantize stage, then the perplexity of the result."""
     if recipe.train.mode != "post":
         raise RecipeError(f"train.mode={recipe.train.mode}: quantization comes after (pre) or without (fp) training; "
                           f"use gift-quant recover, or --set train.mode=post")
-    check_against_model(recipe)
+    check_inputs(recipe, trust_remote_code)
     run = Run(recipe)
     _check_plan(run)
-    if not run.is_done("quantize"):
-        _run_stage(run, "quantize")
+    with run.lock():
+        run.remove_leftovers()
+        if not run.is_done("quantize"):
+            _run_stage(run, "quantize")
     model, tok = recovered_model(run, trained=False)
     merge_to_dense(model)
     model.to(run.device)

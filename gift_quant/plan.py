@@ -145,7 +145,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
     inputs = 2 * cal.n_samples * s * h * p
     batch = 2 * b * s * h * p
-    fits = device.type == "cpu" or inputs <= capacity(device) // 4
+    fits = device.type == "cpu" or inputs <= (capacity(device) - shape.block_params * p) // 2  # as inputs_fit
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(16 * lin.n_in**2 + 20 * lin.n_out * lin.n_in for lin in shape.linears)
     forward = b * s * (4 * h + 2 * shape.kv + 3 * shape.intermediate) * p + _attention(shape, b, s, p, device)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import string
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +31,18 @@ class RecipeError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        """YAML's ``true`` is not the number 1: a bool is refused wherever a number is expected."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and bool not in (field.annotation, *typing.get_args(field.annotation)):
+                    raise ValueError(f"{name} = {value!r}: a boolean where {field.annotation} is expected; "
+                                     f"write the number")
+        return data
 
 
 class ModelSpec(_Section):
@@ -161,6 +176,7 @@ class TrainSpec(_Section):
     distill_temperature: float = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it")
     gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(1, ge=1)
 
@@ -182,9 +198,10 @@ class EvalSpec(_Section):
         description="lm-eval tasks (offline mirrors gq_*, or lm-eval's own names with hub access); [] for perplexity only")
     limit: int | None = Field(None, ge=1, description="items per task (None: the whole split)")
     num_fewshot: int | None = Field(None, ge=0)
-    baselines: list[Literal["fp", "rtn", "gptq", "salient"]] = Field(
+    baselines: list[Literal["fp", "rtn", "gptq", "salient", "lora"]] = Field(
         default_factory=lambda: ["fp", "rtn", "gptq", "salient"],
-        description="compared in the report: full precision, plain RTN, plain GPTQ, GPTQ + salient columns untrained")
+        description="compared in the report: full precision, plain RTN, plain GPTQ, GPTQ + salient columns untrained, "
+                    "and lora: a PEFT LoRA of the salient columns' size on the plain quantized model, trained like GIFT-SW")
 
 
 class Recipe(_Section):
@@ -201,12 +218,39 @@ class Recipe(_Section):
     device: str = Field("auto", description="where every stage computes: auto (the GPU when there is one), cpu, "
                         "cuda or cuda:N; the model itself stays on the CPU while it is quantized, block by block")
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or v.endswith("."):
+            raise ValueError(f"got {v!r}; a run name is one folder name: letters, digits, '.', '_' and '-', "
+                             f"starting with a letter or digit (no '/' or '..')")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"got {v!r}: {e}; write braces only around {{name}}") from None
+        unknown = fields - {"name"}
+        if unknown:
+            raise ValueError(f"got {v!r}: unknown placeholder {{{sorted(unknown)[0]}}}; the only one is {{name}}")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
         if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
             return v
         raise ValueError(f"got {v!r}; use auto, cpu, cuda or cuda:N (N the GPU index)")
+
+    @model_validator(mode="after")
+    def _lora_baseline(self) -> "Recipe":
+        if "lora" in self.eval.baselines and (self.train.mode != "post" or not self.train.enabled):
+            raise ValueError(f"eval.baselines names lora, which trains beside post-quantization GIFT-SW; it needs "
+                             f"train.mode: post and train.enabled: true (got {self.train.mode}, {self.train.enabled})")
+        return self
 
     @model_validator(mode="after")
     def _fp_mode_exports(self) -> "Recipe":
@@ -249,7 +293,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise RecipeError(f"--set {assignment!r}: {p!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {assignment!r}: the value {raw!r} is not YAML ({_yaml_problem(e)}); quote a "
+                          f"string, e.g. --set '{key}=\"{raw}\"'") from None
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Recipe:
@@ -263,8 +311,18 @@ def parse_recipe(data: dict[str, Any], source: str = "<dict>", overrides: list[s
         raise RecipeError(_format_errors(err, source)) from None
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file {path} does not exist; see recipes/ for examples")
-    return parse_recipe(yaml.safe_load(path.read_text()), str(path), overrides)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    return parse_recipe(data, str(path), overrides)

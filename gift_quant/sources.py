@@ -110,12 +110,45 @@ def resolve_model(ref: str) -> str:
     raise SourceError(f"{ref!r}: expected a model folder with config.json or a .gguf file, got {path}")
 
 
+def unreachable(field: str, ref: str, error: Exception) -> str:
+    """The message for a hub reference that could not be read."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; download it once with hub "
+           "access, or point the field at a local folder") if offline else f"{type(error).__name__}: {error}"
+    return f"{field} = {ref!r}: cannot be read ({why})"
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    """The tokenizer of a model reference (no weights are loaded, except a GGUF's one-time conversion)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(ref), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SourceError(unreachable("model.ref", ref, e)) from None
+
+
+def check_text(field: str, ref: str, tokenizer, need: int) -> None:
+    """A text reference exists and holds at least ``need`` tokens (one window). Hub data sets are only
+    checked when they are read (offline they must be in the local cache)."""
+    if ref.startswith("hf://"):
+        return
+    try:
+        text = read_text(ref)
+    except SourceError as e:
+        raise SourceError(f"{field}: {e}") from None
+    n = tokenize(tokenizer, text[: 40 * need]).numel()  # enough characters for `need` tokens, not the whole file
+    if n < need:
+        raise SourceError(f"{field} = {ref!r}: {n} tokens, fewer than one window of {need}; use a longer text or a "
+                          f"shorter seq_len")
+
+
 def load_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """``(model, tokenizer)`` in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     where = resolve_model(ref)
-    tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(ref, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )

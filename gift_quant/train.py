@@ -5,8 +5,12 @@ CPU). The global batch is ``micro_batch_size x grad_accum x world_size``; which 
 at a step is a pure function of (seed, step, rank), so a resumed run sees the same data.
 
 Checkpoints (every ``checkpoint_every`` steps and at the end) hold the trainable weights
-(safetensors), optimizer and scheduler state, and each rank's RNG states; they are written into a
-temporary folder and renamed, and ``latest`` names the newest complete one.
+(safetensors), optimizer and scheduler state, each rank's RNG states and the ``key`` of what they
+were trained from (a hash of the recipe sections); they are written into a temporary folder and
+renamed, and ``latest`` names the newest complete one. A resume reads a whole checkpoint before it
+touches the model, falls back to the previous one when the newest is damaged, and refuses one of a
+different key. A non-finite loss stops the run before the optimizer step, so the last checkpoint
+stays the last good one.
 """
 from __future__ import annotations
 
@@ -29,9 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layers import salient_layers
-from .recipe import TrainSpec
+from .recipe import RecipeError, TrainSpec
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the checkpoint kept."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,7 +113,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched) -> None:
+def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched, key: str = "") -> None:
     """Atomic: everything goes to ``.tmp-<step>`` first; ``latest`` is updated after the rename."""
     tmp, final = folder / f".tmp-{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
@@ -116,7 +124,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched) -> 
     if accelerator.is_main_process:
         save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -128,24 +136,58 @@ def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched) -> 
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator, folder: Path, model, opt, sched) -> int:
-    """Restore the newest complete checkpoint; return its step (0 when there is none)."""
+def _read_checkpoint(ck: Path, rank: int) -> dict:
+    """Every file of one checkpoint, read and parsed (nothing applied yet)."""
+    return {"trainable": load_file(ck / "trainable.safetensors"),
+            "optim": torch.load(ck / "optim.pt", weights_only=True),
+            "rng": torch.load(ck / f"rng-{rank}.pt", weights_only=True),
+            "state": json.loads((ck / "state.json").read_text())}
+
+
+def check_resumable(folder: Path, key: str) -> None:
+    """Refuse a training folder whose newest checkpoint was trained from other recipe sections."""
+    state = Path(folder) / "checkpoints" / "latest"
+    if not state.exists():
+        return
+    ck = state.parent / state.read_text().strip()
+    try:
+        saved = json.loads((ck / "state.json").read_text()).get("key", "")
+    except (OSError, json.JSONDecodeError):
+        return  # damaged: load_checkpoint falls back to an older one and checks that
+    if saved != key:
+        raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+                          f"rerun with --from train to start the training again")
+
+
+def load_checkpoint(accelerator, folder: Path, model, opt, sched, key: str = "") -> int:
+    """Restore the newest readable checkpoint; return its step (0 when there is none).
+
+    The one ``latest`` names is tried first, then the older ones; a damaged one is skipped with a
+    warning. A checkpoint trained from other recipe sections (``key``) is refused."""
     pointer = folder / "latest"
     if not pointer.exists():
         return 0
-    ck = folder / pointer.read_text().strip()
-    state = load_file(ck / "trainable.safetensors")
-    params = dict(accelerator.unwrap_model(model).named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-    saved = torch.load(ck / "optim.pt", weights_only=True)
-    opt.load_state_dict(saved["optimizer"])
-    sched.load_state_dict(saved["scheduler"])
-    _set_rng_state(torch.load(ck / f"rng-{accelerator.process_index}.pt", weights_only=True))
-    step = json.loads((ck / "state.json").read_text())["step"]
-    log.info("resumed from %s (step %d)", ck, step)
-    return step
+    newest = folder / pointer.read_text().strip()
+    older = sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]), reverse=True)
+    for ck in [newest] + [p for p in older if p != newest]:
+        try:
+            saved = _read_checkpoint(ck, accelerator.process_index)
+        except Exception as e:  # noqa: BLE001 (any damage: truncated, missing, not parseable)
+            log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", ck, type(e).__name__, e)
+            continue
+        if saved["state"].get("key", "") != key:
+            raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+                              f"rerun with --from train to start the training again")
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for n, t in saved["trainable"].items():
+                params[n].copy_(t)
+        opt.load_state_dict(saved["optim"]["optimizer"])
+        sched.load_state_dict(saved["optim"]["scheduler"])
+        _set_rng_state(saved["rng"])
+        log.info("resumed from %s (step %d)", ck, saved["state"]["step"])
+        return saved["state"]["step"]
+    raise TrainingError(f"no readable checkpoint in {folder}; rerun with --from train")
 
 
 # ----------------------------------------------------------------------------- loop
@@ -172,12 +214,14 @@ def train(
     teacher: nn.Module | None = None,
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
+    key: str = "",
 ) -> dict:
     """Train the parameters of ``model`` that require grad; return timing and loss summary.
 
     ``device``: where to train (default: the GPU when there is one); under ``accelerate launch`` each
     process takes the GPU accelerate gives it. The teacher goes to the same device, in bfloat16 when
-    training in bf16."""
+    training in bf16. ``key`` identifies what the model was built from; checkpoints of another key are
+    refused on resume."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -202,15 +246,16 @@ def train(
     model, opt = accelerator.prepare(model, opt)
     if teacher is not None:
         teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
-    start = load_checkpoint(accelerator, ckpt, model, opt, sched)
+    start = load_checkpoint(accelerator, ckpt, model, opt, sched, key)
     layers = list(salient_layers(accelerator.unwrap_model(model)).values())
     model.train()
 
     log_path = out_dir / "train_log.jsonl"
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if start == 0:
-            log_path.write_text("")
+        kept = log_path.read_text().splitlines() if start and log_path.exists() else []
+        # steps after the checkpoint are run again: drop their lines
+        log_path.write_text("".join(x + "\n" for x in kept if x and json.loads(x)["step"] <= start))
     world, rank = accelerator.num_processes, accelerator.process_index
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
     t_start, tokens, loss_v = time.time(), 0, float("nan")
@@ -233,6 +278,14 @@ def train(
                 accelerator.backward(loss / spec.grad_accum)
             step_loss += loss.item() / spec.grad_accum
             tokens += x.numel() * world
+        losses = accelerator.gather(torch.tensor([step_loss], device=accelerator.device))
+        if not torch.isfinite(losses).all():
+            last = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else "none"
+            raise TrainingError(f"step {step + 1}: the loss is {losses.tolist()} (not finite); stopped before the "
+                                f"optimizer step, last good checkpoint kept: {last}. Lower train.lr or set "
+                                f"train.max_grad_norm, then rerun (it resumes from there)")
+        if spec.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, spec.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -247,7 +300,7 @@ def train(
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            save_checkpoint(accelerator, ckpt, step + 1, model, opt, sched)
+            save_checkpoint(accelerator, ckpt, step + 1, model, opt, sched, key)
         if on_step is not None:
             on_step(step + 1, loss_v)
     model.eval()

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny Llama built from a config, and the real SmolLM2-135M-Instruct (offline)."""
 import importlib.util
+from pathlib import Path
 import os
 
 import pytest
@@ -31,3 +32,47 @@ def smollm2():
     from gift_quant.sources import load_model
 
     return load_model(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from gift_quant.sources import resolve_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    tiny_llama(vocab=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
+    data = {
+        "name": "tiny", "model": {"ref": str(folder)}, "output_dir": str(out),
+        "calibration": {"n_samples": 4, "seq_len": 64, "batch_size": 2},
+        "saliency": {"k": 4, "k_overrides": {"down_proj": 8}},
+        "quant": {"bits": 3},
+        "train": {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "lr": 1e-3, **train},
+        "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2, "tasks": ["gq_piqa"], "limit": 2},
+        "export": {"formats": list(formats)},
+    }
+    from gift_quant.recipe import parse_recipe
+
+    return parse_recipe(data, "test")
+
+
+def rewrite_gift(folder: Path, edit) -> None:
+    """Apply ``edit`` to a gift folder's tensors and record the new file's sha256 (a consistent folder)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from gift_quant.integrity import sha256
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["sha256"]["model.safetensors"] = sha256(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))

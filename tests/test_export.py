@@ -9,7 +9,7 @@ from gift_quant.quantize import Grid, rtn
 from gift_quant.recipe import ALL_PROJECTIONS
 from gift_quant.sources import resolve_model
 
-from .conftest import SMOLLM2, needs_gptqmodel, tiny_llama
+from .conftest import SMOLLM2, needs_gptqmodel, rewrite_gift, tiny_llama
 
 
 def quantized_tiny(bits=4, group_size=32):
@@ -143,12 +143,8 @@ def test_gift_folder_loads_with_transformers_from_pretrained(tmp_path):
     assert sum(p.numel() for p in loaded.parameters() if p.requires_grad) == sum(
         qw.salient_weight.numel() for qw in results.values())  # trainable again
 
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(tmp_path / "n/model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.scales"]
-    save_file(tensors, tmp_path / "n/model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.scales is missing"):
+    rewrite_gift(tmp_path / "n", lambda t: t.pop("model.layers.1.mlp.up_proj.scales"))
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.scales"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "n")
     cfg = json.loads((tmp_path / "n/config.json").read_text())
     bad = json.loads(json.dumps(cfg))

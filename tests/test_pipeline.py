@@ -5,34 +5,9 @@ import pytest
 import torch
 
 from gift_quant.pipeline import recover
-from gift_quant.recipe import RecipeError, parse_recipe
-from gift_quant.sources import resolve_model
+from gift_quant.recipe import RecipeError
 
-from .conftest import SMOLLM2, tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
-    tiny_llama(vocab=len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
-    data = {
-        "name": "tiny", "model": {"ref": str(folder)}, "output_dir": str(out),
-        "calibration": {"n_samples": 4, "seq_len": 64, "batch_size": 2},
-        "saliency": {"k": 4, "k_overrides": {"down_proj": 8}},
-        "quant": {"bits": 3},
-        "train": {"steps": 4, "micro_batch_size": 2, "seq_len": 64, "checkpoint_every": 2, "lr": 1e-3, **train},
-        "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2, "tasks": ["gq_piqa"], "limit": 2},
-        "export": {"formats": list(formats)},
-    }
-    return parse_recipe(data, "test")
+from .conftest import recipe
 
 
 def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, caplog):
@@ -41,8 +16,10 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
     text = report.read_text()
     results = json.loads((out / "evaluate/results.json").read_text())
     assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3"}
-    for label, row in results.items():  # the report shows the measured numbers
-        assert f"| {label} | {row['ppl']:.3f} | {row['tasks']['gq_piqa']['acc']:.4f} / " in text
+    for label, row in results.items():  # the report shows the measured numbers, with their uncertainty
+        lo, hi = row["ppl_ci95"]
+        assert lo < row["ppl"] < hi and row["ppl_windows"] == 4
+        assert f"| {label} | {row['ppl']:.3f} ({lo:.2f}-{hi:.2f}) | {row['tasks']['gq_piqa']['acc']:.4f} / " in text
     assert (out / "evaluate/lm_eval/GIFT-SW_W3.json").exists()
     assert (out / "report/perplexity.png").exists() and (out / "report/loss.png").exists()
     assert (out / "export/dense/config.json").exists() and (out / "export/gift/model.safetensors").exists()
@@ -89,6 +66,8 @@ def test_recover_resumes_interrupted_training(tiny_folder, tmp_path):
     recover(recipe(tiny_folder, out))
     manifest = json.loads((out / "train/manifest.json").read_text())
     assert manifest["steps_run"] == 2  # steps 3 and 4 only
+    steps = [json.loads(x)["step"] for x in (out / "train/train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # step 3, logged before the crash and run again, appears once
 
     straight = tmp_path / "straight"
     recover(recipe(tiny_folder, straight))
@@ -146,3 +125,37 @@ def test_pre_and_full_precision_modes(tiny_folder, tmp_path, mode):
 def test_fp_mode_refuses_packed_exports(tiny_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"train.mode=fp .*export.formats: \[dense\]"):
         recipe(tiny_folder, tmp_path, mode="fp")
+
+
+def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
+    """eval.baselines: lora trains a PEFT LoRA of the salient columns' size on the plain GPTQ model, exports it
+    as GPTQ + adapter and scores it; the plain GPTQ baseline reuses its quantization (quantized once)."""
+    from gift_quant import pipeline
+
+    calls = []
+    original = pipeline.quantize_model
+    monkeypatch.setattr(pipeline, "quantize_model", lambda *a, **k: calls.append(1) or original(*a, **k))
+    r = recipe(tiny_folder, tmp_path / "run", ["dense"])
+    data = r.model_dump(mode="json")
+    data["eval"]["baselines"] = ["fp", "gptq", "salient", "lora"]
+    from gift_quant.recipe import parse_recipe
+
+    r = parse_recipe(data, "test")
+    assert pipeline.stages(r) == ["quantize", "train", "lora", "export", "evaluate", "report"]
+    recover(r)
+    out = tmp_path / "run"
+    # tiny Llama: hidden 64, kv 32, MLP 128; salient k = 4 (down_proj 8) a layer, 2 blocks
+    salient = 2 * (4 * (64 + 32 + 32 + 64 + 128 + 128) + 8 * 64)
+    per_rank = 2 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    rank = round(salient / per_rank)
+    m = json.loads((out / "lora/manifest.json").read_text())
+    assert (m["salient"], m["rank"], m["trainable"]) == (salient, rank, rank * per_rank)
+    results = json.loads((out / "evaluate/results.json").read_text())
+    assert set(results) == {"full precision", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3",
+                            f"GPTQ W3 + LoRA r={rank}"}
+    assert results[f"GPTQ W3 + LoRA r={rank}"]["ppl"] != results["GPTQ W3"]["ppl"]  # the adapter was trained
+    assert len(calls) == 2  # quantize stage and LoRA stage; evaluate reused the LoRA stage's plain GPTQ
+    assert json.loads((out / "lora/export/config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    assert json.loads((out / "lora/export/adapter/adapter_config.json").read_text())["r"] == rank
+    assert len((out / "lora/train_log.jsonl").read_text().splitlines()) == 4
+    assert f"GPTQ W3 + LoRA r={rank}" in (out / "report/report.md").read_text()

@@ -1,5 +1,6 @@
 """Report from fixture result files: the numbers in the table and the recovery ratios parse back."""
 import json
+import math
 import re
 
 import pytest
@@ -80,3 +81,35 @@ def test_bits_per_weight_matches_method_arithmetic():
     assert bits_per_weight({"l": qw}) == pytest.approx(exact)
     method = (3 + 19 / 128) * (1 - 128 / 4096) + 16 * 128 / 4096  # METHOD section 7
     assert bits_per_weight({"l": qw}) == pytest.approx(method, rel=0.01)
+
+
+def test_uncertainty_columns_and_within_noise_line(tmp_path):
+    from gift_quant.evaluate import interval
+
+    nll = torch.tensor([2.0, 2.2, 2.4, 2.6], dtype=torch.float64)
+    lo, hi = interval(nll)
+    half = 1.96 * float(nll.std()) / 2  # sd / sqrt(4)
+    assert (lo, hi) == pytest.approx((math.exp(2.3 - half), math.exp(2.3 + half)))
+
+    d = tmp_path / "run"
+    (d / "evaluate").mkdir(parents=True)
+    (d / "recipe.json").write_text(json.dumps({"model": {"ref": "tiny"}}))
+    def row(ppl, ci, acc, se):
+        return {"ppl": ppl, "ppl_ci95": ci, "tasks": {"gq_boolq": {"acc": acc, "acc_stderr": se},
+                                                      "mean_acc": acc, "mean_acc_stderr": se}}
+    rows = {"full precision": row(10.0, [9.0, 11.0], 0.60, 0.01), "GPTQ W3": row(30.0, [28.0, 32.0], 0.50, 0.01),
+            "GIFT-SW W3": row(10.5, [9.5, 11.5], 0.58, 0.01)}
+    (d / "evaluate/results.json").write_text(json.dumps(rows))
+    assert main(["report", str(d), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep/report.md").read_text()
+    assert "| GIFT-SW W3 | 10.500 (9.50-11.50) | 0.5800 ± 0.010 | 0.5800 ± 0.010 |" in text
+    # intervals overlap only for full precision / GIFT-SW; accuracies 0.02 apart < 1.96 * sqrt(2) * 0.01 = 0.0277
+    assert "Perplexity within noise (95% intervals from the spread of the windows overlap): " \
+           "full precision / GIFT-SW W3." in text
+    assert "Mean accuracy within noise (less than 1.96 combined standard errors apart): " \
+           "full precision / GIFT-SW W3." in text
+    assert "indicative only" not in text
+    rows["GPTQ W3"]["tasks"]["mean_acc_stderr"] = 0.03
+    (d / "evaluate/results.json").write_text(json.dumps(rows))
+    main(["report", str(d), "--out", str(tmp_path / "rep")])
+    assert "indicative only: the mean accuracy's standard error reaches 0.030" in (tmp_path / "rep/report.md").read_text()
