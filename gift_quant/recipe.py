@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .evaluate import PAPER_TASKS
 from .quantize import Grid
 from .saliency import PRESETS
 
@@ -194,7 +195,7 @@ class EvalSpec(_Section):
     ppl_max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     tasks: list[str] = Field(
-        default_factory=lambda: ["gq_arc_easy", "gq_arc_challenge", "gq_hellaswag", "gq_piqa", "gq_winogrande", "gq_boolq"],
+        default_factory=lambda: list(PAPER_TASKS),
         description="lm-eval tasks (offline mirrors gq_*, or lm-eval's own names with hub access); [] for perplexity only")
     limit: int | None = Field(None, ge=1, description="items per task (None: the whole split)")
     num_fewshot: int | None = Field(None, ge=0)
@@ -317,10 +318,23 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return where + str(getattr(e, "problem", None) or e)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes installed with the package (the repository's ``recipes/``), by stem."""
+    from importlib import resources
+
+    return {f.name.removesuffix(".yaml"): Path(str(f)) for f in resources.files("gift_quant.recipes").iterdir()
+            if f.name.endswith(".yaml")}
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """A recipe file, or a shipped recipe named by its stem (``smollm2-135m-instruct-w3``)."""
     path = Path(path)
     if not path.exists():
-        raise RecipeError(f"recipe file {path} does not exist; see recipes/ for examples")
+        shipped = shipped_recipes()
+        if str(path) not in shipped:
+            raise RecipeError(f"recipe {str(path)!r}: no such file, nor a shipped recipe; shipped: "
+                              f"{', '.join(sorted(shipped))}")
+        path = shipped[str(path)]
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

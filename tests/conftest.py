@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny Llama built from a config, and the real SmolLM2-135M-Instruct (offline)."""
 import importlib.util
-from pathlib import Path
 import os
+from pathlib import Path
 
 import pytest
 import torch

@@ -262,12 +262,20 @@ def test_lm_eval_command_scores_a_gift_folder(tmp_path):
     from gift_quant.evaluate import zero_shot
     from gift_quant.export import export_gift
 
+    from gift_quant.evaluate import offline_tasks
+
     model, tok, results = quantized_tiny(4, 32)
     export_gift(model, tok, results, tmp_path / "gift", {})
+    user = tmp_path / "my_tasks"  # a user's own task folder stays beside the offline mirrors
+    user.mkdir()
+    (user / "my_arc.yaml").write_text((offline_tasks(tmp_path / "filled") / "gq_arc_easy.yaml").read_text()
+                                      .replace("task: gq_arc_easy", "task: my_arc"))
     assert main(["lm-eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'gift'},dtype=float32",
-                 "--tasks", "gq_arc_easy", "--limit", "6", "--device", "cpu", "--batch_size", "2",
-                 "--output_path", str(tmp_path / "out")]) == 0
-    got = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["gq_arc_easy"]
+                 "--tasks", "gq_arc_easy,my_arc", "--limit", "6", "--device", "cpu", "--batch_size", "2",
+                 "--include_path", str(user), "--output_path", str(tmp_path / "out")]) == 0
+    all_results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]
+    got = all_results["gq_arc_easy"]
+    assert all_results["my_arc"]["acc,none"] == got["acc,none"]  # the same task under the user's name
     loaded, tok2 = gift_quant.load(tmp_path / "gift")
     ours, _ = zero_shot(loaded, tok2, ["gq_arc_easy"], limit=6, batch_size=2)
     assert got["acc,none"] == ours["gq_arc_easy"]["acc"] and got["acc_norm,none"] == ours["gq_arc_easy"]["acc_norm"]

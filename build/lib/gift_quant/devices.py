@@ -1,0 +1,104 @@
+"""Where a run computes and how much memory it took there.
+
+``resolve`` turns the recipe's ``device`` (``auto | cpu | cuda | cuda:N``) into a ``torch.device``
+and fails with the field named when the device is not there, before any weights load.
+``capacity`` is what the memory plan compares its estimates against. ``peak`` measures a stage's
+peak: on a GPU ``torch.cuda.max_memory_allocated`` (what the plan estimates: tensors, not the CUDA
+context or the allocator's cache), on the CPU the process's peak resident set (``VmHWM``, reset
+through ``/proc/self/clear_refs``), which also counts the interpreter and libraries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+
+
+class DeviceError(ValueError):
+    """A device the recipe or command line names that this machine does not have."""
+
+
+def resolve(spec: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU; ``cuda``/``cuda:N`` must exist."""
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device = {spec!r}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                          f"use --device cpu (or device: auto)")
+    index = int(spec.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"device = {spec!r}: only {torch.cuda.device_count()} GPU(s), cuda:0 .. "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def capacity(device: torch.device) -> int:
+    """Bytes a run may use on ``device``: the GPU's total memory, or the memory the OS has available."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _rss_peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class Peak:
+    """What ``peak`` measured: bytes at the start, at the highest point, and the difference."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.start, self.peak = device, 0, 0
+
+    @property
+    def added(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+@contextmanager
+def peak(device: torch.device, what: str = "") -> Iterator[Peak]:
+    """Measure the peak memory of the block on ``device`` (see module docstring); log it when ``what``."""
+    p = Peak(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        p.start = torch.cuda.memory_allocated(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        p.start = _rss_now()
+    try:
+        yield p
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            p.peak = torch.cuda.max_memory_allocated(device)
+        else:
+            p.peak = _rss_peak()
+        if what:
+            log.info("%s: peak %s memory %.2f GiB (%.2f GiB above the start)", what,
+                     "GPU" if device.type == "cuda" else "process RSS", p.peak / GiB, p.added / GiB)

@@ -1,0 +1,126 @@
+"""GPTQ with full-precision salient columns (OWQ / QUIK style).
+
+The algorithm of Frantar et al. (IST-DASLab/gptq ``gptq.py``), weight only, with one change: the
+salient columns are moved to the end of the processing order and never quantized. Every quantized
+column's rounding error is spread over all columns that come after it, salient ones included
+(``W[:, later] -= err * Hinv[i, later] / Hinv[i, i]``), so the full-precision columns absorb part of
+the error of the others, as OWQ does. Their final values are the updated ones.
+
+Group membership is always ``j // group_size`` (a standard ``g_idx`` for GPTQ v1 export), and grid
+parameters are computed on the non-salient columns only. *When* they are computed is a choice:
+
+* static groups (``dynamic_groups=False``): from the original weight before any update, so act-order
+  is a pure change of processing order;
+* dynamic groups (``dynamic_groups=True``, what the GPTQ tools do without act-order): when GPTQ
+  reaches a group's first column, from the group's weights *as already updated* by the error of all
+  earlier columns. At 3 bits those updates are large and a grid fitted before them is badly placed.
+  Blocks are cut at group boundaries so a whole group is in hand when its parameters are fitted.
+  IST-DASLab/gptq and gptqmodel fit a group on the full matrix, which lags behind by the updates of
+  the earlier columns of the current block; the two agree when a group spans whole blocks (group 128,
+  block 128: tested equal to gptqmodel's ``GPTQ`` class) and ours sees more of the update otherwise.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize, row_params
+
+log = logging.getLogger(__name__)
+
+
+def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Column order: non-salient columns (by decreasing Hessian diagonal with act-order), then salient."""
+    n = h_diag.numel()
+    is_salient = torch.zeros(n, dtype=torch.bool, device=h_diag.device)
+    is_salient[salient_idx] = True
+    rest = torch.nonzero(~is_salient).flatten()
+    if act_order:
+        rest = rest[torch.argsort(h_diag[rest], descending=True, stable=True)]
+    return torch.cat([rest, salient_idx.to(rest.device)])
+
+
+def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make ``H`` positive definite: dead inputs get weight 0 and unit curvature, then ``+ damp * mean(diag H) * I``."""
+    h = h.clone()
+    w = w.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    return h, w
+
+
+def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` in float32, as the GPTQ tools compute it.
+
+    Row ``i`` holds the OBS update for column ``i`` given columns ``< i`` fixed. Damping bounds the
+    condition number by about ``in_features / damp``; should float32 still fail to factor, float64 does.
+    """
+    chol, info = torch.linalg.cholesky_ex(h.float())
+    if info != 0:
+        log.warning("GPTQ: the damped Hessian (%d inputs) did not factor in float32; using float64", h.shape[0])
+        chol, info = torch.linalg.cholesky_ex(h.double())
+    if info != 0:
+        raise ValueError(f"quant.damp: the damped Hessian ({h.shape[0]} inputs) is not positive definite even in "
+                         "float64; raise quant.damp (the GPTQ tools use 0.01-0.1)")
+    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+
+
+@torch.no_grad()
+def gptq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    grid: Grid,
+    salient_idx: torch.Tensor,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    dynamic_groups: bool = False,
+) -> QuantizedWeight:
+    """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in)."""
+    n_in, bits = w.shape[1], grid.bits
+    dynamic = dynamic_groups and grid.group_size != -1
+    if dynamic and act_order:
+        raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
+    h, w = dampen(h.float(), w.float(), damp)
+    scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
+    col_scale = expand_groups(scale, grid.group_size, n_in)
+    col_zero = expand_groups(zero, grid.group_size, n_in)
+
+    perm = processing_order(torch.diag(h), salient_idx, act_order)
+    w = w[:, perm].clone()
+    h = h[perm][:, perm]
+    s, z = col_scale[:, perm], col_zero[:, perm]
+    hinv = inverse_cholesky(h)
+
+    n_q = n_in - salient_idx.numel()
+    cuts, group_end = list(range(0, n_q, block_size)), {}
+    if dynamic:  # positions where a group starts; blocks of whole groups
+        group_of = (perm[:n_q] // grid.group_size).tolist()
+        starts = [p for p in range(n_q) if p == 0 or group_of[p] != group_of[p - 1]]
+        group_end = dict(zip(starts, starts[1:] + [n_q]))
+        cuts = starts[:: max(1, block_size // grid.group_size)]
+    codes = torch.zeros_like(w)
+    for i1, i2 in zip(cuts, cuts[1:] + [n_q]):
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if i1 + i in group_end:  # dynamic groups: fit this group on its current weights
+                j1, j2 = i1 + i, group_end[i1 + i]
+                gs, gz = row_params(w1[:, i : i + j2 - j1], grid)
+                s[:, j1:j2], z[:, j1:j2] = gs, gz
+                scale[:, group_of[j1]], zero[:, group_of[j1]] = gs[:, 0], gz[:, 0]
+            col = w1[:, i]
+            q = quantize(col, s[:, i1 + i], z[:, i1 + i], bits)
+            codes[:, i1 + i] = q
+            err = (col - s[:, i1 + i] * (q - z[:, i1 + i])) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return finalize(w[:, inv], codes[:, inv], scale, zero, grid, salient_idx)

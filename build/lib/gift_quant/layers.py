@@ -1,0 +1,197 @@
+"""The GIFT-SW layer: a frozen base plus trainable salient columns (PEFT-style wrapper).
+
+    y = x @ base(W)^T + x[..., idx] @ W_s^T (+ bias)
+
+* ``base`` is the frozen non-salient part, zero on the salient columns: integer codes with per-row
+  or per-group scale/zero (``QuantBase``, one byte a weight) after quantization, or the original
+  dense weight (``DenseBase``) for full-precision / pre-quantization GIFT-SW.
+* ``salient_weight`` (out, k) is the only trainable parameter, kept in float32 (the optimizer's master
+  copy) whatever the compute dtype. Its gradient comes from the small product with the gathered
+  inputs: no full weight gradient is ever formed.
+* In training mode noise is added to the base (see ``noise.py``); the frozen product is a custom
+  autograd function that rebuilds the dequantized, noised weight from a seed in the backward pass
+  instead of keeping it alive between forward and backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import NoiseKind, draw, noise_step
+from .quantize import QuantizedWeight, dequantize, expand_groups, nonsalient_mask
+
+
+class QuantBase(nn.Module):
+    """Codes (uint8) and grid parameters of the non-salient weights; salient codes sit at the zero point."""
+
+    def __init__(self, qw: QuantizedWeight):
+        super().__init__()
+        codes = qw.codes.clone()
+        zero_cols = expand_groups(qw.zero, qw.group_size, codes.shape[1])[:, qw.salient_idx]
+        codes[:, qw.salient_idx] = zero_cols.to(torch.uint8)  # dequantizes to exactly 0
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", qw.scale.float().clone())
+        self.register_buffer("zero", qw.zero.float().clone())
+        self.bits, self.group_size = qw.bits, qw.group_size
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        n = self.codes.shape[1]
+        s = expand_groups(self.scale, self.group_size, n).to(dtype)
+        z = expand_groups(self.zero, self.group_size, n).to(dtype)
+        return dequantize(self.codes.to(dtype), s, z)
+
+
+class DenseBase(nn.Module):
+    """The original weight, frozen, with the salient columns zeroed."""
+
+    def __init__(self, weight: torch.Tensor, salient_idx: torch.Tensor):
+        super().__init__()
+        w = weight.detach().clone()
+        w[:, salient_idx] = 0
+        self.register_buffer("dense", w)
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.dense.to(dtype)
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """``x @ W^T`` for a frozen ``W = layer.base_weight(seed)`` rebuilt in backward, not saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "SalientLinear", seed: int) -> torch.Tensor:
+        ctx.layer, ctx.seed = layer, seed
+        return F.linear(x, layer.base_weight(x.dtype, seed))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        w = ctx.layer.base_weight(grad_out.dtype, ctx.seed)
+        return grad_out @ w, None, None
+
+
+class SalientLinear(nn.Module):
+    """Drop-in replacement of ``nn.Linear`` for GIFT-SW (see module docstring)."""
+
+    def __init__(
+        self,
+        base: QuantBase | DenseBase,
+        salient_idx: torch.Tensor,
+        salient_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        noise_step_: torch.Tensor,
+        noise: NoiseKind = "gaussian",
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.base = base
+        self.dtype = dtype  # of the linear it replaces: what merge_to_dense gives back
+        self.register_buffer("salient_idx", salient_idx.long().clone())
+        self.salient_weight = nn.Parameter(salient_weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("noise_step", noise_step_.float().clone())  # (out, 1): Delta of the noise grid
+        self.noise = noise
+        self.noise_factor = 1.0  # multiplies the noise; a schedule may anneal it
+        self.out_features = salient_weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.base.codes.shape[1] if isinstance(self.base, QuantBase) else self.base.dense.shape[1]
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, noise: NoiseKind, noise_bits: int,
+                       dtype: torch.dtype = torch.float32) -> "SalientLinear":
+        base = QuantBase(qw)
+        mask = nonsalient_mask(qw.codes.shape[1], qw.salient_idx)
+        step = noise_step(base.weight(torch.float32), mask, noise_bits, noise)
+        return cls(base, qw.salient_idx, qw.salient_weight, bias, step, noise, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, salient_idx: torch.Tensor, noise: NoiseKind, noise_bits: int) -> "SalientLinear":
+        """Full-precision variant: the original weight stays dense; noise from a ``noise_bits`` grid."""
+        w = linear.weight.detach()
+        mask = nonsalient_mask(w.shape[1], salient_idx)
+        step = noise_step(w, mask, noise_bits, noise)
+        return cls(DenseBase(w, salient_idx), salient_idx, w[:, salient_idx], linear.bias, step, noise, w.dtype)
+
+    def noise_mask(self) -> torch.Tensor:
+        return nonsalient_mask(self.in_features, self.salient_idx)
+
+    def base_weight(self, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
+        """Dense frozen weight (salient columns zero), plus the noise of ``seed`` if given."""
+        w = self.base.weight(dtype)
+        if seed is not None:
+            step = self.noise_step * self.noise_factor
+            w = w + draw(self.noise, step, self.noise_mask(), w.shape, seed, dtype)
+        return w
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense mixed weight used in eval mode."""
+        w = self.base.weight(self.salient_weight.dtype).clone()
+        w[:, self.salient_idx] = self.salient_weight.detach()
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noisy = self.training and self.noise != "none" and self.noise_factor > 0
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if noisy else None
+        y = _FrozenProduct.apply(x, self, seed)
+        y = y + x[..., self.salient_idx] @ self.salient_weight.to(x.dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        kind = "quantized" if isinstance(self.base, QuantBase) else "dense"
+        return f"in={self.in_features}, out={self.out_features}, k={self.salient_idx.numel()}, base={kind}, noise={self.noise}"
+
+
+def replace_linears(model: nn.Module, make: dict[str, callable]) -> None:
+    """Replace the modules named in ``make`` by ``make[name](old_module)`` and freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for name, factory in make.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        setattr(parent, child, factory(modules[name]))
+
+
+def wrap_quantized(model: nn.Module, results: dict[str, QuantizedWeight], noise: NoiseKind, noise_bits: int,
+                   device: torch.device | str | None = None) -> None:
+    """Post-quantization GIFT-SW: every quantized linear becomes a ``SalientLinear`` on its codes, built on
+    ``device`` (default: the codes'), where the noise grid's clipping search runs."""
+    def make(lin: nn.Linear, qw: QuantizedWeight) -> SalientLinear:
+        bias = None if lin.bias is None else lin.bias.to(device or qw.codes.device)
+        return SalientLinear.from_quantized(qw.to(device) if device else qw, bias, noise, noise_bits, lin.weight.dtype)
+
+    replace_linears(model, {name: (lambda lin, qw=qw: make(lin, qw)) for name, qw in results.items()})
+
+
+def wrap_full_precision(model: nn.Module, salient: dict[str, torch.Tensor], noise: NoiseKind, noise_bits: int,
+                        device: torch.device | str | None = None) -> None:
+    """Full-precision / pre-quantization GIFT-SW: dense frozen base, noise from a ``noise_bits`` grid; each
+    layer built on ``device`` (default: where it is)."""
+    def make(lin: nn.Linear, idx: torch.Tensor) -> SalientLinear:
+        if device is not None:
+            lin, idx = lin.to(device), idx.to(device)
+        return SalientLinear.from_linear(lin, idx, noise, noise_bits)
+
+    replace_linears(model, {name: (lambda lin, idx=idx: make(lin, idx)) for name, idx in salient.items()})
+
+
+def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
+
+
+def merge_to_dense(model: nn.Module) -> None:
+    """Replace every ``SalientLinear`` by an ``nn.Linear`` holding its effective weight, in the dtype of
+    the linear it replaced."""
+    for name, layer in salient_layers(model).items():
+        w = layer.effective_weight().to(layer.dtype)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
+        lin.weight.data.copy_(w)
+        if layer.bias is not None:
+            lin.bias.data.copy_(layer.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)

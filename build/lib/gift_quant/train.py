@@ -1,0 +1,309 @@
+"""GIFT-SW training: only the salient columns learn, on an accelerate loop.
+
+The same code runs on one process or under ``accelerate launch`` / ``torchrun`` (DDP; gloo on
+CPU). The global batch is ``micro_batch_size x grad_accum x world_size``; which examples a rank sees
+at a step is a pure function of (seed, step, rank), so a resumed run sees the same data.
+
+Checkpoints (every ``checkpoint_every`` steps and at the end) hold the trainable weights
+(safetensors), optimizer and scheduler state, each rank's RNG states and the ``key`` of what they
+were trained from (a hash of the recipe sections); they are written into a temporary folder and
+renamed, and ``latest`` names the newest complete one. A resume reads a whole checkpoint before it
+touches the model, falls back to the previous one when the newest is damaged, and refuses one of a
+different key. A non-finite loss stops the run before the optimizer step, so the last checkpoint
+stays the last good one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .layers import salient_layers
+from .recipe import RecipeError, TrainSpec
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message names the step and the checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------- data
+
+def text_examples(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed plain text: consecutive windows, every token a label."""
+    n = tokens.numel() // seq_len
+    ids = tokens[: n * seq_len].reshape(n, seq_len)
+    return ids, ids.clone()
+
+
+def chat_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat data through the tokenizer's chat template; labels only on assistant turns (else -100)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    all_ids, all_labels = [], []
+    for msgs in conversations:
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        labels = [-100] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(_template(tokenizer, msgs[:i], generation_prompt=True))
+            end = len(_template(tokenizer, msgs[: i + 1], generation_prompt=False))
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        fill = seq_len - len(ids)
+        all_ids.append(ids + [pad] * fill)
+        all_labels.append(labels + [-100] * fill)
+    return torch.tensor(all_ids), torch.tensor(all_labels)
+
+
+def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Examples of (step, micro-batch, rank): a seeded permutation per epoch, read in order."""
+    start = ((step * spec.grad_accum + micro) * world + rank) * spec.micro_batch_size
+    idx = []
+    for pos in range(start, start + spec.micro_batch_size):
+        epoch, i = divmod(pos, n)
+        idx.append(int(_epoch_order(n, seed, epoch)[i]))
+    return torch.tensor(idx)
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded order of one epoch, drawn once (not once per example)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched, key: str = "") -> None:
+    """Atomic: everything goes to ``.tmp-<step>`` first; ``latest`` is updated after the rename."""
+    tmp, final = folder / f".tmp-{step}", folder / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (folder / "latest.tmp").write_text(final.name)
+        os.replace(folder / "latest.tmp", folder / "latest")
+        for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _read_checkpoint(ck: Path, rank: int) -> dict:
+    """Every file of one checkpoint, read and parsed (nothing applied yet)."""
+    return {"trainable": load_file(ck / "trainable.safetensors"),
+            "optim": torch.load(ck / "optim.pt", weights_only=True),
+            "rng": torch.load(ck / f"rng-{rank}.pt", weights_only=True),
+            "state": json.loads((ck / "state.json").read_text())}
+
+
+def check_resumable(folder: Path, key: str) -> None:
+    """Refuse a training folder whose newest checkpoint was trained from other recipe sections."""
+    state = Path(folder) / "checkpoints" / "latest"
+    if not state.exists():
+        return
+    ck = state.parent / state.read_text().strip()
+    try:
+        saved = json.loads((ck / "state.json").read_text()).get("key", "")
+    except (OSError, json.JSONDecodeError):
+        return  # damaged: load_checkpoint falls back to an older one and checks that
+    if saved != key:
+        raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+                          f"rerun with --from train to start the training again")
+
+
+def load_checkpoint(accelerator, folder: Path, model, opt, sched, key: str = "") -> int:
+    """Restore the newest readable checkpoint; return its step (0 when there is none).
+
+    The one ``latest`` names is tried first, then the older ones; a damaged one is skipped with a
+    warning. A checkpoint trained from other recipe sections (``key``) is refused."""
+    pointer = folder / "latest"
+    if not pointer.exists():
+        return 0
+    newest = folder / pointer.read_text().strip()
+    older = sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]), reverse=True)
+    for ck in [newest] + [p for p in older if p != newest]:
+        try:
+            saved = _read_checkpoint(ck, accelerator.process_index)
+        except Exception as e:  # noqa: BLE001 (any damage: truncated, missing, not parseable)
+            log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", ck, type(e).__name__, e)
+            continue
+        if saved["state"].get("key", "") != key:
+            raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+                              f"rerun with --from train to start the training again")
+        params = dict(accelerator.unwrap_model(model).named_parameters())
+        with torch.no_grad():
+            for n, t in saved["trainable"].items():
+                params[n].copy_(t)
+        opt.load_state_dict(saved["optim"]["optimizer"])
+        sched.load_state_dict(saved["optim"]["scheduler"])
+        _set_rng_state(saved["rng"])
+        log.info("resumed from %s (step %d)", ck, saved["state"]["step"])
+        return saved["state"]["step"]
+    raise TrainingError(f"no readable checkpoint in {folder}; rerun with --from train")
+
+
+# ----------------------------------------------------------------------------- loop
+
+def noise_factor(spec: TrainSpec, step: int) -> float:
+    return 1.0 if spec.noise_schedule == "constant" else max(0.0, 1.0 - step / spec.steps)
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` per token, averaged over the tokens that carry a label."""
+    keep = labels[:, 1:] != -100
+    s = F.log_softmax(student[:, :-1][keep].float() / temperature, -1)
+    t = F.log_softmax(teacher[:, :-1][keep].float() / temperature, -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def train(
+    model: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    spec: TrainSpec,
+    out_dir: Path,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
+    key: str = "",
+) -> dict:
+    """Train the parameters of ``model`` that require grad; return timing and loss summary.
+
+    ``device``: where to train (default: the GPU when there is one); under ``accelerate launch`` each
+    process takes the GPU accelerate gives it. The teacher goes to the same device, in bfloat16 when
+    training in bf16. ``key`` identifies what the model was built from; checkpoints of another key are
+    refused on resume."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if on_gpu and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoints"
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
+                          num_training_steps=spec.steps)
+    model, opt = accelerator.prepare(model, opt)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
+    start = load_checkpoint(accelerator, ckpt, model, opt, sched, key)
+    layers = list(salient_layers(accelerator.unwrap_model(model)).values())
+    model.train()
+
+    log_path = out_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = log_path.read_text().splitlines() if start and log_path.exists() else []
+        # steps after the checkpoint are run again: drop their lines
+        log_path.write_text("".join(x + "\n" for x in kept if x and json.loads(x)["step"] <= start))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
+    t_start, tokens, loss_v = time.time(), 0, float("nan")
+    for step in bar:
+        t0 = time.time()
+        for layer in layers:
+            layer.noise_factor = noise_factor(spec, step)
+        step_loss = 0.0
+        for micro in range(spec.grad_accum):
+            idx = batch_indices(len(ids), step, micro, spec, rank, world, seed)
+            x, y = ids[idx].to(accelerator.device), labels[idx].to(accelerator.device)
+            ctx = accelerator.no_sync(model) if micro < spec.grad_accum - 1 else nullcontext()
+            with ctx, accelerator.autocast():
+                out = model(input_ids=x, labels=y, use_cache=False)
+                loss = out.loss
+                if teacher is not None and spec.distill > 0:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=x, use_cache=False).logits
+                    loss = loss + spec.distill * distill_loss(out.logits, t_logits, y, spec.distill_temperature)
+                accelerator.backward(loss / spec.grad_accum)
+            step_loss += loss.item() / spec.grad_accum
+            tokens += x.numel() * world
+        losses = accelerator.gather(torch.tensor([step_loss], device=accelerator.device))
+        if not torch.isfinite(losses).all():
+            last = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else "none"
+            raise TrainingError(f"step {step + 1}: the loss is {losses.tolist()} (not finite); stopped before the "
+                                f"optimizer step, last good checkpoint kept: {last}. Lower train.lr or set "
+                                f"train.max_grad_norm, then rerun (it resumes from there)")
+        if spec.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_v = step_loss
+        dt = time.time() - t0
+        rec = {"step": step + 1, "loss": loss_v, "lr": sched.get_last_lr()[0],
+               "tokens_per_s": spec.micro_batch_size * spec.grad_accum * world * ids.shape[1] / dt,
+               "s_per_step": dt, "noise_factor": noise_factor(spec, step)}
+        if accelerator.is_main_process:
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{rec['lr']:.2e}")
+            if (step + 1) % spec.log_every == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            save_checkpoint(accelerator, ckpt, step + 1, model, opt, sched, key)
+        if on_step is not None:
+            on_step(step + 1, loss_v)
+    model.eval()
+    wall = time.time() - t_start
+    return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start, "processes": world,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0}

@@ -1,0 +1,1 @@
+"""lm-eval task templates (YAML), installed as the package data of gift_quant.tasks."""

@@ -1,0 +1,36 @@
+"""The command line as a user meets it: quiet start, JSON on stdout, named recipes, named extras."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import gift_quant
+from gift_quant.evaluate import require
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "gift_quant.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_version_prints_nothing_else():
+    out = _cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"gift-quant {gift_quant.__version__}"
+    assert out.stderr == ""  # no import-time warnings of other libraries
+
+
+def test_plan_of_a_shipped_recipe_by_name_prints_json_only():
+    out = _cli("plan", "llama-2-7b-w3", "--device", "cpu", "-q")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)  # stdout is the JSON alone; the table went to stderr
+    assert result["params"] == 6_738_415_616 and "memory plan on cpu" in out.stderr
+    bad = _cli("plan", "no-such-recipe")
+    assert bad.returncode == 2 and "shipped: gemma-2-9b-w3" in bad.stderr and bad.stdout == ""
+
+
+def test_a_missing_extra_is_named():
+    with pytest.raises(ImportError, match=r"not_installed_xyz is not installed; install the extra: "
+                                          r"pip install 'gift-quant\[eval\]'"):
+        require("not_installed_xyz", "eval")
