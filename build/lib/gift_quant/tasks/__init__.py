@@ -1,1 +1,0 @@
-"""lm-eval task templates (YAML), installed as the package data of gift_quant.tasks."""
