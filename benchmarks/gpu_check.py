@@ -117,7 +117,7 @@ def _train_row(label: str, model: nn.Module, spec: TrainSpec, device: torch.devi
     ids = torch.randint(0, vocab, (8, spec.seq_len), generator=torch.Generator().manual_seed(1))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with devices.peak(device) as used:
-        summary = train(model, ids, ids.clone(), spec, work / label.replace(" ", "_"), device=device)
+        train(model, ids, ids.clone(), spec, work / label.replace(" ", "_"), device=device)
     log = [json.loads(x) for x in (work / label.replace(" ", "_") / "train_log.jsonl").read_text().splitlines()]
     steady = log[1:] or log
     row = {"step": f"train step: {label}", "trainable": trainable,

