@@ -26,7 +26,8 @@ import torch
 
 import gift_quant  # noqa: F401  registers quant_method "gift" with transformers
 from gift_quant.compress import collect_stats, quantize_with_stats
-from gift_quant.export import bits_per_weight, export_gift, export_gptq_lora, storage
+from gift_quant.export import bits_per_weight, export_gptq_lora, storage
+from gift_quant.gift_format import export_gift
 from gift_quant.recipe import QuantSpec, SaliencySpec
 from gift_quant.sources import C4, SMOLLM2, load_model, read_text, sample_windows, tokenize
 

@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from .export import load  # noqa: E402,F401  the native checkpoint loader: gift_quant.load(path)
+from .gift_format import load  # noqa: E402,F401  the native checkpoint loader: gift_quant.load(path)
 from . import hf_quantizer  # noqa: E402,F401  registers quant_method "gift" with transformers

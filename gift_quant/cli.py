@@ -79,7 +79,7 @@ def _load_any(ref: str):
     folder = Path(ref)
     config = folder / "config.json"
     if config.exists() and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "gift":
-        from .export import load
+        from .gift_format import load
 
         return load(folder)
     if (folder / "adapter" / "adapter_config.json").exists():

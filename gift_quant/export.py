@@ -1,49 +1,26 @@
-"""Writing and reading model outputs: quantized layers and dense checkpoints, atomically.
+"""The run's quantized layers on disk, the GPTQ v1 + LoRA exporter, and what exports cost in bits.
 
 ``save_quantized`` / ``load_quantized`` keep every ``QuantizedWeight`` of a run (codes as uint8,
 not yet bit-packed) in one safetensors file; shapes and dtypes are checked on load and a missing
-or malformed tensor is named in the error.
+or malformed tensor is named in the error. The native ``gift`` format is ``gift_format``.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .integrity import sha256
 from .quantize import QuantizedWeight
 
 _FIELDS = ("codes", "scale", "zero", "salient_idx", "salient_weight")
-# dtype of each tensor of a ``gift`` layer (GPTQ v1 packing plus the salient columns)
-GIFT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
-               "salient_weight": torch.float16, "salient_idx": torch.int32}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt or does not match its description."""
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_quantized(results: dict[str, QuantizedWeight], path: Path) -> None:
@@ -55,7 +32,7 @@ def save_quantized(results: dict[str, QuantizedWeight], path: Path) -> None:
     save_file(tensors, str(path), metadata={"layers": json.dumps(meta)})
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         from safetensors import safe_open
 
@@ -68,7 +45,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_quantized(path: Path) -> dict[str, QuantizedWeight]:
-    tensors, meta = _read(Path(path))
+    tensors, meta = read_safetensors(Path(path))
     if "layers" not in meta:
         raise CheckpointError(f"{path}: no 'layers' metadata; not written by gift_quant.save_quantized")
     out = {}
@@ -103,9 +80,6 @@ def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
     return bits / weights
 
 
-_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
-                  "BOOL": torch.bool}
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "U8": 8, "I8": 8, "BOOL": 8}
 
 
@@ -131,7 +105,7 @@ def storage(folder: Path, layers: dict[str, tuple[int, int]]) -> dict:
     return {"bytes": total_bytes, "linear_bits_per_weight": linear_bits / weights}
 
 
-def _base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
+def base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` except the quantized linears' weights (tied lm_head left to the config)."""
     state = {}
     for k, v in model.state_dict().items():
@@ -164,7 +138,7 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
     groups = {qw.group_size for qw in results.values()}
     if len(bits) != 1 or len(groups) != 1:
         raise ValueError(f"a GPTQ checkpoint has one bit width and group size; got bits {bits}, groups {groups}")
-    state = _base_state(model, set(results))
+    state = base_state(model, set(results))
     lora, ranks = {}, {}
     for name, qw in results.items():
         state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
@@ -193,173 +167,3 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
                    alpha_pattern=ranks, inference_mode=True).save_pretrained(out / "adapter")
         save_file({k: v.to(dtype) for k, v in lora.items()}, str(out / "adapter" / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
-
-
-def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> None:
-    """The native compact folder: GPTQ v1 packed non-salient grid plus ``salient_weight`` (fp16) and
-    ``salient_idx`` (int32) per layer; ``config.json`` carries ``quantization_config.quant_method = gift``.
-    ``model`` supplies every other tensor (dense linears are skipped)."""
-    from . import __version__
-    from .pack import to_gptq_v1
-
-    state = _base_state(model, set(results))
-    layers = {}
-    for name, qw in results.items():
-        state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
-        state[f"{name}.salient_weight"] = qw.salient_weight.to(torch.float16).contiguous()
-        state[f"{name}.salient_idx"] = qw.salient_idx.to(torch.int32)
-        layers[name] = {"k": qw.salient_idx.numel(), "in": qw.codes.shape[1], "out": qw.codes.shape[0]}
-    bits, group = {qw.bits for qw in results.values()}, {qw.group_size for qw in results.values()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "gift", "bits": bits.pop(), "group_size": group.pop(),
-                                     "sym": True, "checkpoint_format": "gptq", "version": __version__,
-                                     "layers": layers, "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
-                                     **extra_config}
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    tokenizer.save_pretrained(out)
-
-
-def gift_config(path: Path, qc: dict | None) -> tuple[int, int]:
-    """``(bits, group_size)`` of a ``gift`` folder's ``quantization_config``, checked."""
-    qc = qc or {}
-    if qc.get("quant_method") != "gift":
-        raise CheckpointError(f"{path}/config.json: quantization_config.quant_method is {qc.get('quant_method')!r}, "
-                              f"expected 'gift'; load other checkpoints with transformers")
-    bits, group = qc.get("bits"), qc.get("group_size")
-    if bits not in (2, 3, 4, 8):
-        raise CheckpointError(f"{path}/config.json: quantization_config.bits = {bits}; expected 2, 3, 4 or 8")
-    if group != -1 and (not isinstance(group, int) or group < 1):
-        raise CheckpointError(f"{path}/config.json: quantization_config.group_size = {group}; expected -1 or > 0")
-    return bits, group
-
-
-def check_gift_file(path: Path, qc: dict) -> None:
-    """The ``gift`` folder's ``model.safetensors`` against the sha256 its config recorded (a truncated or
-    damaged file is named here, before any loader reads it)."""
-    file = Path(path) / "model.safetensors"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    recorded = (qc.get("sha256") or {}).get("model.safetensors")
-    if recorded is None:
-        raise CheckpointError(f"{path}/config.json: quantization_config has no sha256 of model.safetensors; "
-                              f"export it again with gift-quant (recover --from export)")
-    if sha256(file) != recorded:
-        raise CheckpointError(f"{file}: sha256 differs from the one in config.json; the file is damaged or truncated")
-
-
-def expected_tensors(model, qc: dict) -> set[str]:
-    """Every tensor name a ``gift`` file must hold for ``model`` (the model with its linears unreplaced)."""
-    bits, group = qc["bits"], qc["group_size"]
-    names = {f"{n}.{f}" for n, shape in qc["layers"].items() for f in packed_shapes(shape, bits, group)}
-    for k in model.state_dict():
-        module, _, leaf = k.rpartition(".")
-        if module in qc["layers"]:
-            if leaf == "bias":
-                names.add(k)
-            continue
-        if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)):
-            names.add(k)
-    return names
-
-
-def check_dtype(path: Path, name: str, field: str, dtype: torch.dtype | str) -> None:
-    """A ``gift`` layer tensor has the dtype of the format (``dtype``: torch's, or a safetensors header's)."""
-    dtype = _HEADER_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype != GIFT_DTYPES[field]:
-        raise CheckpointError(f"{path}: tensor {name}.{field} is {dtype}, expected {GIFT_DTYPES[field]}")
-
-
-def check_complete(path: Path, expected: set[str], present: set[str]) -> None:
-    """Every tensor a ``gift`` folder must hold is in its file (no loader may re-initialise one)."""
-    absent = sorted(expected - present)
-    if absent:
-        raise CheckpointError(f"{path}/model.safetensors: missing tensor {absent[0]}"
-                              + (f" and {len(absent) - 1} more" if len(absent) > 1 else ""))
-
-
-def verify_gift(path: Path) -> list[str]:
-    """Problems of a ``gift`` folder (checksum, missing tensors, bad indices), one line each."""
-    try:
-        load(path)
-    except (CheckpointError, OSError, ValueError) as e:
-        return [str(e)]
-    return []
-
-
-def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's tensors in a ``gift`` folder (``shape``: its ``in``, ``out``, ``k``)."""
-    n_in, n_out, k = shape["in"], shape["out"], shape["k"]
-    n_groups = 1 if group == -1 else -(-n_in // group)
-    return {"qweight": ((-(-n_in // 32)) * bits, n_out), "qzeros": (n_groups, (-(-n_out // 32)) * bits),
-            "scales": (n_groups, n_out), "g_idx": (n_in,), "salient_weight": (n_out, k), "salient_idx": (k,)}
-
-
-def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.Tensor], shape: dict, bits: int,
-                               group: int, noise: str = "none", noise_bits: int = 4):
-    """One ``SalientLinear`` from its packed tensors (``tensors``: field -> tensor, ``bias`` optional),
-    after checking every name and shape against ``config.json``."""
-    from .layers import SalientLinear
-    from .pack import from_gptq_v1
-
-    for field, want in packed_shapes(shape, bits, group).items():
-        t = tensors.get(field)
-        if t is None or t.is_meta:
-            raise CheckpointError(f"{path}: missing tensor {name}.{field}")
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"{path}: tensor {name}.{field} has shape {tuple(t.shape)}, expected {want} "
-                                  f"for {bits}-bit, group {group} (config.json)")
-        check_dtype(path, name, field, t.dtype)
-    idx = tensors["salient_idx"].long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= shape["in"]):
-        raise CheckpointError(f"{path}: tensor {name}.salient_idx holds column indices outside 0..{shape['in'] - 1}")
-    if idx.unique().numel() != idx.numel():
-        raise CheckpointError(f"{path}: tensor {name}.salient_idx repeats a column")
-    codes, scale, zero = from_gptq_v1(tensors, bits, shape["in"], shape["out"])
-    if int(codes.max()) >= 2**bits:
-        raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
-    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group,
-                         salient_idx=tensors["salient_idx"].long(), salient_weight=tensors["salient_weight"].float())
-    bias = tensors.get("bias")
-    return SalientLinear.from_quantized(qw, None if bias is None else bias.float(), noise, noise_bits)
-
-
-def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
-    """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
-
-    ``noise``/``noise_bits``: the noise of a further GIFT-SW fine-tuning (``none`` for inference).
-    Every tensor name, shape and dtype is checked against ``config.json`` before use. After
-    ``import gift_quant``, ``AutoModelForCausalLM.from_pretrained(path)`` gives the same model
-    (see ``gift_quant.hf_quantizer``)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .layers import replace_linears
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    qc = getattr(config, "quantization_config", None)
-    qc = qc.to_dict() if hasattr(qc, "to_dict") else qc
-    bits, group = gift_config(path, qc)
-    check_gift_file(path, qc)
-    tensors, _ = _read(path / "model.safetensors")
-    del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    check_complete(path, expected_tensors(model, qc), set(tensors))
-    layers = {}
-    for name, shape in qc["layers"].items():
-        fields = {f: tensors.pop(f"{name}.{f}") for f in (*packed_shapes(shape, bits, group), "bias")
-                  if f"{name}.{f}" in tensors}
-        layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits)
-    replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
-    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in layers
-               and not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the model of config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval(), AutoTokenizer.from_pretrained(path)

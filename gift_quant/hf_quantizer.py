@@ -16,8 +16,9 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .export import (GIFT_DTYPES, CheckpointError, check_complete, check_dtype, check_gift_file, expected_tensors,
-                     gift_config, packed_shapes, salient_linear_from_packed)
+from .export import CheckpointError
+from .gift_format import (GIFT_DTYPES, check_complete, check_dtype, check_gift_file, expected_tensors, gift_config,
+                          packed_shapes, salient_linear_from_packed)
 from .layers import replace_linears
 
 

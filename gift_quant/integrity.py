@@ -51,7 +51,8 @@ def read_json(path: Path) -> dict:
 
 def verify(path: Path) -> list[str]:
     """Everything wrong with a run folder, a stage folder or an export folder (empty: all good)."""
-    from .export import CheckpointError, verify_gift
+    from .export import CheckpointError
+    from .gift_format import verify_gift
 
     path = Path(path)
     if not path.is_dir():

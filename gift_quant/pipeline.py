@@ -23,15 +23,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__, devices
+from . import devices
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
-from .export import (CheckpointError, atomic_dir, bits_per_weight, export_gift, export_gptq_lora, load_quantized,
-                     save_quantized, storage)
+from .export import CheckpointError, bits_per_weight, export_gptq_lora, load_quantized, save_quantized, storage
+from .gift_format import export_gift
 from .integrity import check_hashes, file_hashes, read_json
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from .recipe import Recipe, RecipeError, SaliencySpec
+from . import rundir
+from .rundir import atomic_dir
 from .saliency import resolve_k
 from .sources import (SourceError, check_text, load_model, load_tokenizer, read_records, read_text, resolve_model,
                       sample_windows, tokenize, unreachable)
@@ -126,46 +128,18 @@ class Run:
         problems = check_hashes(self.stage(name), saved.get("files", {}))
         if problems:
             raise CheckpointError(f"stage '{name}': {problems[0]}; rerun with --from {name}")
-        now = self.versions()
+        now = rundir.versions()
         changed = {k: (v, now.get(k)) for k, v in saved.get("versions", {}).items() if now.get(k) != v}
         if changed:
             log.warning("stage %s was run with other package versions (then, now): %s", name, changed)
         return True
 
-    @staticmethod
-    def versions() -> dict[str, str]:
-        import transformers
-
-        return {"gift_quant": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
     def lock(self):
-        """An exclusive lock on the run folder (``filelock``: released by the OS when its process dies, so a
-        killed run leaves no stale lock); a second run is refused at once, naming the holder."""
-        import os
-        import socket
-
-        from filelock import FileLock, Timeout
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        lock, holder = FileLock(self.dir / ".lock", timeout=0), self.dir / ".lock.holder"
-        try:
-            lock.acquire()
-        except Timeout:
-            who = holder.read_text().strip() if holder.exists() else "another process"
-            raise RecipeError(f"run folder {self.dir} is in use by {who}; wait for it to finish, or set "
-                              f"output_dir (or name) to another folder") from None
-        holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        return lock
-
-    def remove_leftovers(self) -> None:
-        """Temporary folders of a killed run (stages, checkpoints) are removed; complete ones are never touched."""
-        for tmp in [*self.dir.glob(".*.tmp-*"), *(self.dir / "train.work" / "checkpoints").glob(".tmp-*")]:
-            log.info("removing %s, left by an interrupted run", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+        return rundir.lock(self.dir)
 
     def manifest(self, name: str, seconds: float, files: dict[str, str], extra: dict | None = None) -> dict:
         return {"stage": name, "key": self.recipe.digest(*depends(self.recipe, name)), "seconds": seconds,
-                "versions": self.versions(), "files": files, **(extra or {})}
+                "versions": rundir.versions(), "files": files, **(extra or {})}
 
     def load_fp(self):
         r = self.recipe.model
@@ -499,7 +473,7 @@ def _prepare(run: Run, order: list[str], from_stage: str | None) -> None:
         for stage in ("train", "lora"):
             if stage in order and order.index(from_stage) <= order.index(stage):
                 shutil.rmtree(run.dir / f"{stage}.work", ignore_errors=True)
-    run.remove_leftovers()
+    rundir.remove_leftovers(run.dir)
     for name in order:
         run.is_done(name)
     for stage in ("train", "lora"):
@@ -552,7 +526,7 @@ def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
     run = Run(recipe)
     _check_plan(run)
     with run.lock():
-        run.remove_leftovers()
+        rundir.remove_leftovers(run.dir)
         if not run.is_done("quantize"):
             _run_stage(run, "quantize")
     model, tok = recovered_model(run, trained=False)

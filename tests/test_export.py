@@ -102,7 +102,7 @@ def test_gift_folder_round_trip_and_config_checks(tmp_path):
     import json
 
     import gift_quant
-    from gift_quant.export import export_gift
+    from gift_quant.gift_format import export_gift
 
     model, tok, results = quantized_tiny(3, 32)
     export_gift(model, tok, results, tmp_path / "n", {})
@@ -134,7 +134,7 @@ def test_gift_folder_loads_with_transformers_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
 
     import gift_quant
-    from gift_quant.export import export_gift
+    from gift_quant.gift_format import export_gift
     from gift_quant.layers import SalientLinear
 
     model, tok, results = quantized_tiny(3, 32)
@@ -169,7 +169,7 @@ def test_eval_command_reads_every_export_format(tmp_path):
     import json
 
     from gift_quant.cli import main
-    from gift_quant.export import export_gift
+    from gift_quant.gift_format import export_gift
     from gift_quant.layers import merge_to_dense
 
     model, tok, results = quantized_tiny(4, 32)
@@ -190,7 +190,8 @@ def test_eval_command_reads_every_export_format(tmp_path):
 
 
 def test_storage_counts_the_bits_of_each_format(tmp_path):
-    from gift_quant.export import bits_per_weight, export_gift, storage
+    from gift_quant.export import bits_per_weight, storage
+    from gift_quant.gift_format import export_gift
     from gift_quant.layers import merge_to_dense
 
     model, tok, results = quantized_tiny(3, 32)
@@ -225,7 +226,7 @@ def test_every_format_reloads_smollm2(smollm2, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from gift_quant.export import export_gift
+    from gift_quant.gift_format import export_gift
     from gift_quant.layers import merge_to_dense
 
     model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
@@ -266,7 +267,7 @@ def test_lm_eval_command_scores_a_gift_folder(tmp_path):
     import gift_quant
     from gift_quant.cli import main
     from gift_quant.evaluate import zero_shot
-    from gift_quant.export import export_gift
+    from gift_quant.gift_format import export_gift
 
     from gift_quant.evaluate import offline_tasks
 

@@ -13,7 +13,8 @@ import yaml
 from safetensors.torch import load_file
 
 from gift_quant import pipeline
-from gift_quant.export import CheckpointError, load
+from gift_quant.export import CheckpointError
+from gift_quant.gift_format import load
 from gift_quant.integrity import sha256, verify
 from gift_quant.pipeline import Run, recover
 from gift_quant.recipe import RecipeError
@@ -248,7 +249,7 @@ def test_damaged_stage_files_leftovers_manifests_and_versions(tiny_folder, tmp_p
     m = json.loads(manifest.read_text())
     m["versions"]["torch"] = "0.0.1"
     manifest.write_text(json.dumps(m))
-    with caplog.at_level("INFO", logger="gift_quant.pipeline"):
+    with caplog.at_level("INFO", logger="gift_quant"):
         recover(r)
     assert not (out / ".export.tmp-dead").exists() and "left by an interrupted run" in caplog.text
     assert "stage evaluate was run with other package versions" in caplog.text
