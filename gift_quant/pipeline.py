@@ -50,11 +50,8 @@ _SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "expo
 
 
 def stages(recipe: Recipe) -> list[str]:
-    """Stage order of the recipe's training mode: ``post`` quantizes and then trains (and trains the LoRA
-    baseline when ``eval.baselines`` names it), ``pre`` trains and then quantizes, ``fp`` never quantizes."""
-    post = [s for s in STAGES if s != "lora" or "lora" in recipe.eval.baselines]
-    return {"post": post, "pre": ["train", "quantize", "export", "evaluate", "report"],
-            "fp": ["train", "export", "evaluate", "report"]}[recipe.train.mode]
+    """Stage order of the recipe's training mode (see ``Mode``)."""
+    return mode(recipe).order(recipe)
 
 
 def depends(recipe: Recipe, name: str) -> tuple[str, ...]:
@@ -159,14 +156,8 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
 
 
 def stage_quantize(run: Run, tmp: Path) -> dict:
-    """GPTQ/RTN with salient columns: scored on the full-precision model (post), or the columns the
-    train stage chose and trained (pre)."""
-    if run.recipe.train.mode == "pre":
-        model, tok = _full_precision_model(run, "none", trained=True)
-        merge_to_dense(model)  # the full-precision model with its trained columns
-        salient = _train_salient(run)
-    else:
-        (model, tok), salient = run.load_fp(), None
+    """GPTQ/RTN with salient columns (which model and which columns: the mode's ``to_quantize``)."""
+    model, tok, salient = mode(run.recipe).to_quantize(run)
     results = _quantize(run, model, tok, salient=salient)
     save_quantized(results, tmp / "quantized.safetensors")
     return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
@@ -201,28 +192,6 @@ def _full_precision_model(run: Run, noise: str, trained: bool):
     return model, tok
 
 
-def recovered_model(run: Run, trained: bool, noise: bool = False):
-    """The model with its targeted linears replaced by GIFT-SW layers, salient columns trained or not.
-
-    post: on the quantized weights of the quantize stage. pre: trained, the quantize stage's result
-    (it quantized the trained model); untrained, the full-precision model quantized with the same
-    columns. fp: on the full-precision weights. ``noise``: set up the recipe's training noise (its
-    grid search costs time, so export and evaluation skip it)."""
-    t = run.recipe.train
-    kind = t.noise if noise else "none"
-    if t.mode == "fp":
-        return _full_precision_model(run, kind, trained)
-    model, tok = run.load_fp()
-    where = _noise_device(run, kind)
-    if t.mode == "pre" and not trained:
-        wrap_quantized(model, _quantize(run, model, tok, salient=_train_salient(run)), kind, t.noise_bits, where)
-        return model, tok
-    wrap_quantized(model, load_quantized(run.stage("quantize") / "quantized.safetensors"), kind, t.noise_bits, where)
-    if trained and t.mode == "post":  # pre: the quantized columns already are the trained ones
-        _load_trained(model, run)
-    return model, tok
-
-
 def _noise_device(run: Run, noise: str) -> torch.device | None:
     """Where GIFT-SW layers are built: on the run's device when there is a noise grid to search (minutes
     a 7B model on a CPU), else where the weights are."""
@@ -243,9 +212,110 @@ def _fp_salient_model(run: Run, tmp: Path):
     return model, tok
 
 
+class Mode:
+    """One of the paper's training settings (``train.mode``): the order of its stages, the model its training
+    starts from, the model it quantizes, the model it evaluates and exports, and its name in the report.
+
+    ``recovered(run, trained, noise)`` is the model with GIFT-SW layers, salient columns trained or not;
+    ``noise`` sets up the recipe's training noise (its grid search costs time, so export and evaluation
+    skip it)."""
+
+    stages: tuple[str, ...] = ()
+    label = ""  # the trained model's row in the report ({bits}: e.g. W3 g128)
+    quantizes = True  # False: nothing is quantized (no untrained-salient baseline, nothing to pack)
+
+    def order(self, recipe: Recipe) -> list[str]:
+        return list(self.stages)
+
+    def to_train(self, run: Run, tmp: Path):
+        raise NotImplementedError
+
+    def to_quantize(self, run: Run):
+        """``(model, tokenizer, salient columns or None)`` for the quantize stage."""
+        raise NotImplementedError
+
+    def recovered(self, run: Run, trained: bool, noise: bool = False):
+        raise NotImplementedError
+
+
+class Post(Mode):
+    """Quantize (salient columns scored on the full-precision model), then train the salient columns with noise
+    on the frozen quantized weights; with ``lora`` in ``eval.baselines`` the LoRA baseline trains beside it."""
+
+    stages = ("quantize", "train", "lora", "export", "evaluate", "report")
+    label = "GIFT-SW {bits}"
+
+    def order(self, recipe: Recipe) -> list[str]:
+        return [s for s in self.stages if s != "lora" or "lora" in recipe.eval.baselines]
+
+    def to_quantize(self, run: Run):
+        return (*run.load_fp(), None)
+
+    def to_train(self, run: Run, tmp: Path):
+        return self.recovered(run, trained=False, noise=True)
+
+    def recovered(self, run: Run, trained: bool, noise: bool = False):
+        t = run.recipe.train
+        kind = t.noise if noise else "none"
+        model, tok = run.load_fp()
+        results = load_quantized(run.stage("quantize") / "quantized.safetensors")
+        wrap_quantized(model, results, kind, t.noise_bits, _noise_device(run, kind))
+        if trained:
+            _load_trained(model, run)
+        return model, tok
+
+
+class Pre(Mode):
+    """Train the salient columns with noise on the full-precision weights, then quantize with exactly those
+    columns kept (their trained values are what GPTQ keeps)."""
+
+    stages = ("train", "quantize", "export", "evaluate", "report")
+    label = "Pre-GIFT-SW {bits}"
+
+    def to_train(self, run: Run, tmp: Path):
+        return _fp_salient_model(run, tmp)
+
+    def to_quantize(self, run: Run):
+        model, tok = _full_precision_model(run, "none", trained=True)
+        merge_to_dense(model)  # the full-precision model with its trained columns
+        return model, tok, _train_salient(run)
+
+    def recovered(self, run: Run, trained: bool, noise: bool = False):
+        """Trained: the quantize stage's result (it quantized the trained model); untrained: the
+        full-precision model quantized with the same columns."""
+        t = run.recipe.train
+        kind = t.noise if noise else "none"
+        model, tok = run.load_fp()
+        results = (load_quantized(run.stage("quantize") / "quantized.safetensors") if trained
+                   else _quantize(run, model, tok, salient=_train_salient(run)))
+        wrap_quantized(model, results, kind, t.noise_bits, _noise_device(run, kind))
+        return model, tok
+
+
+class FullPrecision(Mode):
+    """Full-precision GIFT-SW: nothing is quantized; the salient columns train with noise on the dense weights."""
+
+    stages = ("train", "export", "evaluate", "report")
+    label = "GIFT-SW full precision"
+    quantizes = False
+
+    def to_train(self, run: Run, tmp: Path):
+        return _fp_salient_model(run, tmp)
+
+    def recovered(self, run: Run, trained: bool, noise: bool = False):
+        return _full_precision_model(run, run.recipe.train.noise if noise else "none", trained)
+
+
+MODES: dict[str, Mode] = {"post": Post(), "pre": Pre(), "fp": FullPrecision()}
+
+
+def mode(recipe: Recipe) -> Mode:
+    return MODES[recipe.train.mode]
+
+
 def stage_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     r = run.recipe
-    model, tok = recovered_model(run, False, noise=True) if r.train.mode == "post" else _fp_salient_model(run, tmp)
+    model, tok = mode(r).to_train(run, tmp)
     t = r.train
     if not t.enabled:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -324,8 +394,8 @@ def _lora_model(run: Run):
 
 def stage_export(run: Run, tmp: Path) -> dict:
     r = run.recipe
-    model, tok = recovered_model(run, trained=True)
-    results = {} if r.train.mode == "fp" else load_quantized(run.stage("quantize") / "quantized.safetensors")
+    model, tok = mode(r).recovered(run, trained=True)
+    results = load_quantized(run.stage("quantize") / "quantized.safetensors") if mode(r).quantizes else {}
     for name, qw in results.items():
         qw.salient_weight = model.get_submodule(name).salient_weight.detach().clone()
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
@@ -391,12 +461,11 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         else:
             _quantize(run, model, tok, sal=_plain(r.saliency))
         score(f"GPTQ {bits}", model)
-    mode = r.train.mode
-    if "salient" in r.eval.baselines and mode != "fp":
-        score(f"{r.quant.method.upper()} {bits} + salient columns", recovered_model(run, trained=False)[0].eval())
+    m = mode(r)
+    if "salient" in r.eval.baselines and m.quantizes:
+        score(f"{r.quant.method.upper()} {bits} + salient columns", m.recovered(run, trained=False)[0])
     if r.train.enabled:
-        label = {"post": f"GIFT-SW {bits}", "pre": f"Pre-GIFT-SW {bits}", "fp": "GIFT-SW full precision"}[mode]
-        score(label, recovered_model(run, trained=True)[0].eval())
+        score(m.label.format(bits=bits), m.recovered(run, trained=True)[0])
     if "lora" in stages(r):
         model, rank = _lora_model(run)
         score(f"{r.quant.method.upper()} {bits} + LoRA r={rank}", model)
@@ -519,7 +588,7 @@ def _log_to_file(path: Path) -> None:
 
 def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
     """``gift-quant quantize``: only the quantize stage, then the perplexity of the result."""
-    if recipe.train.mode != "post":
+    if not isinstance(mode(recipe), Post):
         raise RecipeError(f"train.mode={recipe.train.mode}: quantization comes after (pre) or without (fp) training; "
                           f"use gift-quant recover, or --set train.mode=post")
     check_inputs(recipe, trust_remote_code)
@@ -529,7 +598,7 @@ def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
         rundir.remove_leftovers(run.dir)
         if not run.is_done("quantize"):
             _run_stage(run, "quantize")
-    model, tok = recovered_model(run, trained=False)
+    model, tok = Post().recovered(run, trained=False)
     merge_to_dense(model)
     model.to(run.device)
     return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(recipe, tok), recipe.eval.batch_size)}
