@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -164,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.INFO + 10 * (args.quiet - args.verbose)
     logging.basicConfig(level=max(logging.DEBUG, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = sys.stdout
+    # stdout carries the final JSON only: whatever a library prints on the way (gptqmodel's banner when
+    # peft imports it, lm-eval's tables) goes to stderr with the logs
+    with contextlib.redirect_stdout(sys.stderr):
+        code, result = _run(args)
+    if code == 0:
+        print(json.dumps(result, indent=2), file=out)
+    return code
+
+
+def _run(args) -> tuple[int, dict | None]:
+    """The command's exit code and its result."""
     try:
         if args.command == "eval":
             result = _eval(args)
@@ -188,15 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"report": str(pipeline.recover(recipe, args.from_stage, trust_remote_code=args.trust_remote_code))}
     except (RecipeError, SourceError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     except (CheckpointError, TrainingError, ImportError, OSError) as e:  # damaged files, a diverged run, a missing extra, a full disk
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1, None
     if args.command == "verify" and result["problems"]:
         print("\n".join(result["problems"]), file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
+        return 1, result
+    return 0, result
 
 
 if __name__ == "__main__":

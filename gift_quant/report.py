@@ -198,7 +198,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
                      f"{q.get('bits_per_weight', float('nan')):.3f} bits per weight over the quantized linears")
     lines += [""] + _tables(rows) + _recovery_lines(rows)
     for d in map(Path, run_dirs):
-        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "train", "export", "evaluate")]
+        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "train", "lora", "export", "evaluate")]
         lines += ["", f"Stage wall times of `{d.name}` (s): "
                   + ", ".join(f"{s} {m['seconds']:.0f}" for s, m in stages if m)]
         sizes = _json(d / "export" / "manifest.json").get("formats", {})
