@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import devices
+from . import devices, rundir
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
@@ -32,7 +32,6 @@ from .gift_format import export_gift
 from .integrity import check_hashes, file_hashes, read_json
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from .recipe import Recipe, RecipeError, SaliencySpec
-from . import rundir
 from .rundir import atomic_dir
 from .saliency import resolve_k
 from .sources import (SourceError, check_text, load_model, load_tokenizer, read_records, read_text, resolve_model,
@@ -378,16 +377,21 @@ def stage_lora(run: Run, tmp: Path) -> dict:
     return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
 
 
-def _lora_model(run: Run):
-    """The LoRA baseline for scoring: the plain quantized weights with the trained adapter merged in."""
-    from peft import PeftModel
-
+def _lora_base(run: Run):
+    """The model with the LoRA stage's plain quantization (no salient columns) in its linears."""
     model, tok = run.load_fp()
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
             modules[name].weight.copy_(qw.effective_weight())
-    model = PeftModel.from_pretrained(model, run.stage("lora") / "export" / "adapter").merge_and_unload()
+    return model, tok
+
+
+def _lora_model(run: Run):
+    """The LoRA baseline for scoring: the plain quantized weights with the trained adapter merged in."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_lora_base(run)[0], run.stage("lora") / "export" / "adapter").merge_and_unload()
     rank = read_json(run.stage("lora") / "manifest.json")["rank"]
     return model, rank
 
@@ -452,13 +456,10 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         quantize_rtn_plain(model, r.saliency, r.quant)
         score(f"RTN {bits}", model)
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
-        model, _ = run.load_fp()
         if "lora" in stages(r) and run.is_done("lora", full=False):  # the LoRA stage quantized this model already
-            modules = dict(model.named_modules())
-            with torch.no_grad():
-                for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
-                    modules[name].weight.copy_(qw.effective_weight())
+            model = _lora_base(run)[0]
         else:
+            model = run.load_fp()[0]
             _quantize(run, model, tok, sal=_plain(r.saliency))
         score(f"GPTQ {bits}", model)
     m = mode(r)
