@@ -34,3 +34,17 @@ def test_a_missing_extra_is_named():
     with pytest.raises(ImportError, match=r"not_installed_xyz is not installed; install the extra: "
                                           r"pip install 'gift-quant\[eval\]'"):
         require("not_installed_xyz", "eval")
+
+
+def test_stdout_is_the_json_even_when_a_library_prints(tmp_path, capsys, monkeypatch):
+    import gift_quant.report
+    from gift_quant.cli import main
+
+    def chatty(runs, out):
+        print("GPT-QModel banner")  # what gptqmodel does on import when peft pulls it in
+        return out / "report.md"
+
+    monkeypatch.setattr(gift_quant.report, "write_report", chatty)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"report": str(tmp_path / "rep" / "report.md")} and "GPT-QModel banner" in err
