@@ -55,22 +55,10 @@ def layer_sizes(hidden: int, mlp: int, kv: int) -> list[tuple[int, int]]:
     return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, mlp), (hidden, mlp), (mlp, hidden)]
 
 
-def _rss() -> tuple[int, int]:
-    vals = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            vals[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return vals["VmRSS"], vals["VmHWM"]
-
-
-def _reset_peak() -> int:
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss()[0]
-
-
 def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     import torch
 
+    from gift_quant import devices
     from gift_quant.compress import quantize_model
     from gift_quant.plan import plan_quantize, shape_of
     from gift_quant.recipe import parse_recipe
@@ -82,10 +70,10 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     r = parse_recipe({"model": {"ref": str(folder)}, "saliency": {"k": k}, "quant": {"bits": 3, "clip_steps": clip_steps},
                       "calibration": {"n_samples": len(windows), "seq_len": windows.shape[1], "batch_size": 4}})
     planned = sum(plan_quantize(shape_of(model.config, r), r, torch.device("cpu")).values())
-    start = _reset_peak()
     t0 = time.time()
-    quantize_model(model, windows, r.saliency, r.quant, batch_size=4, device="cpu")
-    return {"s": time.time() - t0, "peak_rise": _rss()[1] - start, "plan": planned}
+    with devices.peak(torch.device("cpu")) as used:
+        quantize_model(model, windows, r.saliency, r.quant, batch_size=4, device="cpu")
+    return {"s": time.time() - t0, "peak_rise": used.added, "plan": planned}
 
 
 def child_peer(folder: Path, windows_pt: Path) -> dict:
@@ -93,20 +81,23 @@ def child_peer(folder: Path, windows_pt: Path) -> dict:
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
+    from gift_quant import devices  # after gptqmodel, which patches torch on import
+
     windows = torch.load(windows_pt, weights_only=True)
     cfg = QuantizeConfig(bits=3, group_size=-1, sym=True, desc_act=False, act_group_aware=False, damp_percent=0.01)
     model = GPTQModel.load(str(folder), cfg, device="cpu", dtype=torch.float32)
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
-    start = _reset_peak()
     t0 = time.time()
-    model.quantize(data, batch_size=4, calibration_sort=None)
-    return {"s": time.time() - t0, "peak_rise": _rss()[1] - start}
+    with devices.peak(torch.device("cpu")) as used:
+        model.quantize(data, batch_size=4, calibration_sort=None)
+    return {"s": time.time() - t0, "peak_rise": used.added}
 
 
 def child_train(folder: Path, seq: int, variant: str) -> dict:
     import torch
     from torch import nn
 
+    from gift_quant import devices
     from gift_quant.layers import merge_to_dense, wrap_quantized
     from gift_quant.quantize import Grid, rtn
     from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
@@ -125,9 +116,10 @@ def child_train(folder: Path, seq: int, variant: str) -> dict:
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from gift_quant.pipeline import lora_rank
+
         merge_to_dense(model)
-        per_rank = sum(qw.codes.shape[0] + qw.codes.shape[1] for qw in results.values())
-        rank = max(1, round(salient / per_rank))
+        rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in results.values()])
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                  target_modules=ALL_PROJECTIONS))
     del results
@@ -136,9 +128,9 @@ def child_train(folder: Path, seq: int, variant: str) -> dict:
     spec = TrainSpec(steps=3, micro_batch_size=1, seq_len=seq, lr=1e-4, checkpoint_every=10**6,
                      noise="none" if variant == "lora" else "gaussian")
     with tempfile.TemporaryDirectory() as work:
-        start = _reset_peak()
-        train(model, ids, ids.clone(), spec, Path(work), device=torch.device("cpu"))
-        peak = _rss()[1] - start
+        with devices.peak(torch.device("cpu")) as used:
+            train(model, ids, ids.clone(), spec, Path(work), device=torch.device("cpu"))
+        peak = used.added
         log = [json.loads(x) for x in (Path(work) / "train_log.jsonl").read_text().splitlines()]
     return {"s_per_step": sum(r["s_per_step"] for r in log[1:]) / len(log[1:]), "peak_rise": peak,
             "trainable": trainable}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -166,17 +167,6 @@ def _stop_after(block: nn.Module, linears: dict[str, nn.Linear]) -> list:
     return hooks
 
 
-def _to(obj, device: torch.device):
-    """Tensors inside ``obj`` (a tensor, or tuples/lists/dicts of them) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 class _Inputs:
     """Block inputs of all calibration batches: on ``device`` when ``resident``, else in (pinned) CPU memory."""
 
@@ -263,7 +253,7 @@ def run_blocks(
     if device != home:
         log.info("calibration on %s, block by block; block inputs (%.2f GiB) %s", device, n_bytes / 2**30,
                  "on the device" if inputs.resident else "in pinned CPU memory")
-    batches = [(inputs.keep(h), _to(kw, device)) for h, kw in captured]
+    batches = [(inputs.keep(h), send_to_device(kw, device, non_blocking=True)) for h, kw in captured]
     del captured
     groups: dict[tuple[str, ...], list[list[str]]] = {}  # block layout (its linears) -> layers sharing an input
     for i, block in enumerate(tqdm(layers, desc="calibrate+quantize", unit="block")):

@@ -52,16 +52,10 @@ def capacity(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _rss_peak() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``: now, ``VmHWM``: peak) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -90,7 +84,7 @@ def peak(device: torch.device, what: str = "") -> Iterator[Peak]:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         except OSError:
             pass
-        p.start = _rss_now()
+        p.start = _status_bytes("VmRSS")
     try:
         yield p
     finally:
@@ -98,7 +92,7 @@ def peak(device: torch.device, what: str = "") -> Iterator[Peak]:
             torch.cuda.synchronize(device)
             p.peak = torch.cuda.max_memory_allocated(device)
         else:
-            p.peak = _rss_peak()
+            p.peak = _status_bytes("VmHWM")
         if what:
             log.info("%s: peak %s memory %.2f GiB (%.2f GiB above the start)", what,
                      "GPU" if device.type == "cuda" else "process RSS", p.peak / GiB, p.added / GiB)

@@ -141,6 +141,11 @@ def _attention(shape: Shape, b: int, s: int, c: int, device: torch.device) -> in
     return 0 if device.type == "cuda" else b * shape.heads * s * s * c
 
 
+def _forward(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
+    """One batch's forward through one block without gradients: ``b * s * (4h + 2kv + 3i) * c`` and attention."""
+    return b * s * (4 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate) * c + _attention(shape, b, s, c, device)
+
+
 def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
     cal, p = recipe.calibration, _BYTES[recipe.model.dtype]
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
@@ -149,7 +154,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
     fits = device.type == "cpu" or inputs <= (capacity(device) - shape.block_params * p) // 2  # as inputs_fit
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(24 * lin.n_in**2 + 40 * lin.n_out * lin.n_in for lin in shape.linears)
-    forward = b * s * (4 * h + 2 * shape.kv + 3 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    forward = _forward(shape, b, s, p, device)
     return {"block weights": shape.block_params * p,
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else batch,
@@ -189,9 +194,9 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, 
 
 def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
     e, p = recipe.eval, _BYTES[recipe.model.dtype]
-    s, h = e.ppl_seq_len, shape.hidden
+    s = e.ppl_seq_len
     b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
-    forward = b * s * (4 * h + 2 * shape.kv + 3 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    forward = _forward(shape, b, s, p, device)
     return {"model (merged to plain linears)": shape.params * p, "one batch forward": forward,
             "logits": b * s * shape.vocab * 8}
 

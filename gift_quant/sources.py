@@ -14,7 +14,6 @@ A GGUF file is converted once into a safetensors checkpoint under the cache fold
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -24,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from .integrity import sha256
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +71,11 @@ def local_or_package(ref: str) -> Path | None:
     return None
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a cached fp32 safetensors folder; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{sha256(gguf)[:16]}"
     if (target / "config.json").exists():
         log.info("GGUF cache hit: %s", target)
         return target

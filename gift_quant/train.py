@@ -144,6 +144,12 @@ def _read_checkpoint(ck: Path, rank: int) -> dict:
             "state": json.loads((ck / "state.json").read_text())}
 
 
+def _check_key(ck: Path, saved: str, key: str) -> None:
+    if saved != key:
+        raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+                          f"rerun with --from train to start the training again")
+
+
 def check_resumable(folder: Path, key: str) -> None:
     """Refuse a training folder whose newest checkpoint was trained from other recipe sections."""
     state = Path(folder) / "checkpoints" / "latest"
@@ -154,9 +160,7 @@ def check_resumable(folder: Path, key: str) -> None:
         saved = json.loads((ck / "state.json").read_text()).get("key", "")
     except (OSError, json.JSONDecodeError):
         return  # damaged: load_checkpoint falls back to an older one and checks that
-    if saved != key:
-        raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
-                          f"rerun with --from train to start the training again")
+    _check_key(ck, saved, key)
 
 
 def load_checkpoint(accelerator, folder: Path, model, opt, sched, key: str = "") -> int:
@@ -175,9 +179,7 @@ def load_checkpoint(accelerator, folder: Path, model, opt, sched, key: str = "")
         except Exception as e:  # noqa: BLE001 (any damage: truncated, missing, not parseable)
             log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", ck, type(e).__name__, e)
             continue
-        if saved["state"].get("key", "") != key:
-            raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
-                              f"rerun with --from train to start the training again")
+        _check_key(ck, saved["state"].get("key", ""), key)
         params = dict(accelerator.unwrap_model(model).named_parameters())
         with torch.no_grad():
             for n, t in saved["trainable"].items():
