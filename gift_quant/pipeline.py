@@ -426,7 +426,7 @@ def stage_export(run: Run, tmp: Path) -> dict:
 
 def stage_evaluate(run: Run, tmp: Path) -> dict:
     r = run.recipe
-    tok = run.load_fp()[1]
+    tok = load_tokenizer(r.model.ref, r.model.trust_remote_code)  # each scored model is loaded where it is scored
     windows = eval_windows(r, tok)
     rows: dict[str, dict] = {}
 
