@@ -1,13 +1,18 @@
 """GIFT-SW training variants against LoRA at equal trainable parameters, on SmolLM2-135M-Instruct.
 
-    python benchmarks/bench_train.py [--steps 60] [--lr 1e-3] [--eval-windows 20]
+    python benchmarks/bench_train.py [--steps 60] [--lr 1e-3] [--seq-len 256] [--eval-windows 20]
+        [--metric gift] [--group -1] [--k 16] [--work DIR] [--only SUBSTR,...]
 
-One GPTQ 3-bit per-row model with salient columns (16 a layer, 48 for down_proj; C4 calibration,
-statistics of the full-precision model) is shared by every variant. Each variant trains in its own
-child process (so peak memory is its own) on the same packed C4 windows of 256 tokens, 4 a step,
-and is scored by perplexity on held-out Wikipedia (512-token windows). LoRA (peft, rank 10, all
-seven projections: 3.05M parameters like the salient columns) trains on the same quantized base
-with the salient columns frozen. Prints a markdown table.
+One GPTQ 3-bit model with salient columns (``--k`` a layer, 3 k for down_proj; C4 calibration,
+statistics of the full-precision model, ``--metric`` and ``--group`` as in the recipe) is shared by
+every variant. Each variant trains in its own child process (so peak memory is its own) on the same
+packed C4 windows of ``--seq-len`` tokens, 4 a step, and is scored by perplexity on held-out Wikipedia
+(512-token windows). LoRA (peft, all seven projections, rank chosen so its parameters equal the salient
+columns') trains on the same quantized base with the salient columns frozen. Prints a markdown table.
+
+Long budgets span sessions: with ``--work DIR`` the base is quantized once, each variant checkpoints
+every 25 steps and resumes there when rerun, and finished variants are read back from
+``DIR/results.jsonl`` instead of being trained again.
 """
 from __future__ import annotations
 
@@ -25,11 +30,13 @@ from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity
 from gift_quant.export import load_quantized, save_quantized
 from gift_quant.layers import merge_to_dense, wrap_quantized
+from gift_quant.pipeline import lora_rank
 from gift_quant.recipe import QuantSpec, SaliencySpec, TrainSpec
 from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
 from gift_quant.train import text_examples, train
 
 MODEL = SMOLLM2
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 VARIANTS = {
     "untrained": None,
@@ -38,12 +45,17 @@ VARIANTS = {
     "rounding noise (uniform, 3-bit step)": dict(noise="uniform", noise_bits=3),
     "gaussian 4-bit, annealed to 0": dict(noise="gaussian", noise_bits=4, noise_schedule="linear"),
     "gaussian 4-bit + distillation": dict(noise="gaussian", noise_bits=4, distill=1.0),
-    "LoRA r=10 (peft), salient frozen": "lora",
+    "no noise + distillation": dict(noise="none", distill=1.0),
+    "LoRA of equal size (peft), salient frozen": "lora",
 }
 
 
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def child(args) -> None:
-    """Train one variant; print a RESULT line."""
+    """Train one variant (resuming from its checkpoints in the work folder); print a RESULT line."""
     model, tok = load_model(MODEL)
     results = load_quantized(Path(args.work) / "quantized.safetensors")
     variant = VARIANTS[args.variant]
@@ -56,15 +68,20 @@ def child(args) -> None:
         if variant == "lora":
             from peft import LoraConfig, get_peft_model
 
+            salient = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            shapes = [tuple(qw.codes.shape[::-1]) for qw in results.values()]
+            rank = lora_rank(salient, shapes)
             merge_to_dense(model)
-            model = get_peft_model(model, LoraConfig(r=10, lora_alpha=20, lora_dropout=0.0, target_modules=[
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                     target_modules=LORA_TARGETS))
+            out["lora_rank"] = rank
         out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ids, labels = text_examples(tokenize(tok, read_text(C4)), 256)
-        spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=4, seq_len=256, checkpoint_every=10**6, **cfg)
-        summary = train(model, ids, labels, spec, Path(args.work) / args.variant.replace(" ", "_"), seed=0,
-                        teacher=teacher)
-        logs = [json.loads(x) for x in (Path(args.work) / args.variant.replace(" ", "_") / "train_log.jsonl").read_text().splitlines()]
+        ids, labels = text_examples(tokenize(tok, read_text(C4)), args.seq_len)
+        spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=4, seq_len=args.seq_len,
+                         checkpoint_every=25, **cfg)
+        folder = Path(args.work) / _slug(args.variant)
+        summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher)
+        logs = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
         steady = logs[2:] or logs
         out.update(s_per_step=sum(r["s_per_step"] for r in steady) / len(steady),
                    tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
@@ -78,35 +95,55 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens a training window (4 windows a step)")
+    ap.add_argument("--metric", default="gift")
+    ap.add_argument("--group", type=int, default=-1)
+    ap.add_argument("--k", type=int, default=16, help="salient columns a layer (3 k for down_proj)")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
-    ap.add_argument("--work")
+    ap.add_argument("--work", help="keep the base, checkpoints and results here (resumable); default: a temp folder")
     args = ap.parse_args()
     if args.variant:
         return child(args)
     work = Path(args.work or tempfile.mkdtemp())
-    model, tok = load_model(MODEL)
-    calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
-    sal = SaliencySpec(k=16, k_overrides={"down_proj": 48})
-    t = time.time()
-    stats = collect_stats(model, calib, sal.targets)
-    save_quantized(quantize_with_stats(model, stats, sal, QuantSpec(bits=3)), work / "quantized.safetensors")
-    print(f"GPTQ W3 per-row + salient columns: {time.time() - t:.0f} s", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    setting = dict(metric=args.metric, group=args.group, k=args.k, calib=args.calib, steps=args.steps,
+                   lr=args.lr, seq_len=args.seq_len, eval_windows=args.eval_windows)
+    if (work / "setting.json").exists() and json.loads((work / "setting.json").read_text()) != setting:
+        raise SystemExit(f"{work} holds runs of another setting ({(work / 'setting.json').read_text()}); use another --work")
+    (work / "setting.json").write_text(json.dumps(setting))
+    print(f"setting: {json.dumps(setting)}", flush=True)
+    if not (work / "quantized.safetensors").exists():
+        model, tok = load_model(MODEL)
+        calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
+        sal = SaliencySpec(metric=args.metric, k=args.k, k_overrides={"down_proj": 3 * args.k})
+        t = time.time()
+        stats = collect_stats(model, calib, sal.targets)
+        results = quantize_with_stats(model, stats, sal, QuantSpec(bits=3, group_size=args.group))
+        save_quantized(results, work / "quantized.tmp")
+        (work / "quantized.tmp").rename(work / "quantized.safetensors")
+        print(f"GPTQ W3 + salient columns: {time.time() - t:.0f} s", flush=True)
+    done_file = work / "results.jsonl"
+    done = {r["variant"]: r for r in map(json.loads, done_file.read_text().splitlines())} if done_file.exists() else {}
     print("| variant | trainable params | ppl | first loss | final loss | s/step | tokens/s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|")
     for name in VARIANTS:
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
-        cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
-               "--lr", str(args.lr), "--eval-windows", str(args.eval_windows)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            print(f"| {name} | failed: {res.stderr[-500:]!r} |", flush=True)
-            continue
-        r = json.loads(line[0][7:])
+        if name not in done:
+            cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
+                   "--lr", str(args.lr), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                print(f"| {name} | failed: {res.stderr[-500:]!r} |", flush=True)
+                continue
+            done[name] = json.loads(line[0][7:])
+            with done_file.open("a") as f:
+                f.write(json.dumps(done[name]) + "\n")
+        r = done[name]
         f = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
         print(f"| {name} | {f('trainable', ',')} | {r['ppl']:.2f} | {f('first_loss', '.3f')} | {f('final_loss', '.3f')} | "
               f"{f('s_per_step', '.2f')} | {f('tokens_per_s', '.0f')} | {r['peak_rss_gb']:.2f} |", flush=True)

@@ -3,7 +3,8 @@
 Run as a separate process by bench_quantize.py (gptqmodel patches torch/transformers globally on
 import, so it stays out of our process). Arguments: model folder, windows .pt, eval windows .pt,
 bits, group size, damp, output folder, dtype of gptqmodel's model (float32 matches our calibration; on
-CPU gptqmodel's own default is bfloat16, which changes its Hessians and hence its result).
+CPU gptqmodel's own default is bfloat16, which changes its Hessians and hence its result), and
+optionally desc_act (1: act-order, whose g_idx the checkpoint then carries; default 0).
 
 The perplexity is measured on the full-precision model with every quantized linear replaced by the
 dequantization of gptqmodel's saved GPTQ v1 tensors (our unpacker, checked against gptqmodel's own
@@ -23,15 +24,15 @@ from gptqmodel import GPTQModel, QuantizeConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from gift_quant.evaluate import perplexity  # noqa: E402
-from gift_quant.pack import from_gptq_v1  # noqa: E402
-from gift_quant.quantize import QuantizedWeight  # noqa: E402
+from gift_quant.pack import from_gptq  # noqa: E402
 from gift_quant.sources import load_model  # noqa: E402
 
 model_dir, calib_pt, eval_pt, bits, group, damp, out, dtype = sys.argv[1:9]
-bits, group = int(bits), int(group)
+bits, group, desc_act = int(bits), int(group), sys.argv[9:10] == ["1"]
 calib = torch.load(calib_pt, weights_only=True)
 evalw = torch.load(eval_pt, weights_only=True)
-cfg = QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=False, act_group_aware=False, damp_percent=float(damp))
+cfg = QuantizeConfig(bits=bits, group_size=group, sym=True, desc_act=desc_act, act_group_aware=False,
+                     damp_percent=float(damp))
 t0 = time.time()
 model = GPTQModel.load(model_dir, cfg, device="cpu", dtype=getattr(torch, dtype))
 assert next(model.model.parameters()).dtype == getattr(torch, dtype)
@@ -50,12 +51,7 @@ for name, lin in dense.named_modules():
     if f"{name}.qweight" not in tensors:
         continue
     t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-    n_in, n_out = lin.in_features, lin.out_features
-    g = n_in if group == -1 else group
-    assert torch.equal(t["g_idx"].long(), torch.arange(n_in) // g), f"{name}: non-standard g_idx"
-    codes, scale, zero = from_gptq_v1(t, bits, n_in, n_out)
-    empty = torch.zeros(0, dtype=torch.long)
-    qw = QuantizedWeight(codes, scale, zero, bits, group, empty, torch.zeros(n_out, 0))
+    qw = from_gptq(t, bits, group, lin.in_features, lin.out_features)
     lin.weight.data = qw.dequantize_grid().to(lin.weight.dtype)
     replaced += 1
 assert replaced, f"no GPTQ tensors found in {out}"

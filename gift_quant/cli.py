@@ -193,7 +193,7 @@ def _run(args) -> tuple[int, dict | None]:
             if args.command == "plan":
                 from .plan import format_plan, plan
 
-                result = plan(recipe, devices.resolve(recipe.device))
+                result = plan(pipeline.adopt_checkpoint(recipe), devices.resolve(recipe.device))
                 print(format_plan(result), file=sys.stderr)
             elif args.command == "quantize":
                 result = pipeline.quantize(recipe, args.trust_remote_code)

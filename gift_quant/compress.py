@@ -21,14 +21,15 @@ from .saliency import column_scores, quantization_perturbation, resolve_k, top_k
 log = logging.getLogger(__name__)
 
 
-def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str) -> torch.Tensor:
-    """Indices of the salient input columns of one layer (sorted)."""
+def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str,
+                   d: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the salient input columns of one layer (sorted). ``d``: the quantization perturbation
+    ``W - deq(Q)`` where the quantization is given (an imported checkpoint); by default METHOD's per-row RTN."""
     k = resolve_k(sal.k_for(name), w.shape[1])
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
     metric = sal.resolved_metric()
-    d = None
-    if metric.tau is not None:
+    if metric.tau is not None and d is None:
         # METHOD section 1: Q inside the metric is symmetric per-row, at the metric's bits
         grid = replace(quant.grid(), bits=sal.bits or quant.bits, group_size=-1, sym=True)
         d = quantization_perturbation(w, grid)

@@ -28,6 +28,8 @@ def save_quantized(results: dict[str, QuantizedWeight], path: Path) -> None:
     for name, qw in results.items():
         for f in _FIELDS:
             tensors[f"{name}.{f}"] = getattr(qw, f).contiguous()
+        if qw.g_idx is not None:
+            tensors[f"{name}.g_idx"] = qw.g_idx.contiguous()
         meta[name] = {"bits": qw.bits, "group_size": qw.group_size}
     save_file(tensors, str(path), metadata={"layers": json.dumps(meta)})
 
@@ -62,8 +64,20 @@ def load_quantized(path: Path) -> dict[str, QuantizedWeight]:
                 raise CheckpointError(f"{path}: tensor {name}.{f} has shape {tuple(t[f].shape)}, expected {shape}")
         if t["codes"].dtype != torch.uint8 or int(t["codes"].max()) >= 2 ** m["bits"]:
             raise CheckpointError(f"{path}: tensor {name}.codes is not {m['bits']}-bit uint8 codes")
-        out[name] = QuantizedWeight(bits=m["bits"], group_size=m["group_size"], **t)
+        g_idx = tensors.get(f"{name}.g_idx")
+        if g_idx is not None:
+            g_idx = check_g_idx(path, name, g_idx, in_f, t["scale"].shape[1])
+        out[name] = QuantizedWeight(bits=m["bits"], group_size=m["group_size"], g_idx=g_idx, **t)
     return out
+
+
+def check_g_idx(path: Path, name: str, g_idx: torch.Tensor, in_features: int, n_groups: int) -> torch.Tensor:
+    """A layer's ``g_idx`` (group of each input column) as int64, after checking its shape and range."""
+    if tuple(g_idx.shape) != (in_features,):
+        raise CheckpointError(f"{path}: tensor {name}.g_idx has shape {tuple(g_idx.shape)}, expected ({in_features},)")
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+        raise CheckpointError(f"{path}: tensor {name}.g_idx holds groups outside 0..{n_groups - 1}")
+    return g_idx.long()
 
 
 def bits_per_weight(results: dict[str, QuantizedWeight]) -> float:
@@ -105,6 +119,11 @@ def storage(folder: Path, layers: dict[str, tuple[int, int]]) -> dict:
     return {"bytes": total_bytes, "linear_bits_per_weight": linear_bits / weights}
 
 
+def _symmetric(results: dict[str, QuantizedWeight]) -> bool:
+    """Whether every zero point is the symmetric grid's ``2^(bits-1)``."""
+    return all(bool((qw.zero == 2 ** (qw.bits - 1)).all()) for qw in results.values())
+
+
 def base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` except the quantized linears' weights (tied lm_head left to the config)."""
     state = {}
@@ -119,8 +138,9 @@ def base_state(model, quantized: set[str]) -> dict[str, torch.Tensor]:
 
 
 def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out: Path,
-                     dtype: torch.dtype = torch.float16) -> None:
-    """A standard GPTQ v1 checkpoint (every column quantized) plus a PEFT LoRA adapter in ``out/adapter``
+                     dtype: torch.dtype = torch.float16, fmt: str = "gptq") -> None:
+    """A standard GPTQ checkpoint (every column quantized; ``fmt`` v1 ``gptq`` or gptqmodel's ``gptq_v2``,
+    ``desc_act`` where a layer has act-order groups) plus a PEFT LoRA adapter in ``out/adapter``
     that restores the salient columns exactly: ``A`` selects the salient inputs (one-hot rows),
     ``B = W_s - deq(W_s)``, ``lora_alpha = r`` (scaling 1), a rank per layer equal to its ``k``.
 
@@ -132,7 +152,7 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
     from peft import LoraConfig
     from transformers import GPTQConfig
 
-    from .pack import to_gptq_v1
+    from .pack import to_gptq
 
     bits = {qw.bits for qw in results.values()}
     groups = {qw.group_size for qw in results.values()}
@@ -141,7 +161,7 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
     state = base_state(model, set(results))
     lora, ranks = {}, {}
     for name, qw in results.items():
-        state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
+        state.update({f"{name}.{k}": v for k, v in to_gptq(qw, fmt).items()})
         k = qw.salient_idx.numel()
         if k == 0:
             continue
@@ -155,8 +175,9 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
     save_file({k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v for k, v in state.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
-    config.quantization_config = GPTQConfig(bits=bits.pop(), group_size=groups.pop(), desc_act=False, sym=True,
-                                            checkpoint_format="gptq")
+    desc_act = any(qw.g_idx is not None for qw in results.values())
+    config.quantization_config = GPTQConfig(bits=bits.pop(), group_size=groups.pop(), desc_act=desc_act,
+                                            sym=_symmetric(results), checkpoint_format=fmt)
     config.dtype = dtype
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -9,13 +9,15 @@ range and distinct, codes within their bits.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .export import CheckpointError, base_state, read_safetensors
+from .export import CheckpointError, base_state, check_g_idx, read_safetensors
 from .integrity import sha256
+from .pack import FORMATS
 from .quantize import QuantizedWeight
 
 # dtype of each tensor of a ``gift`` layer (GPTQ v1 packing plus the salient columns)
@@ -27,17 +29,19 @@ _HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float
                   "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
                   "BOOL": torch.bool}
 
-def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict) -> None:
-    """The native compact folder: GPTQ v1 packed non-salient grid plus ``salient_weight`` (fp16) and
-    ``salient_idx`` (int32) per layer; ``config.json`` carries ``quantization_config.quant_method = gift``.
+def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict,
+                fmt: str = "gptq") -> None:
+    """The native compact folder: the GPTQ packed grid (``fmt``: v1 ``gptq`` or ``gptq_v2``, the format of an
+    imported checkpoint, so its tensors stay bit-identical) plus ``salient_weight`` (fp16) and ``salient_idx``
+    (int32) per layer; ``config.json`` carries ``quantization_config.quant_method = gift``.
     ``model`` supplies every other tensor (dense linears are skipped)."""
     from . import __version__
-    from .pack import to_gptq_v1
+    from .pack import to_gptq
 
     state = base_state(model, set(results))
     layers = {}
     for name, qw in results.items():
-        state.update({f"{name}.{k}": v for k, v in to_gptq_v1(qw).items()})
+        state.update({f"{name}.{k}": v for k, v in to_gptq(qw, fmt).items()})
         state[f"{name}.salient_weight"] = qw.salient_weight.to(torch.float16).contiguous()
         state[f"{name}.salient_idx"] = qw.salient_idx.to(torch.int32)
         layers[name] = {"k": qw.salient_idx.numel(), "in": qw.codes.shape[1], "out": qw.codes.shape[0]}
@@ -46,7 +50,7 @@ def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "gift", "bits": bits.pop(), "group_size": group.pop(),
-                                     "sym": True, "checkpoint_format": "gptq", "version": __version__,
+                                     "sym": True, "checkpoint_format": fmt, "version": __version__,
                                      "layers": layers, "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
                                      **extra_config}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
@@ -64,6 +68,9 @@ def gift_config(path: Path, qc: dict | None) -> tuple[int, int]:
         raise CheckpointError(f"{path}/config.json: quantization_config.bits = {bits}; expected 2, 3, 4 or 8")
     if group != -1 and (not isinstance(group, int) or group < 1):
         raise CheckpointError(f"{path}/config.json: quantization_config.group_size = {group}; expected -1 or > 0")
+    if qc.get("checkpoint_format", "gptq") not in FORMATS:
+        raise CheckpointError(f"{path}/config.json: quantization_config.checkpoint_format = "
+                              f"{qc.get('checkpoint_format')!r}; expected one of {list(FORMATS)}")
     return bits, group
 
 
@@ -129,11 +136,11 @@ def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ..
 
 
 def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.Tensor], shape: dict, bits: int,
-                               group: int, noise: str = "none", noise_bits: int = 4):
+                               group: int, noise: str = "none", noise_bits: int = 4, fmt: str = "gptq"):
     """One ``SalientLinear`` from its packed tensors (``tensors``: field -> tensor, ``bias`` optional),
     after checking every name and shape against ``config.json``."""
     from .layers import SalientLinear
-    from .pack import from_gptq_v1
+    from .pack import from_gptq
 
     for field, want in packed_shapes(shape, bits, group).items():
         t = tensors.get(field)
@@ -148,11 +155,9 @@ def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.T
         raise CheckpointError(f"{path}: tensor {name}.salient_idx holds column indices outside 0..{shape['in'] - 1}")
     if idx.unique().numel() != idx.numel():
         raise CheckpointError(f"{path}: tensor {name}.salient_idx repeats a column")
-    codes, scale, zero = from_gptq_v1(tensors, bits, shape["in"], shape["out"])
-    if int(codes.max()) >= 2**bits:
-        raise CheckpointError(f"{path}: tensor {name}.qweight holds codes above {bits} bits")
-    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=group,
-                         salient_idx=tensors["salient_idx"].long(), salient_weight=tensors["salient_weight"].float())
+    check_g_idx(path, name, tensors["g_idx"], shape["in"], tensors["scales"].shape[0])
+    qw = replace(from_gptq(tensors, bits, group, shape["in"], shape["out"], fmt),
+                 salient_idx=idx, salient_weight=tensors["salient_weight"].float())
     bias = tensors.get("bias")
     return SalientLinear.from_quantized(qw, None if bias is None else bias.float(), noise, noise_bits)
 
@@ -184,7 +189,8 @@ def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
     for name, shape in qc["layers"].items():
         fields = {f: tensors.pop(f"{name}.{f}") for f in (*packed_shapes(shape, bits, group), "bias")
                   if f"{name}.{f}" in tensors}
-        layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits)
+        layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits,
+                                                  qc.get("checkpoint_format", "gptq"))
     replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
     missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in layers

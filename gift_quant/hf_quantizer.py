@@ -1,7 +1,9 @@
 """``AutoModelForCausalLM.from_pretrained(gift_folder)`` through transformers' public quantizer registry.
 
 ``import gift_quant`` registers ``quant_method: gift`` with ``register_quantization_config`` and
-``register_quantizer`` (no private internals patched). Loading then goes the usual transformers way:
+``register_quantizer`` (no private internals patched), as soon as transformers' quantizer registry is
+imported (see ``gift_quant/__init__``); this module imports from the registry's own submodules because
+it may run while ``transformers.quantizers`` is still initialising. Loading then goes the usual transformers way:
 before the weights are read every quantized linear named in ``quantization_config.layers`` becomes
 a ``PackedSalientLinear`` whose buffers carry the checkpoint's tensor names, so transformers' own
 loader fills them (device map, dtype, sharding and all); afterwards each one is turned into the
@@ -13,7 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .export import CheckpointError
@@ -90,7 +93,8 @@ class GiftHfQuantizer(HfQuantizer):
                                           f"shape {tuple(t.shape)} that config.json implies (see the load report above)")
             if packed.bias is not None:
                 fields["bias"] = packed.bias
-            layers[name] = salient_linear_from_packed(self._path, name, fields, shape, qc.bits, qc.group_size)
+            layers[name] = salient_linear_from_packed(self._path, name, fields, shape, qc.bits, qc.group_size,
+                                                      fmt=getattr(qc, "checkpoint_format", "gptq"))
         replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
 
     def is_serializable(self) -> bool:

@@ -28,17 +28,17 @@ class QuantBase(nn.Module):
     def __init__(self, qw: QuantizedWeight):
         super().__init__()
         codes = qw.codes.clone()
-        zero_cols = expand_groups(qw.zero, qw.group_size, codes.shape[1])[:, qw.salient_idx]
-        codes[:, qw.salient_idx] = zero_cols.to(torch.uint8)  # dequantizes to exactly 0
+        codes[:, qw.salient_idx] = qw.column_params()[1][:, qw.salient_idx].to(torch.uint8)  # dequantizes to 0
         self.register_buffer("codes", codes)
         self.register_buffer("scale", qw.scale.float().clone())
         self.register_buffer("zero", qw.zero.float().clone())
+        self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.long().clone())
         self.bits, self.group_size = qw.bits, qw.group_size
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         n = self.codes.shape[1]
-        s = expand_groups(self.scale, self.group_size, n).to(dtype)
-        z = expand_groups(self.zero, self.group_size, n).to(dtype)
+        s = expand_groups(self.scale, self.group_size, n, self.g_idx).to(dtype)
+        z = expand_groups(self.zero, self.group_size, n, self.g_idx).to(dtype)
         return dequantize(self.codes.to(dtype), s, z)
 
 

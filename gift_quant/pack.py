@@ -9,7 +9,9 @@ zero codes.
     qweight: (ceil(in/32) * bits, out) int32   codes packed along the input dimension
     qzeros:  (n_groups, ceil(out/32) * bits) int32   (zero - 1) packed along the output dimension (v1)
     scales:  (n_groups, out) float16
-    g_idx:   (in,) int32   group of each input column
+    g_idx:   (in,) int32   group of each input column (not j // group_size after act-order)
+
+v2 (gptqmodel's ``gptq_v2``) is the same layout with the zero point itself in ``qzeros``.
 """
 from __future__ import annotations
 
@@ -47,25 +49,43 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return c.reshape(blocks * 32, -1)[:n]
 
 
-def to_gptq_v1(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """GPTQ v1 tensors of a layer with every column quantized (salient columns: their own rounding)."""
+FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores zero - 1 in qzeros, v2 (gptqmodel's) the zero itself
+
+
+def static_g_idx(in_features: int, group_size: int, n_groups: int) -> torch.Tensor:
+    """The ``g_idx`` of groups of consecutive columns: ``j // group_size`` (all 0 per row)."""
+    g = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features) // g).clamp(max=n_groups - 1)
+
+
+def to_gptq(qw: QuantizedWeight, fmt: str = "gptq") -> dict[str, torch.Tensor]:
+    """GPTQ tensors (``fmt``: v1 ``gptq`` or v2 ``gptq_v2``) of a layer with every column quantized (salient
+    columns: their own rounding)."""
     in_f = qw.codes.shape[1]
     n_groups = qw.scale.shape[1]
-    zero = qw.zero.round().to(torch.int64)
-    if (zero < 1).any():
+    zero = qw.zero.round().to(torch.int64) - int(fmt == "gptq")
+    if (zero < 0).any():
         raise ValueError("GPTQ v1 stores zero - 1 and cannot hold a zero point of 0 (an asymmetric grid of an "
                          "all-positive group); use sym: true for this export")
-    g = in_f if qw.group_size == -1 else qw.group_size
+    g_idx = static_g_idx(in_f, qw.group_size, n_groups) if qw.g_idx is None else qw.g_idx
     return {
         "qweight": pack_rows(qw.codes.T, qw.bits),
-        "qzeros": pack_rows(zero - 1, qw.bits).T.contiguous(),
+        "qzeros": pack_rows(zero, qw.bits).T.contiguous(),
         "scales": qw.scale.T.contiguous().to(torch.float16),
-        "g_idx": (torch.arange(in_f) // g).clamp(max=n_groups - 1).to(torch.int32),
+        "g_idx": g_idx.to(torch.int32),
     }
 
 
-def from_gptq_v1(t: dict[str, torch.Tensor], bits: int, in_features: int, out_features: int) -> tuple[torch.Tensor, ...]:
-    """``(codes (out, in) uint8, scale (out, n_groups), zero (out, n_groups))`` from GPTQ v1 tensors."""
+def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, in_features: int, out_features: int,
+              fmt: str = "gptq") -> QuantizedWeight:
+    """A layer's GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx``) as a ``QuantizedWeight``
+    without salient columns. ``g_idx`` is kept only where it differs from the static ``j // group_size``
+    (act-order checkpoints), so the common case keeps the cheap group expansion."""
     codes = unpack_rows(t["qweight"], bits, in_features).T.to(torch.uint8).contiguous()
-    zero = unpack_rows(t["qzeros"].T.contiguous(), bits, out_features).float() + 1
-    return codes, t["scales"].T.float().contiguous(), zero.contiguous()
+    zero = unpack_rows(t["qzeros"].T.contiguous(), bits, out_features).float() + int(fmt == "gptq")
+    scale = t["scales"].T.float().contiguous()
+    g_idx = t["g_idx"].long()
+    static = static_g_idx(in_features, group_size, scale.shape[1])
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero.contiguous(), bits=bits, group_size=group_size,
+                           salient_idx=torch.zeros(0, dtype=torch.long), salient_weight=torch.zeros(out_features, 0),
+                           g_idx=None if torch.equal(g_idx, static) else g_idx)

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import devices, rundir
+from . import devices, gptq_checkpoint, rundir
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
 from .export import CheckpointError, bits_per_weight, export_gptq_lora, load_quantized, save_quantized, storage
+from .quantize import QuantizedWeight
 from .gift_format import export_gift
 from .integrity import check_hashes, file_hashes, read_json
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
@@ -97,12 +98,18 @@ def check_targets(recipe: Recipe, config) -> None:
 
 
 class Run:
-    """A run folder and its stage manifests."""
+    """A run folder and its stage manifests; ``imported``: the GPTQ checkpoint ``model.ref`` names, if it is one."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.run_dir()
         self.device = devices.resolve(recipe.device)
+        self.imported = gptq_checkpoint.read_config(recipe.model.ref) if is_imported(recipe) else None
+
+    @property
+    def fmt(self) -> str:
+        """GPTQ layout of the packed exports: the imported checkpoint's (its tensors stay bit-identical), else v1."""
+        return self.imported.fmt if self.imported else "gptq"
 
     def stage(self, name: str) -> Path:
         return self.dir / name
@@ -138,8 +145,17 @@ class Run:
                 "versions": rundir.versions(), "files": files, **(extra or {})}
 
     def load_fp(self):
+        """``(model, tokenizer)`` the run starts from: the full-precision model; for an imported checkpoint,
+        ``model.full_precision`` or, without it, the checkpoint dequantized."""
         r = self.recipe.model
-        return load_model(r.ref, getattr(torch, r.dtype), r.trust_remote_code)
+        if self.imported and r.full_precision is None:
+            return self.load_imported()[:2]
+        return load_model(r.full_precision or r.ref, getattr(torch, r.dtype), r.trust_remote_code)
+
+    def load_imported(self):
+        """``(model, tokenizer, layers)`` of the imported checkpoint (see ``gptq_checkpoint.load``)."""
+        r = self.recipe.model
+        return gptq_checkpoint.load(self.imported, getattr(torch, r.dtype), r.trust_remote_code)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -155,9 +171,8 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
 
 
 def stage_quantize(run: Run, tmp: Path) -> dict:
-    """GPTQ/RTN with salient columns (which model and which columns: the mode's ``to_quantize``)."""
-    model, tok, salient = mode(run.recipe).to_quantize(run)
-    results = _quantize(run, model, tok, salient=salient)
+    """GPTQ/RTN with salient columns, or the import of a GPTQ checkpoint (the mode's ``quantize``)."""
+    results = mode(run.recipe).quantize(run)
     save_quantized(results, tmp / "quantized.safetensors")
     return {"layers": len(results), "bits_per_weight": bits_per_weight(results)}
 
@@ -229,9 +244,13 @@ class Mode:
     def to_train(self, run: Run, tmp: Path):
         raise NotImplementedError
 
-    def to_quantize(self, run: Run):
-        """``(model, tokenizer, salient columns or None)`` for the quantize stage."""
+    def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
+        """The quantize stage's layers: codes, grid and salient columns."""
         raise NotImplementedError
+
+    def quant_label(self, recipe: Recipe, bits: str) -> str:
+        """The plain quantization's name in the report (``bits``: e.g. W3 g128)."""
+        return f"{recipe.quant.method.upper()} {bits}"
 
     def recovered(self, run: Run, trained: bool, noise: bool = False):
         raise NotImplementedError
@@ -247,8 +266,14 @@ class Post(Mode):
     def order(self, recipe: Recipe) -> list[str]:
         return [s for s in self.stages if s != "lora" or "lora" in recipe.eval.baselines]
 
-    def to_quantize(self, run: Run):
-        return (*run.load_fp(), None)
+    def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
+        return _quantize(run, *run.load_fp())
+
+    def plain(self, run: Run):
+        """``(model, tokenizer, layers)``: the plain quantization (no salient columns) that the LoRA baseline
+        trains on, its dense weights in the model."""
+        model, tok = run.load_fp()
+        return model, tok, _quantize(run, model, tok, sal=_plain(run.recipe.saliency))
 
     def to_train(self, run: Run, tmp: Path):
         return self.recovered(run, trained=False, noise=True)
@@ -274,10 +299,10 @@ class Pre(Mode):
     def to_train(self, run: Run, tmp: Path):
         return _fp_salient_model(run, tmp)
 
-    def to_quantize(self, run: Run):
+    def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         model, tok = _full_precision_model(run, "none", trained=True)
         merge_to_dense(model)  # the full-precision model with its trained columns
-        return model, tok, _train_salient(run)
+        return _quantize(run, model, tok, salient=_train_salient(run))
 
     def recovered(self, run: Run, trained: bool, noise: bool = False):
         """Trained: the quantize stage's result (it quantized the trained model); untrained: the
@@ -305,10 +330,45 @@ class FullPrecision(Mode):
         return _full_precision_model(run, run.recipe.train.noise if noise else "none", trained)
 
 
+class Imported(Post):
+    """Post-quantization GIFT-SW on a GPTQ checkpoint made elsewhere (``model.ref``): the quantize stage reads
+    its codes, scales, zeros and ``g_idx`` as they are and only picks the salient columns; training, export
+    and evaluation are ``Post``'s. With ``model.full_precision`` the metric sees ``D = W - deq(Q)`` and the
+    columns start from the full-precision weights; without it only metrics without ``D`` apply and the
+    columns start from the dequantized checkpoint. Either way no GPTQ error compensation went into them."""
+
+    def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
+        r = run.recipe
+        model, tok, layers = run.load_imported()
+        ref = run.load_fp()[0] if r.model.full_precision else model
+        stats = collect_stats(ref, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size,
+                              run.device)
+        modules = dict(ref.named_modules())
+        for name, qw in layers.items():
+            w = modules[name].weight.detach().float()
+            d = w - qw.dequantize_grid() if r.model.full_precision else None
+            idx = select_salient(w, stats[name], r.saliency, r.quant, name.rsplit(".", 1)[-1], d)
+            qw.salient_idx, qw.salient_weight = idx, w[:, idx].clone()
+        return layers
+
+    def plain(self, run: Run):
+        return run.load_imported()
+
+    def quant_label(self, recipe: Recipe, bits: str) -> str:
+        return f"GPTQ {bits} (imported)"
+
+
 MODES: dict[str, Mode] = {"post": Post(), "pre": Pre(), "fp": FullPrecision()}
 
 
+def is_imported(recipe: Recipe) -> bool:
+    """Whether ``model.ref`` is a GPTQ checkpoint to import rather than a model to quantize."""
+    return gptq_checkpoint.quant_method(recipe.model.ref) == "gptq"
+
+
 def mode(recipe: Recipe) -> Mode:
+    if recipe.train.mode == "post" and is_imported(recipe):
+        return Imported()
     return MODES[recipe.train.mode]
 
 
@@ -355,10 +415,9 @@ def stage_lora(run: Run, tmp: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
     r = run.recipe
-    model, tok = run.load_fp()
-    base = _quantize(run, model, tok, sal=_plain(r.saliency))  # the model now holds the dense quantized weights
+    model, tok, base = mode(r).plain(run)  # the model holds the dense quantized weights
     save_quantized(base, tmp / "base.safetensors")
-    export_gptq_lora(model, tok, base, tmp / "export")
+    export_gptq_lora(model, tok, base, tmp / "export", fmt=run.fmt)
     salient = sum(qw.salient_idx.numel() * qw.codes.shape[0] for qw in load_quantized(
         run.stage("quantize") / "quantized.safetensors").values())
     rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in base.values()])
@@ -407,9 +466,9 @@ def stage_export(run: Run, tmp: Path) -> dict:
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
     if "gift" in r.export.formats:
         extra = {"saliency": r.saliency.model_dump(mode="json"), "quant": r.quant.model_dump(mode="json")}
-        export_gift(model, tok, results, tmp / "gift", extra)
+        export_gift(model, tok, results, tmp / "gift", extra, run.fmt)
     if "gptq_lora" in r.export.formats:
-        export_gptq_lora(model, tok, results, tmp / "gptq_lora", getattr(torch, r.export.dtype))
+        export_gptq_lora(model, tok, results, tmp / "gptq_lora", getattr(torch, r.export.dtype), run.fmt)
     if "dense" in r.export.formats:
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")
@@ -455,21 +514,23 @@ def stage_evaluate(run: Run, tmp: Path) -> dict:
         model, _ = run.load_fp()
         quantize_rtn_plain(model, r.saliency, r.quant)
         score(f"RTN {bits}", model)
+    m = mode(r)
+    if run.imported:
+        score(m.quant_label(r, bits), run.load_imported()[0])
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
-        if "lora" in stages(r) and run.is_done("lora", full=False):  # the LoRA stage quantized this model already
+        if "lora" in stages(r) and run.is_done("lora", full=False) and not run.imported:  # quantized there already
             model = _lora_base(run)[0]
         else:
             model = run.load_fp()[0]
             _quantize(run, model, tok, sal=_plain(r.saliency))
         score(f"GPTQ {bits}", model)
-    m = mode(r)
     if "salient" in r.eval.baselines and m.quantizes:
-        score(f"{r.quant.method.upper()} {bits} + salient columns", m.recovered(run, trained=False)[0])
+        score(f"{m.quant_label(r, bits)} + salient columns", m.recovered(run, trained=False)[0])
     if r.train.enabled:
         score(m.label.format(bits=bits), m.recovered(run, trained=True)[0])
     if "lora" in stages(r):
         model, rank = _lora_model(run)
-        score(f"{r.quant.method.upper()} {bits} + LoRA r={rank}", model)
+        score(f"{m.quant_label(r, bits)} + LoRA r={rank}", model)
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}
 
@@ -485,12 +546,77 @@ STAGE_FNS = {"quantize": stage_quantize, "train": stage_train, "lora": stage_lor
              "evaluate": stage_evaluate, "report": stage_report}
 
 
+def adopt_checkpoint(recipe: Recipe) -> Recipe:
+    """For an imported GPTQ checkpoint: the recipe with ``quant.bits``, ``group_size`` and ``sym`` taken from the
+    checkpoint's config (a different value set in the recipe is refused); other recipes unchanged."""
+    if recipe.model.full_precision is not None and not is_imported(recipe):
+        raise RecipeError(f"model.full_precision = {recipe.model.full_precision!r}: only for a GPTQ checkpoint in "
+                          f"model.ref, and {recipe.model.ref!r} is not one (no quantization_config.quant_method: gptq); "
+                          f"drop model.full_precision to quantize {recipe.model.ref!r} here")
+    if not is_imported(recipe):
+        return recipe
+    ck = gptq_checkpoint.read_config(recipe.model.ref)
+    found = {"bits": ck.bits, "group_size": ck.group_size, "sym": ck.sym, "method": "gptq"}
+    for key, value in found.items():
+        mine = getattr(recipe.quant, key)
+        if key in recipe.quant.model_fields_set and mine != value:
+            raise RecipeError(f"quant.{key} = {mine!r}, but the GPTQ checkpoint {recipe.model.ref!r} has {key} "
+                              f"{value!r}; drop quant.{key} (an imported checkpoint keeps its own grid)")
+    return recipe.model_copy(update={"quant": recipe.quant.model_copy(update=found)})
+
+
+def check_import(recipe: Recipe) -> None:
+    """What an imported GPTQ checkpoint allows, from its config and headers only: post-quantization training;
+    without ``model.full_precision`` no metric that needs ``D``, no full-precision, RTN or GPTQ baseline and no
+    distillation; targets equal to the quantized projections; a full-precision model of the same shapes."""
+    from transformers import AutoConfig
+
+    from .saliency import PRESETS
+
+    ck = gptq_checkpoint.read_config(recipe.model.ref)
+    if recipe.train.mode != "post":
+        raise RecipeError(f"train.mode = {recipe.train.mode}: {recipe.model.ref!r} is already quantized; an imported "
+                          f"GPTQ checkpoint trains after quantization, train.mode: post")
+    quantized = sorted({n.rsplit(".", 1)[-1] for n in gptq_checkpoint.quantized_layers(ck.folder)})
+    if sorted(recipe.saliency.targets) != quantized:
+        raise RecipeError(f"saliency.targets = {recipe.saliency.targets}, but the GPTQ checkpoint quantizes {quantized}; "
+                          f"set saliency.targets: {quantized}")
+    fp = recipe.model.full_precision
+    if fp is None:
+        sal = recipe.saliency
+        if sal.resolved_metric().tau is not None and any(float(v) > 0 for v in (sal.k, *sal.k_overrides.values())):
+            free = [n for n, m in PRESETS.items() if m.tau is None]
+            raise RecipeError(f"saliency.metric = {sal.metric} scores D = W - deq(Q), which needs the "
+                              f"full-precision weights: set model.full_precision to the model the checkpoint was "
+                              f"quantized from, or use a metric without D: {', '.join(free)} (or custom with tau: null)")
+        wants = [b for b in recipe.eval.baselines if b in ("fp", "rtn", "gptq")]
+        if wants:
+            raise RecipeError(f"eval.baselines = {recipe.eval.baselines}: {wants} need the full-precision model; set "
+                              f"model.full_precision or drop them (the imported checkpoint is always a baseline)")
+        if recipe.train.distill > 0:
+            raise RecipeError(f"train.distill = {recipe.train.distill}: distillation needs the full-precision model "
+                              f"as teacher; set model.full_precision or train.distill: 0")
+        return
+    try:
+        theirs = AutoConfig.from_pretrained(resolve_model(fp), trust_remote_code=recipe.model.trust_remote_code)
+    except OSError as e:
+        raise SourceError(unreachable("model.full_precision", fp, e)) from None
+    ours = AutoConfig.from_pretrained(ck.folder, trust_remote_code=recipe.model.trust_remote_code)
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"):
+        if getattr(ours, key, None) != getattr(theirs, key, None):
+            raise RecipeError(f"model.full_precision = {fp!r} has {key} {getattr(theirs, key, None)!r}, the GPTQ "
+                              f"checkpoint {getattr(ours, key, None)!r}: name the model the checkpoint was quantized from")
+
+
 def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> None:
     """Everything a run reads, checked before any weights load: remote code confirmed, the model
-    reachable, the targets and k against its shapes, every data file there and long enough for a window."""
+    reachable, an imported checkpoint's constraints, the targets and k against its shapes, every data
+    file there and long enough for a window."""
     if recipe.model.trust_remote_code and not trust_remote_code:
         raise RecipeError("model.trust_remote_code = true runs code from the model's repository; confirm it "
                           "with --trust-remote-code on the command line")
+    if is_imported(recipe):
+        check_import(recipe)
     check_against_model(recipe)
     tok = load_tokenizer(recipe.model.ref, recipe.model.trust_remote_code)
     t, c, e = recipe.train, recipe.calibration, recipe.eval
@@ -507,6 +633,7 @@ def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> None:
 def recover(recipe: Recipe, from_stage: str | None = None, on_step: Callable | None = None,
             trust_remote_code: bool = False) -> Path:
     """Run every stage not yet done; return the report path."""
+    recipe = adopt_checkpoint(recipe)
     check_inputs(recipe, trust_remote_code)
     run = Run(recipe)
     _check_plan(run)
@@ -592,6 +719,7 @@ def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
     if not isinstance(mode(recipe), Post):
         raise RecipeError(f"train.mode={recipe.train.mode}: quantization comes after (pre) or without (fp) training; "
                           f"use gift-quant recover, or --set train.mode=post")
+    recipe = adopt_checkpoint(recipe)
     check_inputs(recipe, trust_remote_code)
     run = Run(recipe)
     _check_plan(run)

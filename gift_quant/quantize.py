@@ -119,8 +119,13 @@ def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -
     return scale.reshape(out, n_groups), zero.reshape(out, n_groups)
 
 
-def expand_groups(p: torch.Tensor, group_size: int, n_in: int) -> torch.Tensor:
-    """Broadcast per-group parameters ``(out, n_groups)`` to ``(out, n_in)``."""
+def expand_groups(p: torch.Tensor, group_size: int, n_in: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Broadcast per-group parameters ``(out, n_groups)`` to ``(out, n_in)``.
+
+    ``g_idx`` (in,): the group of each input column where groups are not runs of consecutive columns
+    (GPTQ checkpoints quantized with act-order, ``desc_act``, number groups in quantization order)."""
+    if g_idx is not None:
+        return p[:, g_idx]
     if group_size == -1:
         return p.expand(p.shape[0], n_in)
     return p.repeat_interleave(group_size, dim=1)[:, :n_in]
@@ -142,18 +147,23 @@ class QuantizedWeight:
     group_size: int
     salient_idx: torch.Tensor  # (k,) int64, sorted
     salient_weight: torch.Tensor  # (out, k) float32
+    g_idx: torch.Tensor | None = None  # (in,) int64 group of each column; None: j // group_size (static groups)
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         """The same weight with every tensor on ``device``."""
         return replace(self, **{f: getattr(self, f).to(device) for f in
-                                ("codes", "scale", "zero", "salient_idx", "salient_weight")})
+                                ("codes", "scale", "zero", "salient_idx", "salient_weight", "g_idx")
+                                if getattr(self, f) is not None})
+
+    def column_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of every weight, ``(out, in)`` each."""
+        n_in = self.codes.shape[1]
+        return (expand_groups(self.scale, self.group_size, n_in, self.g_idx),
+                expand_groups(self.zero, self.group_size, n_in, self.g_idx))
 
     def dequantize_grid(self) -> torch.Tensor:
         """The all-columns-quantized weight ``(out, in)``."""
-        n_in = self.codes.shape[1]
-        s = expand_groups(self.scale, self.group_size, n_in)
-        z = expand_groups(self.zero, self.group_size, n_in)
-        return dequantize(self.codes.float(), s, z)
+        return dequantize(self.codes.float(), *self.column_params())
 
     def effective_weight(self) -> torch.Tensor:
         w = self.dequantize_grid()

@@ -48,7 +48,10 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    ref: str = Field(description="hub id, local folder, .gguf file or pkg://package/path")
+    ref: str = Field(description="hub id, local folder, .gguf file or pkg://package/path; a GPTQ checkpoint "
+                     "(quant_method gptq) is imported as it is instead of being quantized")
+    full_precision: str | None = Field(None, description="with a GPTQ checkpoint as ref: the model it was quantized "
+                                       "from; its weights start the salient columns and give the metric D = W - deq(Q)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
 

@@ -4,10 +4,10 @@ The same code runs on one process or under ``accelerate launch`` / ``torchrun`` 
 CPU). The global batch is ``micro_batch_size x grad_accum x world_size``; which examples a rank sees
 at a step is a pure function of (seed, step, rank), so a resumed run sees the same data.
 
-Checkpoints (every ``checkpoint_every`` steps and at the end) hold the trainable weights
-(safetensors), optimizer and scheduler state, each rank's RNG states and the ``key`` of what they
-were trained from (a hash of the recipe sections); they are written into a temporary folder and
-renamed, and ``latest`` names the newest complete one. A resume reads a whole checkpoint before it
+Checkpoints (every ``checkpoint_every`` steps and at the end) are accelerate's ``save_state`` folders
+cut down to the trainable weights (safetensors), with optimizer and scheduler state, each rank's RNG
+states and the ``key`` of what they were trained from (a hash of the recipe sections); they are
+written into a temporary folder and renamed, and ``latest`` names the newest complete one. A resume reads a whole checkpoint before it
 touches the model, falls back to the previous one when the newest is damaged, and refuses one of a
 different key. A non-finite loss stops the run before the optimizer step, so the last checkpoint
 stays the last good one.
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -94,36 +93,33 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# accelerate's save_state / load_state write and restore the optimizer, the scheduler and every rank's RNG
+# (random, numpy, torch, cuda; read back with weights_only=True); the pre-save hook keeps only the
+# trainable tensors of the model (the frozen codes would be GBs at 7B). ``state.json`` adds the step and
+# the key; the folder is renamed into place only when complete.
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched, key: str = "") -> None:
+def _trainable_only(models: list[nn.Module], weights: list[dict], _output_dir: str) -> None:
+    """accelerate's pre-save hook: each model's state dict cut down to the parameters that train."""
+    for i, model in enumerate(models):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        names |= {n.removeprefix("module.") for n in names}  # DDP wraps the model in .module
+        weights[i] = {n: t for n, t in weights[i].items() if n in names}
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, key: str = "") -> None:
     """Atomic: everything goes to ``.tmp-<step>`` first; ``latest`` is updated after the rename."""
     tmp, final = folder / f".tmp-{step}", folder / f"step-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / "trainable.safetensors")
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "key": key}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -134,14 +130,6 @@ def save_checkpoint(accelerator, folder: Path, step: int, model, opt, sched, key
         for old in sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]))[:-2]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
-
-
-def _read_checkpoint(ck: Path, rank: int) -> dict:
-    """Every file of one checkpoint, read and parsed (nothing applied yet)."""
-    return {"trainable": load_file(ck / "trainable.safetensors"),
-            "optim": torch.load(ck / "optim.pt", weights_only=True),
-            "rng": torch.load(ck / f"rng-{rank}.pt", weights_only=True),
-            "state": json.loads((ck / "state.json").read_text())}
 
 
 def _check_key(ck: Path, saved: str, key: str) -> None:
@@ -163,32 +151,36 @@ def check_resumable(folder: Path, key: str) -> None:
     _check_key(ck, saved, key)
 
 
-def load_checkpoint(accelerator, folder: Path, model, opt, sched, key: str = "") -> int:
-    """Restore the newest readable checkpoint; return its step (0 when there is none).
+def load_checkpoint(accelerator, folder: Path, model, key: str = "") -> int:
+    """Restore the newest readable checkpoint (``accelerate.load_state``); return its step (0 when there is none).
 
     The one ``latest`` names is tried first, then the older ones; a damaged one is skipped with a
-    warning. A checkpoint trained from other recipe sections (``key``) is refused."""
+    warning (a later one restores every state again, so a half-applied damaged one leaves nothing
+    behind). A checkpoint trained from other recipe sections (``key``) is refused before anything is
+    applied, and one whose weights are not exactly the model's trainable tensors is treated as damaged."""
+    from safetensors import safe_open
+
     pointer = folder / "latest"
     if not pointer.exists():
         return 0
     newest = folder / pointer.read_text().strip()
     older = sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]), reverse=True)
+    trainable = set(trainable_state(accelerator.unwrap_model(model)))
     for ck in [newest] + [p for p in older if p != newest]:
         try:
-            saved = _read_checkpoint(ck, accelerator.process_index)
+            state = json.loads((ck / "state.json").read_text())
+            _check_key(ck, state.get("key", ""), key)
+            with safe_open(str(ck / "model.safetensors"), "pt") as f:
+                if set(f.keys()) != trainable:
+                    raise ValueError(f"its weights are {len(set(f.keys()))} tensors, not the {len(trainable)} trainable ones")
+            accelerator.load_state(str(ck), strict=False)
+        except RecipeError:
+            raise
         except Exception as e:  # noqa: BLE001 (any damage: truncated, missing, not parseable)
             log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", ck, type(e).__name__, e)
             continue
-        _check_key(ck, saved["state"].get("key", ""), key)
-        params = dict(accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for n, t in saved["trainable"].items():
-                params[n].copy_(t)
-        opt.load_state_dict(saved["optim"]["optimizer"])
-        sched.load_state_dict(saved["optim"]["scheduler"])
-        _set_rng_state(saved["rng"])
-        log.info("resumed from %s (step %d)", ck, saved["state"]["step"])
-        return saved["state"]["step"]
+        log.info("resumed from %s (step %d)", ck, state["step"])
+        return state["step"]
     raise TrainingError(f"no readable checkpoint in {folder}; rerun with --from train")
 
 
@@ -232,8 +224,11 @@ def train(
     if on_gpu and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)
     bf16 = spec.precision == "bf16" or (spec.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu)
+    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes; the scheduler
+    # counts global steps, so it steps once per optimizer step whatever the number of processes
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu,
+                              step_scheduler_with_optimizer=False)
+    accelerator.register_save_state_pre_hook(_trainable_only)
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoints"
     torch.manual_seed(seed)
@@ -245,10 +240,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
                           num_training_steps=spec.steps)
-    model, opt = accelerator.prepare(model, opt)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
     if teacher is not None:
         teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
-    start = load_checkpoint(accelerator, ckpt, model, opt, sched, key)
+    start = load_checkpoint(accelerator, ckpt, model, key)
     layers = list(salient_layers(accelerator.unwrap_model(model)).values())
     model.train()
 
@@ -302,7 +297,7 @@ def train(
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            save_checkpoint(accelerator, ckpt, step + 1, model, opt, sched, key)
+            save_checkpoint(accelerator, ckpt, step + 1, key)
         if on_step is not None:
             on_step(step + 1, loss_v)
     model.eval()

@@ -21,6 +21,26 @@ def test_version_prints_nothing_else():
     assert out.stderr == ""  # no import-time warnings of other libraries
 
 
+def test_help_does_not_import_the_quantizer_registry_yet_a_gift_folder_loads(tmp_path):
+    """``--help`` stays quick: importing gift_quant leaves transformers' quantizer registry (seconds of imports)
+    alone; the gift quantizer is registered when something imports that registry, so a fresh process that
+    imports gift_quant first and transformers after still loads a gift folder through from_pretrained."""
+    out = _cli("recover", "--help")
+    assert out.returncode == 0 and "--from" in out.stdout and out.stderr == ""
+    code = ("import sys, gift_quant; assert 'transformers.quantizers.auto' not in sys.modules; "
+            "from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'gift')!r}); "
+            "print(type(m.model.layers[0].mlp.up_proj).__name__)")
+    from .test_export import quantized_tiny
+    from gift_quant.gift_format import export_gift
+
+    model, tok, results = quantized_tiny(4, 32)
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0 and res.stdout.strip() == "SalientLinear", res.stderr[-2000:]
+
+
 def test_plan_of_a_shipped_recipe_by_name_prints_json_only():
     out = _cli("plan", "llama-2-7b-w3", "--device", "cpu", "-q")
     assert out.returncode == 0, out.stderr

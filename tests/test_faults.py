@@ -138,7 +138,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_folder,
     monkeypatch.setattr(pipeline, "train", poisoned)
     with pytest.raises(TrainingError, match=r"step 3: the loss is \[nan\] .* last good checkpoint kept: step-2"):
         recover(recipe(tiny_folder, out, ["dense"]))
-    kept = load_file(out / "train.work/checkpoints/step-2/trainable.safetensors")
+    kept = load_file(out / "train.work/checkpoints/step-2/model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert not (out / "train").exists()
 
@@ -170,7 +170,7 @@ def test_changed_train_section_refused_on_resume_and_damaged_checkpoint_skipped(
         recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1, lr=5e-3))
     assert json.loads((out / "recipe.json").read_text())["train"]["lr"] == 1e-3  # the refused run wrote nothing
 
-    latest = out / "train.work/checkpoints/step-3/trainable.safetensors"
+    latest = out / "train.work/checkpoints/step-3/model.safetensors"
     latest.write_bytes(latest.read_bytes()[:40])  # truncated
     with caplog.at_level("WARNING", logger="gift_quant.train"):
         recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1))

@@ -1,0 +1,201 @@
+"""An existing GPTQ checkpoint as the pipeline's input: read, checked, never re-quantized.
+
+A folder (or hub id) whose ``config.json`` has ``quantization_config.quant_method: gptq`` in the v1
+(``gptq``, auto-gptq's) or v2 (``gptq_v2``, gptqmodel's) layout, any of 2/3/4/8 bits, per-row or
+grouped, symmetric or not, with or without act-order (``desc_act``: then ``g_idx`` scatters the
+groups over the columns). Its packed tensors become the project's ``QuantizedWeight`` (codes, scales,
+zeros, ``g_idx``) exactly, so training works on the user's own grid and the exports write the same
+packed tensors back.
+
+Everything here is checked against ``config.json`` before a tensor is used: the format, the bits, the
+group size, each tensor's shape and dtype, ``g_idx`` in range; a mismatch names the tensor, what the
+config implies and what the file holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .export import CheckpointError, check_g_idx
+from .pack import FORMATS, from_gptq
+from .quantize import QuantizedWeight
+from .sources import SourceError, local_or_package, unreachable
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"qweight": (torch.int32,), "qzeros": (torch.int32,), "g_idx": (torch.int32, torch.int64),
+           "scales": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+@dataclass(frozen=True)
+class GPTQCheckpoint:
+    """What a GPTQ checkpoint's ``quantization_config`` says, checked."""
+
+    folder: Path
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+    fmt: str  # checkpoint_format: gptq (v1) or gptq_v2
+
+
+def folder_of(ref: str) -> Path:
+    """The local folder of a model reference (a hub id is fetched, or found in the cache when offline)."""
+    path = local_or_package(ref)
+    if path is not None:
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 (offline and not cached, a wrong id, no network)
+        raise SourceError(unreachable("model.ref", ref, e)) from None
+
+
+@lru_cache(maxsize=16)
+def quant_method(ref: str) -> str | None:
+    """``quantization_config.quant_method`` of a local model folder (None: no such folder or not quantized).
+    Hub ids are read from the local cache only, never fetched here."""
+    path = local_or_package(ref) if not ref.startswith("pkg://") else None
+    if path is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        path = Path(cached).parent if isinstance(cached, str) else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return qc.get("quant_method")
+
+
+def read_config(ref: str) -> GPTQCheckpoint:
+    """The checked ``quantization_config`` of a GPTQ checkpoint."""
+    folder = folder_of(ref)
+    where = f"{folder}/config.json"
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: cannot read ({e})") from None
+    if qc.get("quant_method") != "gptq":
+        raise CheckpointError(f"{where}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'gptq'")
+    fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
+    problems = []
+    if fmt not in FORMATS:
+        problems.append(f"checkpoint_format = {fmt!r}: expected one of {list(FORMATS)} (other layouts, such as "
+                        f"marlin or awq, are kernels' repackings: save the model in gptq format first)")
+    if qc.get("bits") not in (2, 3, 4, 8):
+        problems.append(f"bits = {qc.get('bits')!r}: the GPTQ format holds 2, 3, 4 or 8")
+    group = qc.get("group_size", -1)
+    if group != -1 and (not isinstance(group, int) or group < 1):
+        problems.append(f"group_size = {group!r}: expected -1 (per row) or a positive number of columns")
+    if qc.get("pack_dtype", "int32") != "int32":
+        problems.append(f"pack_dtype = {qc.get('pack_dtype')!r}: only int32 packing is read")
+    if qc.get("dynamic"):
+        problems.append("dynamic (per-module bits or group sizes) is set: only one grid for every layer is read")
+    if qc.get("lm_head"):
+        problems.append("lm_head = true: a quantized lm_head is not read (the salient columns are in the decoder)")
+    if problems:
+        raise CheckpointError(f"{where}: quantization_config." + "; ".join(problems))
+    return GPTQCheckpoint(folder, qc["bits"], group, bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), fmt)
+
+
+def _files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors file (only safetensors checkpoints are read)")
+    return files
+
+
+def tensor_names(folder: Path) -> set[str]:
+    """Every tensor name in the checkpoint, from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in _files(folder):
+        with safe_open(str(f), "pt") as st:
+            names.update(st.keys())
+    return names
+
+
+def quantized_layers(folder: Path) -> list[str]:
+    """Module names of the checkpoint's quantized linears (those with a ``qweight``)."""
+    return sorted(n.removesuffix(".qweight") for n in tensor_names(folder) if n.endswith(".qweight"))
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    from .export import read_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _files(folder):
+        tensors.update(read_safetensors(f)[0])
+    return tensors
+
+
+def expected_shapes(ck: GPTQCheckpoint, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's tensors that ``config.json`` implies for an ``(n_out, n_in)`` linear."""
+    n_groups = 1 if ck.group_size == -1 else -(-n_in // ck.group_size)
+    return {"qweight": (-(-n_in // 32) * ck.bits, n_out), "qzeros": (n_groups, -(-n_out // 32) * ck.bits),
+            "scales": (n_groups, n_out), "g_idx": (n_in,)}
+
+
+def layer(ck: GPTQCheckpoint, name: str, tensors: dict[str, torch.Tensor], n_in: int, n_out: int) -> QuantizedWeight:
+    """One layer's tensors as a ``QuantizedWeight`` (no salient columns), after checking each against the config."""
+    where = ck.folder
+    for field, want in expected_shapes(ck, n_in, n_out).items():
+        t = tensors.get(f"{name}.{field}")
+        if t is None:
+            raise CheckpointError(f"{where}: missing tensor {name}.{field}")
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{where}: tensor {name}.{field} has shape {tuple(t.shape)}, but config.json "
+                                  f"(bits {ck.bits}, group_size {ck.group_size}) implies {want} for a "
+                                  f"{n_in}-input, {n_out}-output linear")
+        if t.dtype not in _DTYPES[field]:
+            raise CheckpointError(f"{where}: tensor {name}.{field} is {t.dtype}, expected one of {_DTYPES[field]}")
+    fields = {f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")}
+    check_g_idx(where, name, fields["g_idx"], n_in, fields["scales"].shape[0])
+    return from_gptq(fields, ck.bits, ck.group_size, n_in, n_out, ck.fmt)
+
+
+def load(ck: GPTQCheckpoint, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """``(model, tokenizer, layers)``: the checkpoint's model with plain ``nn.Linear`` layers holding the
+    dequantized grid (what gptqmodel's kernels compute with), and every quantized layer as a
+    ``QuantizedWeight`` without salient columns."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(ck.folder, trust_remote_code=trust_remote_code)
+    del config.quantization_config
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    tensors = _read_all(ck.folder)
+    modules = dict(model.named_modules())
+    layers: dict[str, QuantizedWeight] = {}
+    for name in quantized_layers(ck.folder):
+        lin = modules.get(name)
+        if not isinstance(lin, nn.Linear):
+            raise CheckpointError(f"{ck.folder}: quantized tensor {name}.qweight belongs to no linear layer of the "
+                                  f"{config.model_type} model that config.json describes")
+        layers[name] = layer(ck, name, tensors, lin.in_features, lin.out_features)
+        for field in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{name}.{field}")
+        tensors[f"{name}.weight"] = layers[name].dequantize_grid()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{ck.folder}: tensors do not match the model of config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    log.info("imported %d GPTQ layers (%s, %d-bit, group %d%s) from %s", len(layers), ck.fmt, ck.bits,
+             ck.group_size, ", act-order" if ck.desc_act else "", ck.folder)
+    return model.eval(), AutoTokenizer.from_pretrained(ck.folder, trust_remote_code=trust_remote_code), layers

@@ -1,0 +1,213 @@
+"""GPTQ checkpoints written by gptqmodel as the pipeline's input: read exactly, refused by name, recovered."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gift_quant import gptq_checkpoint, pipeline
+from gift_quant.export import CheckpointError, load_quantized
+from gift_quant.gift_format import export_gift
+from gift_quant.recipe import RecipeError
+
+from .conftest import SMOLLM2, needs_gptqmodel, recipe, tiny_llama
+
+# (checkpoint_format, desc_act, bits, group_size, sym): v1 and v2, act-order on and off, groups and per-row
+CASES = [("gptq", 1, 3, 32, 1), ("gptq_v2", 1, 4, 32, 0), ("gptq", 0, 4, -1, 1), ("gptq_v2", 0, 3, 32, 1),
+         ("gptq", 1, 2, -1, 0)]
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@pytest.fixture(scope="session")
+def fp_folder(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from gift_quant.sources import resolve_model
+
+    folder = tmp_path_factory.mktemp("fp128")
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    tiny_llama(vocab=len(tok), hidden=128, inter=256).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def checkpoints(fp_folder, tmp_path_factory):
+    """Every case of CASES written by gptqmodel (in its own process), with gptqmodel's reference outputs."""
+    pytest.importorskip("gptqmodel")
+    root = tmp_path_factory.mktemp("gptq")
+    out = {}
+    for case in CASES:
+        folder = root / "_".join(map(str, case))
+        res = subprocess.run([sys.executable, str(Path(__file__).with_name("gptqmodel_worker.py")), str(fp_folder),
+                              str(folder), *map(str, case)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[case] = folder
+    return out
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_import_equals_gptqmodels_loader(checkpoints, case):
+    """Dequantized weights and logits of the import equal those of gptqmodel's own loader and kernel."""
+    folder = checkpoints[case]
+    ref = torch.load(folder / "reference.pt", weights_only=True)
+    ck = gptq_checkpoint.read_config(str(folder))
+    assert (ck.fmt, int(ck.desc_act), ck.bits, ck.group_size, int(ck.sym)) == case
+    model, _, layers = gptq_checkpoint.load(ck)
+    assert set(layers) == set(ref["weights"]) and len(layers) == 14
+    for name, w in ref["weights"].items():
+        assert torch.equal(layers[name].dequantize_grid(), w), name
+    if case[1] and case[3] != -1:  # act-order with groups: the groups are scattered over the columns
+        assert all(qw.g_idx is not None for qw in layers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["v1-act-order", "v2-act-order-asym"])
+def test_exports_keep_the_imported_tensors_bit_identical(checkpoints, case, tmp_path):
+    """The gift and gptq+lora exports of an import write the checkpoint's packed tensors back unchanged, and
+    the gift folder loads to the same model (act-order groups included)."""
+    from gift_quant.export import export_gptq_lora
+    from gift_quant.gift_format import load
+    from gift_quant.layers import wrap_quantized
+
+    import gift_quant  # noqa: F401  registers the gift format with transformers
+
+    folder = checkpoints[case]
+    ck = gptq_checkpoint.read_config(str(folder))
+    model, tok, layers = gptq_checkpoint.load(ck)
+    for qw in layers.values():  # two salient columns a layer, moved off their grid values
+        qw.salient_idx = torch.tensor([3, 70])
+        qw.salient_weight = qw.dequantize_grid()[:, qw.salient_idx] + 0.01
+    export_gift(model, tok, layers, tmp_path / "gift", {}, ck.fmt)
+    export_gptq_lora(model, tok, layers, tmp_path / "gptq_lora", fmt=ck.fmt)
+    original = load_file(folder / "model.safetensors")
+    for out in ("gift", "gptq_lora"):
+        written = load_file(tmp_path / out / "model.safetensors")
+        for name in layers:
+            for f in PACKED:
+                assert torch.equal(written[f"{name}.{f}"], original[f"{name}.{f}"].to(written[f"{name}.{f}"].dtype)), \
+                    (out, name, f)
+    qc = json.loads((tmp_path / "gptq_lora" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == ck.fmt and qc["desc_act"] is True and qc["sym"] == ck.sym
+
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
+    wrap_quantized(model, layers, "none", 4)
+    loaded, _ = load(tmp_path / "gift")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=2e-3, rtol=2e-3)
+
+
+def _rewrite_config(src: Path, dst: Path, **changes) -> Path:
+    """A copy of a checkpoint folder with ``quantization_config`` entries changed."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@needs_gptqmodel
+def test_a_checkpoint_that_disagrees_with_its_config_is_refused_by_name(checkpoints, tmp_path):
+    folder = checkpoints[CASES[0]]  # 3-bit
+    wrong_bits = gptq_checkpoint.read_config(str(_rewrite_config(folder, tmp_path / "b", bits=4)))
+    with pytest.raises(CheckpointError, match=r"down_proj.qweight has shape \(24, 128\), but config.json \(bits 4, group_size 32\) implies \(32, 128\)"):
+        gptq_checkpoint.load(wrong_bits)
+    with pytest.raises(CheckpointError, match="checkpoint_format = 'marlin'"):
+        gptq_checkpoint.read_config(str(_rewrite_config(folder, tmp_path / "m", checkpoint_format="marlin")))
+    with pytest.raises(CheckpointError, match="bits = 5"):
+        gptq_checkpoint.read_config(str(_rewrite_config(folder, tmp_path / "5", bits=5)))
+    broken = _rewrite_config(folder, tmp_path / "g", bits=3)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.g_idx"] = torch.full((128,), 9, dtype=torch.int32)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"up_proj.g_idx holds groups outside 0..3"):
+        gptq_checkpoint.load(gptq_checkpoint.read_config(str(broken)))
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail a test that loads weights: the recipe checks must come first."""
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the recipe was checked")
+
+    monkeypatch.setattr(gptq_checkpoint, "load", refuse)
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+
+
+@needs_gptqmodel
+def test_import_recipes_are_checked_before_any_weights_load(checkpoints, fp_folder, tiny_folder, tmp_path, no_weights):
+    folder = str(checkpoints[CASES[0]])
+
+    def imported(**changes):
+        r = recipe(folder, tmp_path / "run")
+        model = {**r.model.model_dump(), **changes.pop("model", {})}
+        return r.model_copy(update={"model": r.model.model_copy(update=model), **changes})
+
+    base = imported()
+    with pytest.raises(RecipeError, match="needs the full-precision weights.*quik"):
+        pipeline.recover(base)  # the default metric (gift) scores D, which needs model.full_precision
+    quik = base.saliency.model_copy(update={"metric": "quik"})
+    with pytest.raises(RecipeError, match=r"\['fp'\] need the full-precision model"):
+        pipeline.recover(imported(saliency=quik, eval=base.eval.model_copy(update={"baselines": ["fp", "salient"]})))
+    with pytest.raises(RecipeError, match="train.distill = 1.0"):
+        pipeline.recover(imported(saliency=quik, train=base.train.model_copy(update={"distill": 1.0}),
+                                  eval=base.eval.model_copy(update={"baselines": ["salient"]})))
+    from gift_quant.recipe import parse_recipe
+
+    data = base.model_dump(mode="json")
+    data["quant"] = {"bits": 4}
+    with pytest.raises(RecipeError, match="quant.bits = 4, but the GPTQ checkpoint .* has bits 3"):
+        pipeline.recover(parse_recipe(data, "test"))
+    with pytest.raises(RecipeError, match=r"quantizes \['down_proj', 'gate_proj'"):
+        pipeline.recover(imported(saliency=quik.model_copy(update={"targets": ["q_proj"]})))
+    with pytest.raises(RecipeError, match="hidden_size 64, the GPTQ checkpoint 128"):
+        pipeline.recover(imported(model={"full_precision": str(tiny_folder)}))
+    with pytest.raises(RecipeError, match="only for a GPTQ checkpoint in model.ref"):
+        pipeline.recover(recipe(str(fp_folder), tmp_path / "x").model_copy(update={"model": base.model.model_copy(
+            update={"ref": str(fp_folder), "full_precision": str(fp_folder)})}))
+
+
+@needs_gptqmodel
+@pytest.mark.slow
+def test_recover_an_imported_checkpoint_with_and_without_full_precision(checkpoints, fp_folder, tmp_path):
+    """The whole pipeline on a gptqmodel act-order checkpoint: codes kept bit-identical through training and
+    export, salient columns from the full-precision weights (or the dequantized ones), the import scored."""
+    folder = checkpoints[CASES[0]]
+    original = load_file(folder / "model.safetensors")
+    fp_model = load_model_plain(fp_folder)
+    for full_precision, metric in ((None, "quik"), (str(fp_folder), "gift")):
+        r = recipe(str(folder), tmp_path / metric, formats=("gift", "gptq_lora"))
+        r = r.model_copy(update={
+            "model": r.model.model_copy(update={"full_precision": full_precision}),
+            "saliency": r.saliency.model_copy(update={"metric": metric}),
+            "eval": r.eval.model_copy(update={"baselines": ["salient", "lora"] + (["fp"] if full_precision else []),
+                                              "tasks": []})})
+        report = pipeline.recover(r)
+        run = report.parents[1]
+        quantized = load_quantized(run / "quantize" / "quantized.safetensors")
+        _, _, layers = gptq_checkpoint.load(gptq_checkpoint.read_config(str(folder)))
+        for name, qw in quantized.items():
+            assert torch.equal(qw.codes, layers[name].codes) and torch.equal(qw.g_idx, layers[name].g_idx)
+            start = (fp_model.get_submodule(name).weight if full_precision else layers[name].dequantize_grid())
+            assert torch.equal(qw.salient_weight, start[:, qw.salient_idx].float()), name
+        written = load_file(run / "export" / "gift" / "model.safetensors")
+        for name in quantized:
+            assert all(torch.equal(written[f"{name}.{f}"], original[f"{name}.{f}"]) for f in PACKED)
+        rows = json.loads((run / "evaluate" / "results.json").read_text())
+        assert "GPTQ W3 g32 (imported)" in rows and "GIFT-SW W3 g32" in rows
+        assert any(k.startswith("GPTQ W3 g32 (imported) + LoRA r=") for k in rows)
+        assert ("full precision" in rows) == bool(full_precision)
+
+
+def load_model_plain(folder):
+    from gift_quant.sources import load_model
+
+    return load_model(str(folder))[0]
