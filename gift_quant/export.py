@@ -119,7 +119,7 @@ def storage(folder: Path, layers: dict[str, tuple[int, int]]) -> dict:
     return {"bytes": total_bytes, "linear_bits_per_weight": linear_bits / weights}
 
 
-def _symmetric(results: dict[str, QuantizedWeight]) -> bool:
+def symmetric(results: dict[str, QuantizedWeight]) -> bool:
     """Whether every zero point is the symmetric grid's ``2^(bits-1)``."""
     return all(bool((qw.zero == 2 ** (qw.bits - 1)).all()) for qw in results.values())
 
@@ -177,7 +177,7 @@ def export_gptq_lora(model, tokenizer, results: dict[str, QuantizedWeight], out:
     config = copy.deepcopy(model.config)
     desc_act = any(qw.g_idx is not None for qw in results.values())
     config.quantization_config = GPTQConfig(bits=bits.pop(), group_size=groups.pop(), desc_act=desc_act,
-                                            sym=_symmetric(results), checkpoint_format=fmt)
+                                            sym=symmetric(results), checkpoint_format=fmt)
     config.dtype = dtype
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .export import CheckpointError, base_state, check_g_idx, read_safetensors
+from .export import CheckpointError, base_state, check_g_idx, read_safetensors, symmetric
 from .integrity import sha256
 from .pack import FORMATS
 from .quantize import QuantizedWeight
@@ -50,7 +50,7 @@ def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "gift", "bits": bits.pop(), "group_size": group.pop(),
-                                     "sym": True, "checkpoint_format": fmt, "version": __version__,
+                                     "sym": symmetric(results), "checkpoint_format": fmt, "version": __version__,
                                      "layers": layers, "sha256": {"model.safetensors": sha256(out / "model.safetensors")},
                                      **extra_config}
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -95,6 +95,7 @@ def test_exports_keep_the_imported_tensors_bit_identical(checkpoints, case, tmp_
                     (out, name, f)
     qc = json.loads((tmp_path / "gptq_lora" / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == ck.fmt and qc["desc_act"] is True and qc["sym"] == ck.sym
+    assert json.loads((tmp_path / "gift" / "config.json").read_text())["quantization_config"]["sym"] == ck.sym
 
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
     wrap_quantized(model, layers, "none", 4)
