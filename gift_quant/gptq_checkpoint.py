@@ -131,12 +131,17 @@ def quantized_layers(folder: Path) -> list[str]:
     return sorted(n.removesuffix(".qweight") for n in tensor_names(folder) if n.endswith(".qweight"))
 
 
-def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    from .export import read_safetensors
+def _read(folder: Path, keep) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose names ``keep(name)`` accepts (the others are not read)."""
+    from safetensors import SafetensorError, safe_open
 
     tensors: dict[str, torch.Tensor] = {}
     for f in _files(folder):
-        tensors.update(read_safetensors(f)[0])
+        try:
+            with safe_open(str(f), "pt") as st:
+                tensors.update({k: st.get_tensor(k) for k in st.keys() if keep(k)})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e}); it is corrupt or truncated") from None
     return tensors
 
 
@@ -165,10 +170,24 @@ def layer(ck: GPTQCheckpoint, name: str, tensors: dict[str, torch.Tensor], n_in:
     return from_gptq(fields, ck.bits, ck.group_size, n_in, n_out, ck.fmt)
 
 
+def read_layers(ck: GPTQCheckpoint, model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Every quantized layer of the checkpoint as a ``QuantizedWeight`` (no salient columns), shaped by the
+    linear of the same name in ``model`` (which may be on the meta device); only these tensors are read."""
+    modules = dict(model.named_modules())
+    names = set(quantized_layers(ck.folder))
+    for name in sorted(names):
+        if not isinstance(modules.get(name), nn.Linear):
+            raise CheckpointError(f"{ck.folder}: quantized tensor {name}.qweight belongs to no linear layer of the "
+                                  f"{model.config.model_type} model that config.json describes")
+    tensors = _read(ck.folder, lambda k: k.rpartition(".")[0] in names and k.rpartition(".")[2] in _DTYPES)
+    return {name: layer(ck, name, tensors, modules[name].in_features, modules[name].out_features)
+            for name in sorted(names)}
+
+
 def load(ck: GPTQCheckpoint, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """``(model, tokenizer, layers)``: the checkpoint's model with plain ``nn.Linear`` layers holding the
     dequantized grid (what gptqmodel's kernels compute with), and every quantized layer as a
-    ``QuantizedWeight`` without salient columns."""
+    ``QuantizedWeight`` without salient columns (``read_layers``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -176,19 +195,11 @@ def load(ck: GPTQCheckpoint, dtype: torch.dtype = torch.float32, trust_remote_co
     del config.quantization_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
-    tensors = _read_all(ck.folder)
-    modules = dict(model.named_modules())
-    layers: dict[str, QuantizedWeight] = {}
-    for name in quantized_layers(ck.folder):
-        lin = modules.get(name)
-        if not isinstance(lin, nn.Linear):
-            raise CheckpointError(f"{ck.folder}: quantized tensor {name}.qweight belongs to no linear layer of the "
-                                  f"{config.model_type} model that config.json describes")
-        layers[name] = layer(ck, name, tensors, lin.in_features, lin.out_features)
-        for field in ("qweight", "qzeros", "scales", "g_idx"):
-            tensors.pop(f"{name}.{field}")
-        tensors[f"{name}.weight"] = layers[name].dequantize_grid()
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    layers = read_layers(ck, model)
+    packed = {f"{name}.{field}" for name in layers for field in _DTYPES}
+    state = _read(ck.folder, lambda k: k not in packed)  # biases of quantized layers stay
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state.update({f"{name}.weight": qw.dequantize_grid().to(dtype) for name, qw in layers.items()})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

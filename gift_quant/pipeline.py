@@ -28,10 +28,10 @@ from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
 from .export import CheckpointError, bits_per_weight, export_gptq_lora, load_quantized, save_quantized, storage
-from .quantize import QuantizedWeight
 from .gift_format import export_gift
 from .integrity import check_hashes, file_hashes, read_json
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
+from .quantize import QuantizedWeight
 from .recipe import Recipe, RecipeError, SaliencySpec
 from .rundir import atomic_dir
 from .saliency import resolve_k
@@ -339,11 +339,14 @@ class Imported(Post):
 
     def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         r = run.recipe
-        model, tok, layers = run.load_imported()
-        ref = run.load_fp()[0] if r.model.full_precision else model
-        stats = collect_stats(ref, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size,
+        if r.model.full_precision:  # W and the activations from the original model, the codes beside it
+            model, tok = run.load_fp()
+            layers = gptq_checkpoint.read_layers(run.imported, model)
+        else:
+            model, tok, layers = run.load_imported()
+        stats = collect_stats(model, calibration_windows(r, tok), r.saliency.targets, r.calibration.batch_size,
                               run.device)
-        modules = dict(ref.named_modules())
+        modules = dict(model.named_modules())
         for name, qw in layers.items():
             w = modules[name].weight.detach().float()
             d = w - qw.dequantize_grid() if r.model.full_precision else None

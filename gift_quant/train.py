@@ -106,9 +106,13 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def _trainable_only(models: list[nn.Module], weights: list[dict], _output_dir: str) -> None:
     """accelerate's pre-save hook: each model's state dict cut down to the parameters that train."""
     for i, model in enumerate(models):
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        names |= {n.removeprefix("module.") for n in names}  # DDP wraps the model in .module
+        names = _trainable_names(model)
         weights[i] = {n: t for n, t in weights[i].items() if n in names}
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that train, as the model (DDP-wrapped or not) names them in its state dict."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(accelerator, folder: Path, step: int, key: str = "") -> None:
@@ -165,7 +169,7 @@ def load_checkpoint(accelerator, folder: Path, model, key: str = "") -> int:
         return 0
     newest = folder / pointer.read_text().strip()
     older = sorted(folder.glob("step-*"), key=lambda p: int(p.name[5:]), reverse=True)
-    trainable = set(trainable_state(accelerator.unwrap_model(model)))
+    trainable = _trainable_names(model)
     for ck in [newest] + [p for p in older if p != newest]:
         try:
             state = json.loads((ck / "state.json").read_text())

@@ -34,19 +34,32 @@ def fp_folder(tmp_path_factory):
     return folder
 
 
+def _write(fp: Path, folder: Path, case: tuple) -> Path:
+    """``case`` of ``fp`` written by gptqmodel in its own process, with its loader's reference outputs."""
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("gptqmodel_worker.py")), str(fp),
+                          str(folder), *map(str, case)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return folder
+
+
 @pytest.fixture(scope="session")
 def checkpoints(fp_folder, tmp_path_factory):
-    """Every case of CASES written by gptqmodel (in its own process), with gptqmodel's reference outputs."""
+    """Every case of CASES written by gptqmodel."""
     pytest.importorskip("gptqmodel")
     root = tmp_path_factory.mktemp("gptq")
-    out = {}
-    for case in CASES:
-        folder = root / "_".join(map(str, case))
-        res = subprocess.run([sys.executable, str(Path(__file__).with_name("gptqmodel_worker.py")), str(fp_folder),
-                              str(folder), *map(str, case)], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr[-3000:]
-        out[case] = folder
-    return out
+    return {case: _write(fp_folder, root / "_".join(map(str, case)), case) for case in CASES}
+
+
+def _assert_equals_reference(folder: Path, layers_expected: int) -> dict:
+    """The import's dequantized weights and logits against gptqmodel's, saved by the worker."""
+    ref = torch.load(folder / "reference.pt", weights_only=True)
+    model, _, layers = gptq_checkpoint.load(gptq_checkpoint.read_config(str(folder)))
+    assert set(layers) == set(ref["weights"]) and len(layers) == layers_expected
+    for name, w in ref["weights"].items():
+        assert torch.equal(layers[name].dequantize_grid(), w), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+    return layers
 
 
 @needs_gptqmodel
@@ -54,17 +67,34 @@ def checkpoints(fp_folder, tmp_path_factory):
 def test_import_equals_gptqmodels_loader(checkpoints, case):
     """Dequantized weights and logits of the import equal those of gptqmodel's own loader and kernel."""
     folder = checkpoints[case]
-    ref = torch.load(folder / "reference.pt", weights_only=True)
     ck = gptq_checkpoint.read_config(str(folder))
     assert (ck.fmt, int(ck.desc_act), ck.bits, ck.group_size, int(ck.sym)) == case
-    model, _, layers = gptq_checkpoint.load(ck)
-    assert set(layers) == set(ref["weights"]) and len(layers) == 14
-    for name, w in ref["weights"].items():
-        assert torch.equal(layers[name].dequantize_grid(), w), name
+    layers = _assert_equals_reference(folder, 14)
     if case[1] and case[3] != -1:  # act-order with groups: the groups are scattered over the columns
         assert all(qw.g_idx is not None for qw in layers.values())
+
+
+@needs_gptqmodel
+def test_import_of_a_qwen2_checkpoint_keeps_the_biases_of_quantized_layers(tmp_path):
+    """Qwen2's q/k/v projections carry biases: they are read beside the packed tensors, and the logits
+    still equal gptqmodel's."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from gift_quant.sources import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=True))
     with torch.no_grad():
-        torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()  # not the zeros they start as
+    model.save_pretrained(tmp_path / "fp")
+    tok.save_pretrained(tmp_path / "fp")
+    folder = _write(tmp_path / "fp", tmp_path / "q", ("gptq", 1, 4, 32, 0))
+    assert "model.layers.0.self_attn.q_proj.bias" in load_file(folder / "model.safetensors")
+    _assert_equals_reference(folder, 14)
 
 
 @needs_gptqmodel

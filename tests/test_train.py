@@ -73,15 +73,33 @@ def test_chat_labels_cover_only_assistant_turns(smollm2):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_keeps_salient_weights_identical(tmp_path):
+def _torchrun(out: Path, steps: int, *crash_at: int) -> subprocess.CompletedProcess:
     worker = Path(__file__).with_name("train_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(worker), str(tmp_path), "4"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+           str(worker), str(out), str(steps), *map(str, crash_at)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_process_ddp_keeps_salient_weights_identical(tmp_path):
+    out = _torchrun(tmp_path, 4)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [(tmp_path / f"world-rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
     a, b = load_file(tmp_path / "salient-rank0.safetensors"), load_file(tmp_path / "salient-rank1.safetensors")
     init, _ = build()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], dict(init.named_parameters())[k]) for k in a)  # and they did train
+
+
+def test_two_process_ddp_resume_is_bit_exact(tmp_path):
+    """Killed after step 4 (checkpoint at 3), both ranks resume from their own saved RNG and optimizer state
+    and end exactly where an uninterrupted two-process run ends."""
+    assert _torchrun(tmp_path / "straight", 6).returncode == 0
+    assert _torchrun(tmp_path / "resumed", 6, 4).returncode != 0
+    assert (tmp_path / "resumed/checkpoints/latest").read_text() == "step-3"
+    again = _torchrun(tmp_path / "resumed", 6)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for rank in (0, 1):
+        a = load_file(tmp_path / f"straight/salient-rank{rank}.safetensors")
+        b = load_file(tmp_path / f"resumed/salient-rank{rank}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,6 @@
 """Tiny post-quantization GIFT-SW run, used by the tests in-process and under torchrun (DDP on gloo).
 
-    torchrun --nproc_per_node 2 tests/train_worker.py OUT_DIR STEPS
+    torchrun --nproc_per_node 2 tests/train_worker.py OUT_DIR STEPS [CRASH_AT_STEP]
 """
 import sys
 from pathlib import Path
@@ -41,7 +41,13 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    model, summary = run(out, steps)
+    crash_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+
+    def crash(step, _loss):
+        if step == crash_at:
+            raise SystemExit(3)
+
+    model, summary = run(out, steps, on_step=crash)
     rank = dist.get_rank() if dist.is_initialized() else 0
     save_file(trainable_state(model), out / f"salient-rank{rank}.safetensors")
     (out / f"world-rank{rank}.txt").write_text(str(summary["processes"]))
