@@ -1,17 +1,22 @@
 """Perplexity against bits per weight on disk, untrained, for the saliency metrics x groups x k (issue 12).
 
     python benchmarks/bench_frontier.py [--bits 3] [--metric gift owq ...] [--group -1 128] [--k 8 16 32]
+        [--points benchmarks/frontier.jsonl]
 
 SmolLM2-135M-Instruct, GPTQ at ``--bits`` with ``k`` salient columns in every projection (3 k for
 down_proj, whose 1536 inputs are 2.7x the others'), statistics of one non-sequential calibration pass
 (32 x 512 C4 tokens) shared by every point; perplexity on 10 held-out Wikipedia windows of 512 tokens;
 bits per weight of the quantized linears from the ``gift`` export's files (``export.storage``).
-Prints a markdown table and writes ``--plot`` (perplexity vs bits per weight, one line per metric and
-group size).
+Every point measured is appended to ``--points`` with the commit that measured it, and points already
+there are not measured again, so a frontier can be filled over several runs. Prints a markdown table of
+this run's points and writes ``--plot`` from all of them (perplexity vs bits per weight, one line per
+metric and group size).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +36,12 @@ def main() -> None:
     ap.add_argument("--group", type=int, nargs="+", default=[-1, 128])
     ap.add_argument("--k", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--plot", default="benchmarks/frontier.png")
+    ap.add_argument("--points", default="benchmarks/frontier.jsonl", help="measured points (read, then appended)")
     args = ap.parse_args()
+    store = Path(args.points)
+    known = [json.loads(x) for x in store.read_text().splitlines()] if store.exists() else []
+    done = {(p["bits"], p["metric"], p["group"], p["k"]) for p in known}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
     model, tok = load_model(SMOLLM2)
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
@@ -41,10 +51,11 @@ def main() -> None:
     print(f"full precision: ppl {perplexity(model, evalw):.2f}", flush=True)
     print("| metric | group | k (down_proj 3k) | bits/weight on disk | ppl | s |")
     print("|---|---|---|---|---|---|")
-    points: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for metric in args.metric:
         for group in args.group:
             for k in args.k:
+                if (args.bits, metric, group, k) in done:
+                    continue
                 model.load_state_dict(original)
                 sal = SaliencySpec(metric=metric, k=k, k_overrides={"down_proj": 3 * k})
                 t0 = time.time()
@@ -54,7 +65,10 @@ def main() -> None:
                     export_gift(model, tok, results, Path(tmp) / "gift", {})
                     shapes = {n: tuple(qw.codes.shape) for n, qw in results.items()}
                     bpw = storage(Path(tmp) / "gift", shapes)["linear_bits_per_weight"]
-                points.setdefault((metric, group), []).append((bpw, ppl))
+                known.append({"bits": args.bits, "metric": metric, "group": group, "k": k, "bpw": bpw, "ppl": ppl,
+                              "commit": commit})
+                with store.open("a") as f:
+                    f.write(json.dumps(known[-1]) + "\n")
                 print(f"| {metric} | {'row' if group == -1 else group} | {k} | {bpw:.3f} | {ppl:.2f} | "
                       f"{time.time() - t0:.0f} |", flush=True)
     import matplotlib
@@ -62,6 +76,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for p in known:
+        if p["bits"] == args.bits:
+            points.setdefault((p["metric"], p["group"]), []).append((p["bpw"], p["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (metric, group), pts in points.items():
         pts.sort()
