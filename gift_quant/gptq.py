@@ -69,6 +69,28 @@ def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def compensate(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor, salient_idx: torch.Tensor,
+               damp: float) -> torch.Tensor:
+    """Salient columns ``(out, k)`` that absorb the error of a quantization made without them in mind.
+
+    When the non-salient columns are frozen at ``q`` by someone else (an imported GPTQ checkpoint), GPTQ
+    never pushed their rounding error into the columns we keep, and their original values ``W_s`` are
+    not the best ones beside ``q``. On inputs ``X`` (``H = X^T X``) the least-squares choice is
+
+        argmin_Ws ||X_s Ws^T + X_r Q_r^T - X W^T||^2  =  W_s - (Q_r - W_r) H_rs H_ss^-1
+
+    the same correction GPTQ's last steps make to the columns it leaves unquantized (``H_ss`` damped as
+    in ``dampen``)."""
+    if salient_idx.numel() == 0:
+        return w[:, salient_idx].float()
+    rest = nonsalient_mask(w.shape[1], salient_idx)
+    h = hessian.float()
+    h_ss, _ = dampen(h[salient_idx][:, salient_idx], w[:, salient_idx], damp)
+    err = (q - w)[:, rest].float()
+    return w[:, salient_idx].float() - torch.linalg.solve(h_ss, (err @ h[rest][:, salient_idx]).T).T
+
+
+@torch.no_grad()
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,

@@ -27,6 +27,7 @@ from . import devices, gptq_checkpoint, rundir
 from .calibrate import decoder_layers, target_linears
 from .compress import collect_stats, quantize_model, quantize_rtn_plain, select_salient
 from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, zero_shot
+from .gptq import compensate
 from .export import CheckpointError, bits_per_weight, export_gptq_lora, load_quantized, save_quantized, storage
 from .gift_format import export_gift
 from .integrity import check_hashes, file_hashes, read_json
@@ -334,8 +335,9 @@ class Imported(Post):
     """Post-quantization GIFT-SW on a GPTQ checkpoint made elsewhere (``model.ref``): the quantize stage reads
     its codes, scales, zeros and ``g_idx`` as they are and only picks the salient columns; training, export
     and evaluation are ``Post``'s. With ``model.full_precision`` the metric sees ``D = W - deq(Q)`` and the
-    columns start from the full-precision weights; without it only metrics without ``D`` apply and the
-    columns start from the dequantized checkpoint. Either way no GPTQ error compensation went into them."""
+    columns start from the full-precision weights corrected by least squares for the imported codes' error
+    (``gptq.compensate``: what GPTQ would have pushed into them); without it only metrics without ``D``
+    apply and the columns start from the dequantized checkpoint."""
 
     def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         r = run.recipe
@@ -348,10 +350,12 @@ class Imported(Post):
                               run.device)
         modules = dict(model.named_modules())
         for name, qw in layers.items():
-            w = modules[name].weight.detach().float()
-            d = w - qw.dequantize_grid() if r.model.full_precision else None
+            w, q = modules[name].weight.detach().float(), qw.dequantize_grid()
+            d = w - q if r.model.full_precision else None
             idx = select_salient(w, stats[name], r.saliency, r.quant, name.rsplit(".", 1)[-1], d)
-            qw.salient_idx, qw.salient_weight = idx, w[:, idx].clone()
+            qw.salient_idx = idx
+            qw.salient_weight = (compensate(w, q, stats[name].hessian, idx, r.quant.damp) if r.model.full_precision
+                                 else w[:, idx].clone())
         return layers
 
     def plain(self, run: Run):

@@ -173,3 +173,29 @@ def test_uncorrelated_inputs_reduce_gptq_to_rtn():
     got = gptq(w, h, Grid(3), idx)
     torch.testing.assert_close(got.effective_weight(), rtn(w, Grid(3), idx).effective_weight())
     assert torch.equal(got.salient_weight, w[:, idx])
+
+
+def test_compensate_is_the_least_squares_optimum_of_the_kept_columns():
+    """Against an explicit least-squares solve on the inputs: with the other columns frozen at Q, the kept
+    columns minimise the output error, and no other choice does better than that (the original columns
+    among them)."""
+    from gift_quant.gptq import compensate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    q = w + 0.1 * torch.randn(10, 24, generator=g, dtype=torch.float64)  # someone else's quantization
+    idx = torch.tensor([2, 7, 19])
+    rest = torch.ones(24, dtype=torch.bool)
+    rest[idx] = False
+    got = compensate(w, q, x.T @ x, idx, damp=0.0).double()
+    target = x @ w.T - x[:, rest] @ q[:, rest].T
+    ref = torch.linalg.lstsq(x[:, idx], target).solution.T
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+    def error(ws):
+        full = q.clone()
+        full[:, idx] = ws
+        return float(((x @ (full - w).T) ** 2).sum())
+
+    assert error(got) < error(w[:, idx])  # the original columns beside Q are worse

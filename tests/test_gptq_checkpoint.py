@@ -210,7 +210,8 @@ def test_import_recipes_are_checked_before_any_weights_load(checkpoints, fp_fold
 @pytest.mark.slow
 def test_recover_an_imported_checkpoint_with_and_without_full_precision(checkpoints, fp_folder, tmp_path):
     """The whole pipeline on a gptqmodel act-order checkpoint: codes kept bit-identical through training and
-    export, salient columns from the full-precision weights (or the dequantized ones), the import scored."""
+    export, salient columns from the full-precision weights corrected for the imported codes' error (or the
+    dequantized ones), the import scored."""
     folder = checkpoints[CASES[0]]
     original = load_file(folder / "model.safetensors")
     fp_model = load_model_plain(fp_folder)
@@ -225,10 +226,16 @@ def test_recover_an_imported_checkpoint_with_and_without_full_precision(checkpoi
         run = report.parents[1]
         quantized = load_quantized(run / "quantize" / "quantized.safetensors")
         _, _, layers = gptq_checkpoint.load(gptq_checkpoint.read_config(str(folder)))
+        moved = 0
         for name, qw in quantized.items():
             assert torch.equal(qw.codes, layers[name].codes) and torch.equal(qw.g_idx, layers[name].g_idx)
-            start = (fp_model.get_submodule(name).weight if full_precision else layers[name].dequantize_grid())
-            assert torch.equal(qw.salient_weight, start[:, qw.salient_idx].float()), name
+            if full_precision:  # the full-precision columns, corrected for the imported codes' error
+                fp_cols = fp_model.get_submodule(name).weight[:, qw.salient_idx]
+                moved += not torch.equal(qw.salient_weight, fp_cols)
+                assert (qw.salient_weight - fp_cols).abs().max() < fp_cols.abs().max()
+            else:  # the dequantized columns
+                assert torch.equal(qw.salient_weight, layers[name].dequantize_grid()[:, qw.salient_idx]), name
+        assert moved == (len(quantized) if full_precision else 0)
         written = load_file(run / "export" / "gift" / "model.safetensors")
         for name in quantized:
             assert all(torch.equal(written[f"{name}.{f}"], original[f"{name}.{f}"]) for f in PACKED)
