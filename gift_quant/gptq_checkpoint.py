@@ -60,13 +60,20 @@ def folder_of(ref: str) -> Path:
 
 @lru_cache(maxsize=16)
 def quant_method(ref: str) -> str | None:
-    """``quantization_config.quant_method`` of a local model folder (None: no such folder or not quantized).
+    """``quantization_config.quant_method`` of a model folder (None: not a folder with a quantized config, a
+    ``.gguf`` or package file, or a reference that does not resolve, which the input checks report).
     Hub ids are read from the local cache only, never fetched here."""
-    path = local_or_package(ref) if not ref.startswith("pkg://") else None
+    try:
+        path = local_or_package(ref)
+    except SourceError:
+        return None
     if path is None:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(ref, "config.json")
+        try:
+            cached = try_to_load_from_cache(ref, "config.json")
+        except ValueError:  # not a valid hub id either
+            return None
         path = Path(cached).parent if isinstance(cached, str) else None
     if path is None or not (path / "config.json").is_file():
         return None

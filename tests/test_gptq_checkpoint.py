@@ -134,6 +134,18 @@ def test_exports_keep_the_imported_tensors_bit_identical(checkpoints, case, tmp_
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, atol=2e-3, rtol=2e-3)
 
 
+def test_quant_method_of_every_kind_of_reference(tmp_path, tiny_folder):
+    """Only a folder whose config says gptq is imported; a package GGUF (the demo's model), a plain folder, a
+    hub id that is not cached and a missing path are not, and none of them raises here."""
+    assert gptq_checkpoint.quant_method(SMOLLM2) is None
+    assert gptq_checkpoint.quant_method(str(tiny_folder)) is None
+    assert gptq_checkpoint.quant_method("nobody/not-cached-anywhere") is None
+    assert gptq_checkpoint.quant_method("./no/such/folder") is None
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    assert gptq_checkpoint.quant_method(str(tmp_path / "q")) == "gptq"
+
+
 def _rewrite_config(src: Path, dst: Path, **changes) -> Path:
     """A copy of a checkpoint folder with ``quantization_config`` entries changed."""
     import shutil

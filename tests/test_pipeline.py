@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from gift_quant import pipeline
 from gift_quant.pipeline import recover
 from gift_quant.recipe import RecipeError
 
@@ -159,3 +160,13 @@ def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
     assert json.loads((out / "lora/export/adapter/adapter_config.json").read_text())["r"] == rank
     assert len((out / "lora/train_log.jsonl").read_text().splitlines()) == 4
     assert f"GPTQ W3 + LoRA r={rank}" in (out / "report/report.md").read_text()
+
+
+def test_the_shipped_demo_recipe_passes_its_input_checks(smollm2):
+    """The demo's model is a GGUF inside a package (pkg://): not an imported GPTQ checkpoint, and every
+    check before the weights load passes (the smollm2 fixture has converted the GGUF once)."""
+    from gift_quant.recipe import load_recipe
+
+    r = pipeline.adopt_checkpoint(load_recipe("smollm2-135m-instruct-w3"))
+    assert type(pipeline.mode(r)) is pipeline.Post
+    pipeline.check_inputs(r)
