@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,9 +83,9 @@ def child(args) -> None:
         folder = Path(args.work) / _slug(args.variant)
         summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher)
         logs = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
-        steady = logs[2:] or logs
-        out.update(s_per_step=sum(r["s_per_step"] for r in steady) / len(steady),
-                   tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
+        steady = logs[2:] or logs  # the median step: a run paused or resumed across sessions has outliers
+        out.update(s_per_step=statistics.median(r["s_per_step"] for r in steady),
+                   tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
                    first_loss=logs[0]["loss"], final_loss=summary["final_loss"])
     out["ppl"] = perplexity(model.eval(), evalw)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

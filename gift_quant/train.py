@@ -107,12 +107,13 @@ def _trainable_only(models: list[nn.Module], weights: list[dict], _output_dir: s
     """accelerate's pre-save hook: each model's state dict cut down to the parameters that train."""
     for i, model in enumerate(models):
         names = _trainable_names(model)
-        weights[i] = {n: t for n, t in weights[i].items() if n in names}
+        weights[i] = {n: t for n, t in weights[i].items() if n.removeprefix("module.") in names}
 
 
 def _trainable_names(model: nn.Module) -> set[str]:
-    """Names of the parameters that train, as the model (DDP-wrapped or not) names them in its state dict."""
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+    """Names of the parameters that train, without the ``module.`` prefix of a DDP wrapper (accelerate saves
+    the unwrapped names)."""
+    return {n.removeprefix("module.") for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(accelerator, folder: Path, step: int, key: str = "") -> None:
@@ -175,7 +176,7 @@ def load_checkpoint(accelerator, folder: Path, model, key: str = "") -> int:
             state = json.loads((ck / "state.json").read_text())
             _check_key(ck, state.get("key", ""), key)
             with safe_open(str(ck / "model.safetensors"), "pt") as f:
-                if set(f.keys()) != trainable:
+                if {k.removeprefix("module.") for k in f.keys()} != trainable:
                     raise ValueError(f"its weights are {len(set(f.keys()))} tensors, not the {len(trainable)} trainable ones")
             accelerator.load_state(str(ck), strict=False)
         except RecipeError:
