@@ -568,7 +568,7 @@ def adopt_checkpoint(recipe: Recipe) -> Recipe:
         mine = getattr(recipe.quant, key)
         if key in recipe.quant.model_fields_set and mine != value:
             raise RecipeError(f"quant.{key} = {mine!r}, but the GPTQ checkpoint {recipe.model.ref!r} has {key} "
-                              f"{value!r}; drop quant.{key} (an imported checkpoint keeps its own grid)")
+                              f"{value!r}; set quant.{key}: {value} or leave it out (an imported checkpoint keeps its own grid)")
     return recipe.model_copy(update={"quant": recipe.quant.model_copy(update=found)})
 
 
