@@ -7,9 +7,9 @@ at a step is a pure function of (seed, step, rank), so a resumed run sees the sa
 Checkpoints (every ``checkpoint_every`` steps and at the end) are accelerate's ``save_state`` folders
 cut down to the trainable weights (safetensors), with optimizer and scheduler state, each rank's RNG
 states and the ``key`` of what they were trained from (a hash of the recipe sections); they are
-written into a temporary folder and renamed, and ``latest`` names the newest complete one. A resume reads a whole checkpoint before it
-touches the model, falls back to the previous one when the newest is damaged, and refuses one of a
-different key. A non-finite loss stops the run before the optimizer step, so the last checkpoint
+written into a temporary folder and renamed, and ``latest`` names the newest complete one. A resume
+refuses a checkpoint of a different key before applying anything, and falls back to the previous one
+when the newest is damaged (which restores every state again). A non-finite loss stops the run before the optimizer step, so the last checkpoint
 stays the last good one.
 """
 from __future__ import annotations
