@@ -350,12 +350,14 @@ class Imported(Post):
                               run.device)
         modules = dict(model.named_modules())
         for name, qw in layers.items():
-            w, q = modules[name].weight.detach().float(), qw.dequantize_grid()
-            d = w - q if r.model.full_precision else None
-            idx = select_salient(w, stats[name], r.saliency, r.quant, name.rsplit(".", 1)[-1], d)
-            qw.salient_idx = idx
-            qw.salient_weight = (compensate(w, q, stats[name].hessian, idx, r.quant.damp) if r.model.full_precision
-                                 else w[:, idx].clone())
+            w, short = modules[name].weight.detach().float(), name.rsplit(".", 1)[-1]
+            if r.model.full_precision:
+                q = qw.dequantize_grid()
+                qw.salient_idx = select_salient(w, stats[name], r.saliency, r.quant, short, w - q)
+                qw.salient_weight = compensate(w, q, stats[name].hessian, qw.salient_idx, r.quant.damp)
+            else:  # w is the dequantized checkpoint itself
+                qw.salient_idx = select_salient(w, stats[name], r.saliency, r.quant, short)
+                qw.salient_weight = w[:, qw.salient_idx].clone()
         return layers
 
     def plain(self, run: Run):
