@@ -46,6 +46,22 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                               f"rerun the stage that wrote it") from None
 
 
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,
+                 replaced: frozenset[str] = frozenset()) -> None:
+    """Load ``state`` into a model built on the meta device (``assign=True``) and refuse any tensor the
+    model's config does not account for. Parameters of the ``replaced`` layers (already built from the
+    checkpoint's packed tensors) and a tied ``lm_head.weight`` may be absent from ``state``."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in replaced
+               and not (m == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match the model of config.json: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
+
+
 def load_quantized(path: Path) -> dict[str, QuantizedWeight]:
     tensors, meta = read_safetensors(Path(path))
     if "layers" not in meta:

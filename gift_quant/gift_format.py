@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .export import CheckpointError, base_state, check_g_idx, read_safetensors, symmetric
+from .export import CheckpointError, assign_state, base_state, check_g_idx, read_safetensors, symmetric
 from .integrity import sha256
 from .pack import FORMATS
 from .quantize import QuantizedWeight
@@ -192,12 +192,5 @@ def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
         layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits,
                                                   qc.get("checkpoint_format", "gptq"))
     replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False, assign=True)
-    missing = [m for m in missing if m.rpartition(".")[0].removesuffix(".base") not in layers
-               and not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensors do not match the model of config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    assign_state(model, {k: v.float() for k, v in tensors.items()}, path, frozenset(layers))
     return model.eval(), AutoTokenizer.from_pretrained(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import CheckpointError, check_g_idx
+from .export import CheckpointError, assign_state, check_g_idx
 from .pack import FORMATS, from_gptq
 from .quantize import QuantizedWeight
 from .sources import SourceError, local_or_package, unreachable
@@ -207,13 +207,7 @@ def load(ck: GPTQCheckpoint, dtype: torch.dtype = torch.float32, trust_remote_co
     state = _read(ck.folder, lambda k: k not in packed)  # biases of quantized layers stay
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state.update({f"{name}.weight": qw.dequantize_grid().to(dtype) for name, qw in layers.items()})
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{ck.folder}: tensors do not match the model of config.json: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
+    assign_state(model, state, ck.folder)
     log.info("imported %d GPTQ layers (%s, %d-bit, group %d%s) from %s", len(layers), ck.fmt, ck.bits,
              ck.group_size, ", act-order" if ck.desc_act else "", ck.folder)
     return model.eval(), AutoTokenizer.from_pretrained(ck.folder, trust_remote_code=trust_remote_code), layers
