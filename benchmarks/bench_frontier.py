@@ -25,8 +25,17 @@ from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity
 from gift_quant.export import storage
 from gift_quant.gift_format import export_gift
+from gift_quant.quantize import QuantizedWeight
 from gift_quant.recipe import QuantSpec, SaliencySpec
 from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
+
+
+def disk_bits_per_weight(model, tok, results: dict[str, QuantizedWeight]) -> float:
+    """Bits per weight of the quantized linears in the ``gift`` export of ``results`` (a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export_gift(model, tok, results, Path(tmp) / "gift", {})
+        shapes = {n: tuple(qw.codes.shape) for n, qw in results.items()}
+        return storage(Path(tmp) / "gift", shapes)["linear_bits_per_weight"]
 
 
 def main() -> None:
@@ -61,10 +70,7 @@ def main() -> None:
                 t0 = time.time()
                 results = quantize_with_stats(model, stats, sal, QuantSpec(bits=args.bits, group_size=group))
                 ppl = perplexity(model, evalw)
-                with tempfile.TemporaryDirectory() as tmp:
-                    export_gift(model, tok, results, Path(tmp) / "gift", {})
-                    shapes = {n: tuple(qw.codes.shape) for n, qw in results.items()}
-                    bpw = storage(Path(tmp) / "gift", shapes)["linear_bits_per_weight"]
+                bpw = disk_bits_per_weight(model, tok, results)
                 known.append({"bits": args.bits, "metric": metric, "group": group, "k": k, "bpw": bpw, "ppl": ppl,
                               "commit": commit})
                 with store.open("a") as f:

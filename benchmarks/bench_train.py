@@ -13,6 +13,11 @@ columns') trains on the same quantized base with the salient columns frozen. Pri
 Long budgets span sessions: with ``--work DIR`` the base is quantized once, each variant checkpoints
 every 25 steps and resumes there when rerun, and finished variants are read back from
 ``DIR/results.jsonl`` instead of being trained again.
+
+    python benchmarks/bench_train.py --plot benchmarks/trained.png DIR [DIR ...]
+
+draws perplexity against bits per weight on disk (the base's ``gift`` export; a LoRA adds its fp16
+factors) from the results of several work folders, one line per variant, and prints their table.
 """
 from __future__ import annotations
 
@@ -24,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
-
+from bench_frontier import disk_bits_per_weight
 from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity
 from gift_quant.export import load_quantized, save_quantized
@@ -53,6 +59,10 @@ VARIANTS = {
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if key in row else "-"
 
 
 def child(args) -> None:
@@ -105,9 +115,12 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
     ap.add_argument("--work", help="keep the base, checkpoints and results here (resumable); default: a temp folder")
+    ap.add_argument("--plot", nargs="+", metavar=("PNG", "DIR"), help="plot the results of these work folders")
     args = ap.parse_args()
     if args.variant:
         return child(args)
+    if args.plot:
+        return plot(Path(args.plot[0]), [Path(d) for d in args.plot[1:]])
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     setting = dict(metric=args.metric, group=args.group, k=args.k, calib=args.calib, steps=args.steps,
@@ -126,6 +139,12 @@ def main() -> None:
         save_quantized(results, work / "quantized.tmp")
         (work / "quantized.tmp").rename(work / "quantized.safetensors")
         print(f"GPTQ W3 + salient columns: {time.time() - t:.0f} s", flush=True)
+    if not (work / "bpw.json").exists():
+        model, tok = load_model(MODEL)
+        results = load_quantized(work / "quantized.safetensors")
+        weights = sum(qw.codes.numel() for qw in results.values())
+        (work / "bpw.json").write_text(json.dumps({"bpw": disk_bits_per_weight(model, tok, results),
+                                                   "weights": weights}))
     done_file = work / "results.jsonl"
     done = {r["variant"]: r for r in map(json.loads, done_file.read_text().splitlines())} if done_file.exists() else {}
     print("| variant | trainable params | ppl | first loss | final loss | s/step | tokens/s | peak RSS GB |")
@@ -145,9 +164,41 @@ def main() -> None:
             with done_file.open("a") as f:
                 f.write(json.dumps(done[name]) + "\n")
         r = done[name]
-        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
+        f = partial(_cell, r)
         print(f"| {name} | {f('trainable', ',')} | {r['ppl']:.2f} | {f('first_loss', '.3f')} | {f('final_loss', '.3f')} | "
               f"{f('s_per_step', '.2f')} | {f('tokens_per_s', '.0f')} | {r['peak_rss_gb']:.2f} |", flush=True)
+
+
+def plot(png: Path, works: list[Path]) -> None:
+    """Perplexity against bits per weight on disk, one line per variant over the work folders' points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    print("| point | bits/weight | variant | ppl | final loss | s/step (median) |")
+    print("|---|---|---|---|---|---|")
+    for work in works:
+        st, size = (json.loads((work / f).read_text()) for f in ("setting.json", "bpw.json"))
+        group = "row" if st["group"] == -1 else f"g{st['group']}"
+        point = f"{st['metric']} {group} k{st['k']}"
+        for r in map(json.loads, (work / "results.jsonl").read_text().splitlines()):
+            bpw = size["bpw"] + (16 * r["trainable"] / size["weights"] if "lora_rank" in r else 0.0)
+            lines.setdefault(r["variant"], []).append((bpw, r["ppl"]))
+            f = partial(_cell, r)
+            print(f"| {point} | {bpw:.3f} | {r['variant']} | {r['ppl']:.2f} | {f('final_loss', '.3f')} | "
+                  f"{f('s_per_step', '.2f')} |")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xlabel("bits per weight of the quantized linears (gift files; LoRA: + its fp16 factors)")
+    ax.set_ylabel("Wikipedia perplexity")
+    ax.set_title("SmolLM2-135M W3, trained variants at the frontier's best points")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":
