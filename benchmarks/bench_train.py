@@ -8,7 +8,10 @@ statistics of the full-precision model, ``--metric`` and ``--group`` as in the r
 every variant. Each variant trains in its own child process (so peak memory is its own) on the same
 packed C4 windows of ``--seq-len`` tokens, 4 a step, and is scored by perplexity on held-out Wikipedia
 (512-token windows). LoRA (peft, all seven projections, rank chosen so its parameters equal the salient
-columns') trains on the same quantized base with the salient columns frozen. Prints a markdown table.
+columns') trains on the same quantized base with the salient columns frozen. The full-precision
+reference scores the same windows and the batches of the last 50 training steps: its loss there is what
+a trained variant's "loss, last 50 steps" is to be read against (the logged loss of a variant with noise
+or distillation includes those; only the others compare directly). Prints a markdown table.
 
 Long budgets span sessions: with ``--work DIR`` the base is quantized once, each variant checkpoints
 every 25 steps and resumes there when rerun, and finished variants are read back from
@@ -32,6 +35,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from bench_frontier import disk_bits_per_weight
 from gift_quant.compress import collect_stats, quantize_with_stats
 from gift_quant.evaluate import nonoverlapping_windows, perplexity
@@ -40,7 +45,7 @@ from gift_quant.layers import merge_to_dense, wrap_quantized
 from gift_quant.pipeline import lora_rank
 from gift_quant.recipe import QuantSpec, SaliencySpec, TrainSpec
 from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
-from gift_quant.train import text_examples, train
+from gift_quant.train import batch_indices, text_examples, train
 
 MODEL = SMOLLM2
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,7 +59,18 @@ VARIANTS = {
     "gaussian 4-bit + distillation": dict(noise="gaussian", noise_bits=4, distill=1.0),
     "no noise + distillation": dict(noise="none", distill=1.0),
     "LoRA of equal size (peft), salient frozen": "lora",
+    "full precision (reference)": "fp",
 }
+TAIL = 50  # steps at the end of training whose mean loss the table shows
+
+
+def tail_loss(folder: Path, steps: int) -> float | None:
+    """Mean logged training loss over the last ``TAIL`` steps of a variant (None if it has no log)."""
+    log = folder / "train_log.jsonl"
+    if not log.exists():
+        return None
+    losses = [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["step"] > steps - TAIL]
+    return statistics.mean(losses) if losses else None
 
 
 def _slug(name: str) -> str:
@@ -62,7 +78,7 @@ def _slug(name: str) -> str:
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
-    return format(row[key], fmt) if key in row else "-"
+    return "-" if row.get(key) is None else format(row[key], fmt)
 
 
 def child(args) -> None:
@@ -71,6 +87,8 @@ def child(args) -> None:
     results = load_quantized(Path(args.work) / "quantized.safetensors")
     variant = VARIANTS[args.variant]
     evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
+    if variant == "fp":
+        return print("RESULT " + json.dumps(reference(args, model, tok, evalw)), flush=True)
     teacher = load_model(MODEL)[0] if isinstance(variant, dict) and variant.get("distill") else None
     cfg = variant if isinstance(variant, dict) else {}
     wrap_quantized(model, results, cfg.get("noise", "none"), cfg.get("noise_bits", 4))
@@ -100,6 +118,20 @@ def child(args) -> None:
     out["ppl"] = perplexity(model.eval(), evalw)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(out), flush=True)
+
+
+@torch.no_grad()
+def reference(args, model, tok, evalw: torch.Tensor) -> dict:
+    """The full-precision model on the batches of the last ``TAIL`` training steps (the loss the trained
+    variants should approach on their own data) and on the evaluation windows."""
+    ids, labels = text_examples(tokenize(tok, read_text(C4)), args.seq_len)
+    spec = TrainSpec(steps=args.steps, micro_batch_size=4, seq_len=args.seq_len)
+    losses = []
+    for step in range(max(0, args.steps - TAIL), args.steps):
+        idx = batch_indices(len(ids), step, 0, spec, rank=0, world=1, seed=0)
+        losses.append(model(input_ids=ids[idx], labels=labels[idx]).loss.item())
+    return {"variant": args.variant, "tail_loss": statistics.mean(losses), "ppl": perplexity(model.eval(), evalw),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main() -> None:
@@ -147,8 +179,9 @@ def main() -> None:
                                                    "weights": weights}))
     done_file = work / "results.jsonl"
     done = {r["variant"]: r for r in map(json.loads, done_file.read_text().splitlines())} if done_file.exists() else {}
-    print("| variant | trainable params | ppl | first loss | final loss | s/step | tokens/s | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| variant | trainable params | ppl | first loss | final loss | loss, last {TAIL} steps | s/step | tokens/s "
+          "| peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in VARIANTS:
         if args.only and not any(o in name for o in args.only.split(",")):
             continue
@@ -164,9 +197,11 @@ def main() -> None:
             with done_file.open("a") as f:
                 f.write(json.dumps(done[name]) + "\n")
         r = done[name]
+        r.setdefault("tail_loss", tail_loss(work / _slug(name), args.steps))
         f = partial(_cell, r)
         print(f"| {name} | {f('trainable', ',')} | {r['ppl']:.2f} | {f('first_loss', '.3f')} | {f('final_loss', '.3f')} | "
-              f"{f('s_per_step', '.2f')} | {f('tokens_per_s', '.0f')} | {r['peak_rss_gb']:.2f} |", flush=True)
+              f"{f('tail_loss', '.3f')} | {f('s_per_step', '.2f')} | {f('tokens_per_s', '.0f')} | {r['peak_rss_gb']:.2f} |",
+              flush=True)
 
 
 def plot(png: Path, works: list[Path]) -> None:
@@ -177,19 +212,27 @@ def plot(png: Path, works: list[Path]) -> None:
     import matplotlib.pyplot as plt
 
     lines: dict[str, list[tuple[float, float]]] = {}
-    print("| point | bits/weight | variant | ppl | final loss | s/step (median) |")
+    full = None
+    print(f"| point | bits/weight | variant | ppl | loss, last {TAIL} steps | s/step (median) |")
     print("|---|---|---|---|---|---|")
     for work in works:
         st, size = (json.loads((work / f).read_text()) for f in ("setting.json", "bpw.json"))
         group = "row" if st["group"] == -1 else f"g{st['group']}"
         point = f"{st['metric']} {group} k{st['k']}"
         for r in map(json.loads, (work / "results.jsonl").read_text().splitlines()):
+            r.setdefault("tail_loss", tail_loss(work / _slug(r["variant"]), st["steps"]))
+            f = partial(_cell, r)
+            if VARIANTS.get(r["variant"]) == "fp":
+                full = r["ppl"]
+                print(f"| {point} | 32 | {r['variant']} | {r['ppl']:.2f} | {f('tail_loss', '.3f')} | - |")
+                continue
             bpw = size["bpw"] + (16 * r["trainable"] / size["weights"] if "lora_rank" in r else 0.0)
             lines.setdefault(r["variant"], []).append((bpw, r["ppl"]))
-            f = partial(_cell, r)
-            print(f"| {point} | {bpw:.3f} | {r['variant']} | {r['ppl']:.2f} | {f('final_loss', '.3f')} | "
+            print(f"| {point} | {bpw:.3f} | {r['variant']} | {r['ppl']:.2f} | {f('tail_loss', '.3f')} | "
                   f"{f('s_per_step', '.2f')} |")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if full is not None:
+        ax.axhline(full, color="gray", linestyle=":", label=f"full precision ({full:.2f})")
     for name, pts in lines.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
