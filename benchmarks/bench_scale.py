@@ -95,22 +95,18 @@ def child_peer(folder: Path, windows_pt: Path) -> dict:
 
 def child_train(folder: Path, seq: int, variant: str) -> dict:
     import torch
-    from torch import nn
+
+    from gpu_check import rtn_random_salient
 
     from gift_quant import devices
     from gift_quant.layers import merge_to_dense, wrap_quantized
-    from gift_quant.quantize import Grid, rtn
     from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
     from gift_quant.sources import load_model
     from gift_quant.train import train
 
     model, _ = load_model(str(folder))
     k = round(0.03 * model.config.hidden_size)
-    results = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
-            idx = torch.randperm(m.in_features, generator=torch.Generator().manual_seed(len(results)))[:k].sort().values
-            results[name] = rtn(m.weight.detach(), Grid(3), idx)
+    results = rtn_random_salient(model, k)
     salient = sum(k * qw.codes.shape[0] for qw in results.values())
     wrap_quantized(model, results, "gaussian", 4)
     if variant == "lora":

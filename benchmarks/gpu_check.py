@@ -36,7 +36,7 @@ from gift_quant.compress import quantize_model
 from gift_quant.devices import GiB
 from gift_quant.layers import merge_to_dense, wrap_quantized
 from gift_quant.plan import plan_train, shape_of
-from gift_quant.quantize import Grid, rtn
+from gift_quant.quantize import Grid, QuantizedWeight, rtn
 from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec, parse_recipe
 from gift_quant.train import train
 
@@ -100,15 +100,21 @@ def check_calibration(device: torch.device, tiny: bool) -> dict:
             "peak_gib": used.peak / GiB, f"extrapolated_s_{full_blocks}_blocks": s / 2 * full_blocks}
 
 
-def quantized_model(cfg, device: torch.device, dtype: torch.dtype, k: int) -> nn.Module:
-    """The model of ``cfg`` with every projection RTN W3 (no clipping search) and ``k`` salient columns."""
-    model = build(cfg, device, dtype)
+def rtn_random_salient(model: nn.Module, k: int) -> dict[str, QuantizedWeight]:
+    """Every projection of ``model`` RTN W3 (no clipping search) with ``k`` seeded random salient columns:
+    the cost of a GIFT-SW model without calibrating one (the columns' choice does not change it)."""
     results = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
             idx = torch.randperm(m.in_features, generator=torch.Generator().manual_seed(len(results)))[:k].sort().values
-            results[name] = rtn(m.weight.detach(), Grid(3), idx.to(device))
-    wrap_quantized(model, results, "gaussian", 4)
+            results[name] = rtn(m.weight.detach(), Grid(3), idx.to(m.weight.device))
+    return results
+
+
+def quantized_model(cfg, device: torch.device, dtype: torch.dtype, k: int) -> nn.Module:
+    """The model of ``cfg`` wrapped as GIFT-SW (``rtn_random_salient``, the paper's noise)."""
+    model = build(cfg, device, dtype)
+    wrap_quantized(model, rtn_random_salient(model, k), "gaussian", 4)
     return model
 
 
