@@ -183,13 +183,15 @@ class _Inputs:
         return h.to(self.device, non_blocking=True)
 
 
-def inputs_fit(n_bytes: int, device: torch.device, block_bytes: int) -> bool:
+def inputs_fit(n_bytes: int, device: torch.device, block_bytes: int, memory: int | None = None) -> bool:
     """Whether block inputs and outputs of ``n_bytes`` each fit on ``device`` beside one block: they take at
-    most half of the memory left once the block is there (the rest is for Hessians and GPTQ)."""
+    most half of the memory left once the block is there (the rest is for Hessians and GPTQ). ``memory``:
+    the device's free memory now unless given (the plan passes its total capacity)."""
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return 2 * n_bytes <= (free - block_bytes) // 2
+    if memory is None:
+        memory, _ = torch.cuda.mem_get_info(device)
+    return 2 * n_bytes <= (memory - block_bytes) // 2
 
 
 def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inputs: _Inputs,

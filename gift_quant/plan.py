@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .calibrate import inputs_fit
 from .devices import GiB, capacity
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -151,7 +152,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
     inputs = 2 * cal.n_samples * s * h * p
     batch = 2 * b * s * h * p
-    fits = device.type == "cpu" or inputs <= (capacity(device) - shape.block_params * p) // 2  # as inputs_fit
+    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device))
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(24 * lin.n_in**2 + 40 * lin.n_out * lin.n_in for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
