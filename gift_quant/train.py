@@ -86,6 +86,13 @@ def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, wor
     return torch.tensor(idx)
 
 
+def epochs(n: int, spec: TrainSpec, world: int) -> float:
+    """How many times a run of ``spec`` on ``world`` processes reads its ``n`` examples. Above one the
+    same text comes back, and a few million trainable weights learn it by heart: the training loss drops
+    the step the second pass begins and the held-out perplexity stops following it."""
+    return spec.steps * spec.grad_accum * world * spec.micro_batch_size / n
+
+
 @lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The seeded order of one epoch, drawn once (not once per example)."""
@@ -259,6 +266,11 @@ def train(
         # steps after the checkpoint are run again: drop their lines
         log_path.write_text("".join(x + "\n" for x in kept if x and json.loads(x)["step"] <= start))
     world, rank = accelerator.num_processes, accelerator.process_index
+    passes = epochs(len(ids), spec, world)
+    if passes > 1 and accelerator.is_main_process:
+        log.warning("train: %d steps of %d examples read the %d examples of train.data %.2f times; repeated text "
+                    "is memorized rather than recovered (benchmarks/RESULTS.md): add text to train.data or lower "
+                    "train.steps", spec.steps, spec.grad_accum * world * spec.micro_batch_size, len(ids), passes)
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
     t_start, tokens, loss_v = time.time(), 0, float("nan")
     for step in bar:
@@ -308,4 +320,4 @@ def train(
     model.eval()
     wall = time.time() - t_start
     return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start, "processes": world,
-            "tokens_per_s": tokens / wall if wall > 0 else 0.0}
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0, "epochs": passes}

@@ -54,6 +54,17 @@ def test_batches_partition_the_data_across_ranks_and_steps():
     assert sorted(seen.tolist()) == list(range(16))  # one epoch, each example exactly once
 
 
+def test_a_run_that_reads_its_data_more_than_once_says_so(tmp_path, caplog):
+    # 64 examples, 4 a micro-batch x 2 accumulated: 8 steps read them exactly once, 12 steps 1.5 times
+    with caplog.at_level("WARNING", logger="gift_quant.train"):
+        _, once = run(tmp_path / "a", 8)
+    assert once["epochs"] == 1.0 and "memorized" not in caplog.text
+    with caplog.at_level("WARNING", logger="gift_quant.train"):
+        _, twice = run(tmp_path / "b", 12)
+    assert twice["epochs"] == 1.5
+    assert "read the 64 examples of train.data 1.50 times" in caplog.text
+
+
 def test_distill_loss_is_zero_for_identical_logits_and_matches_kl():
     t = torch.randn(2, 5, 11)
     labels = torch.ones(2, 5, dtype=torch.long)
