@@ -44,7 +44,8 @@ from gift_quant.export import load_quantized, save_quantized
 from gift_quant.layers import merge_to_dense, wrap_quantized
 from gift_quant.pipeline import lora_rank
 from gift_quant.recipe import QuantSpec, SaliencySpec, TrainSpec
-from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
+from gift_quant.report import smooth
+from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, load_tokenizer, read_text, sample_windows, tokenize
 from gift_quant.train import batch_indices, text_examples, train
 
 MODEL = SMOLLM2
@@ -239,6 +240,39 @@ def plot(png: Path, works: list[Path]) -> None:
     ax.set_xlabel("bits per weight of the quantized linears (gift files; LoRA: + its fp16 factors)")
     ax.set_ylabel("Wikipedia perplexity")
     ax.set_title("SmolLM2-135M W3, trained variants at the frontier's best points")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    for work in works:
+        loss_curves(work, png.with_name(f"{png.stem}-loss-{work.name}.png"))
+
+
+def loss_curves(work: Path, png: Path) -> None:
+    """Training loss of every variant of a work folder (smoothed over 25 steps), the full-precision model's
+    loss on the last batches, and where the second pass over the training text begins."""
+    import matplotlib.pyplot as plt
+
+    st = json.loads((work / "setting.json").read_text())
+    n = len(text_examples(tokenize(load_tokenizer(MODEL), read_text(C4)), st["seq_len"])[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, kind in VARIANTS.items():
+        log = work / _slug(name) / "train_log.jsonl"
+        if kind == "fp" or not log.exists():
+            continue
+        rows = [json.loads(x) for x in log.read_text().splitlines()]
+        ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], 25), label=name)
+    done = {r["variant"]: r for r in map(json.loads, (work / "results.jsonl").read_text().splitlines())}
+    ref = done.get(next(k for k, v in VARIANTS.items() if v == "fp"))
+    if ref:
+        ax.hlines(ref["tail_loss"], st["steps"] - TAIL, st["steps"], colors="gray", linestyles=":",
+                  label="full precision on the same batches")
+    for epoch in range(1, st["steps"] * 4 // n + 1):
+        ax.axvline(epoch * n / 4, color="black", lw=0.6, linestyle="--")
+    ax.set_xlabel(f"step (dashed: the training text begins again, every {n / 4:.1f} steps)")
+    ax.set_ylabel("training loss (smoothed over 25 steps)")
+    ax.set_title(f"{st['metric']} {'row' if st['group'] == -1 else 'g' + str(st['group'])} k{st['k']}, "
+                 f"{st['steps']} steps of 4 x {st['seq_len']} (losses include noise / KL where a variant has them)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
