@@ -62,6 +62,8 @@ VARIANTS = {
     "LoRA of equal size (peft), salient frozen": "lora",
     "full precision (reference)": "fp",
 }
+FP = next(name for name, kind in VARIANTS.items() if kind == "fp")
+BATCH = 4  # training windows a step
 TAIL = 50  # steps at the end of training whose mean loss the table shows
 
 
@@ -80,6 +82,22 @@ def _slug(name: str) -> str:
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     return "-" if row.get(key) is None else format(row[key], fmt)
+
+
+def _examples(tok, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed C4 training windows every variant reads."""
+    return text_examples(tokenize(tok, read_text(C4)), seq_len)
+
+
+def _results(work: Path) -> dict[str, dict]:
+    """The finished variants of a work folder, by name."""
+    done = work / "results.jsonl"
+    return {r["variant"]: r for r in map(json.loads, done.read_text().splitlines())} if done.exists() else {}
+
+
+def _point(setting: dict) -> str:
+    group = "row" if setting["group"] == -1 else f"g{setting['group']}"
+    return f"{setting['metric']} {group} k{setting['k']}"
 
 
 def child(args) -> None:
@@ -106,8 +124,8 @@ def child(args) -> None:
                                                      target_modules=LORA_TARGETS))
             out["lora_rank"] = rank
         out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        ids, labels = text_examples(tokenize(tok, read_text(C4)), args.seq_len)
-        spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=4, seq_len=args.seq_len,
+        ids, labels = _examples(tok, args.seq_len)
+        spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=BATCH, seq_len=args.seq_len,
                          checkpoint_every=25, **cfg)
         folder = Path(args.work) / _slug(args.variant)
         summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher)
@@ -125,8 +143,8 @@ def child(args) -> None:
 def reference(args, model, tok, evalw: torch.Tensor) -> dict:
     """The full-precision model on the batches of the last ``TAIL`` training steps (the loss the trained
     variants should approach on their own data) and on the evaluation windows."""
-    ids, labels = text_examples(tokenize(tok, read_text(C4)), args.seq_len)
-    spec = TrainSpec(steps=args.steps, micro_batch_size=4, seq_len=args.seq_len)
+    ids, labels = _examples(tok, args.seq_len)
+    spec = TrainSpec(steps=args.steps, micro_batch_size=BATCH, seq_len=args.seq_len)
     losses = []
     for step in range(max(0, args.steps - TAIL), args.steps):
         idx = batch_indices(len(ids), step, 0, spec, rank=0, world=1, seed=0)
@@ -179,7 +197,7 @@ def main() -> None:
         (work / "bpw.json").write_text(json.dumps({"bpw": disk_bits_per_weight(model, tok, results),
                                                    "weights": weights}))
     done_file = work / "results.jsonl"
-    done = {r["variant"]: r for r in map(json.loads, done_file.read_text().splitlines())} if done_file.exists() else {}
+    done = _results(work)
     print(f"| variant | trainable params | ppl | first loss | final loss | loss, last {TAIL} steps | s/step | tokens/s "
           "| peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -218,12 +236,11 @@ def plot(png: Path, works: list[Path]) -> None:
     print("|---|---|---|---|---|---|")
     for work in works:
         st, size = (json.loads((work / f).read_text()) for f in ("setting.json", "bpw.json"))
-        group = "row" if st["group"] == -1 else f"g{st['group']}"
-        point = f"{st['metric']} {group} k{st['k']}"
-        for r in map(json.loads, (work / "results.jsonl").read_text().splitlines()):
+        point = _point(st)
+        for r in _results(work).values():
             r.setdefault("tail_loss", tail_loss(work / _slug(r["variant"]), st["steps"]))
             f = partial(_cell, r)
-            if VARIANTS.get(r["variant"]) == "fp":
+            if r["variant"] == FP:
                 full = r["ppl"]
                 print(f"| {point} | 32 | {r['variant']} | {r['ppl']:.2f} | {f('tail_loss', '.3f')} | - |")
                 continue
@@ -253,7 +270,7 @@ def loss_curves(work: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     st = json.loads((work / "setting.json").read_text())
-    n = len(text_examples(tokenize(load_tokenizer(MODEL), read_text(C4)), st["seq_len"])[0])
+    n = len(_examples(load_tokenizer(MODEL), st["seq_len"])[0])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, kind in VARIANTS.items():
         log = work / _slug(name) / "train_log.jsonl"
@@ -261,17 +278,15 @@ def loss_curves(work: Path, png: Path) -> None:
             continue
         rows = [json.loads(x) for x in log.read_text().splitlines()]
         ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], 25), label=name)
-    done = {r["variant"]: r for r in map(json.loads, (work / "results.jsonl").read_text().splitlines())}
-    ref = done.get(next(k for k, v in VARIANTS.items() if v == "fp"))
+    ref = _results(work).get(FP)
     if ref:
         ax.hlines(ref["tail_loss"], st["steps"] - TAIL, st["steps"], colors="gray", linestyles=":",
                   label="full precision on the same batches")
-    for epoch in range(1, st["steps"] * 4 // n + 1):
-        ax.axvline(epoch * n / 4, color="black", lw=0.6, linestyle="--")
-    ax.set_xlabel(f"step (dashed: the training text begins again, every {n / 4:.1f} steps)")
+    for epoch in range(1, st["steps"] * BATCH // n + 1):
+        ax.axvline(epoch * n / BATCH, color="black", lw=0.6, linestyle="--")
+    ax.set_xlabel(f"step (dashed: the training text begins again, every {n / BATCH:.1f} steps)")
     ax.set_ylabel("training loss (smoothed over 25 steps)")
-    ax.set_title(f"{st['metric']} {'row' if st['group'] == -1 else 'g' + str(st['group'])} k{st['k']}, "
-                 f"{st['steps']} steps of 4 x {st['seq_len']} (losses include noise / KL where a variant has them)",
+    ax.set_title(f"{_point(st)}, {st['steps']} steps of 4 x {st['seq_len']} (losses include noise / KL where a variant has them)",
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()

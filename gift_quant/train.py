@@ -9,8 +9,8 @@ cut down to the trainable weights (safetensors), with optimizer and scheduler st
 states and the ``key`` of what they were trained from (a hash of the recipe sections); they are
 written into a temporary folder and renamed, and ``latest`` names the newest complete one. A resume
 refuses a checkpoint of a different key before applying anything, and falls back to the previous one
-when the newest is damaged (which restores every state again). A non-finite loss stops the run before the optimizer step, so the last checkpoint
-stays the last good one.
+when the newest is damaged (which restores every state again). A non-finite loss stops the run before
+the optimizer step, so the last checkpoint stays the last good one.
 """
 from __future__ import annotations
 
@@ -86,11 +86,15 @@ def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, wor
     return torch.tensor(idx)
 
 
+def examples_per_step(spec: TrainSpec, world: int) -> int:
+    return spec.grad_accum * world * spec.micro_batch_size
+
+
 def epochs(n: int, spec: TrainSpec, world: int) -> float:
     """How many times a run of ``spec`` on ``world`` processes reads its ``n`` examples. Above one the
     same text comes back, and a few million trainable weights learn it by heart: the training loss drops
     the step the second pass begins and the held-out perplexity stops following it."""
-    return spec.steps * spec.grad_accum * world * spec.micro_batch_size / n
+    return spec.steps * examples_per_step(spec, world) / n
 
 
 @lru_cache(maxsize=2)
@@ -270,7 +274,7 @@ def train(
     if passes > 1 and accelerator.is_main_process:
         log.warning("train: %d steps of %d examples read the %d examples of train.data %.2f times; repeated text "
                     "is memorized rather than recovered (benchmarks/RESULTS.md): add text to train.data or lower "
-                    "train.steps", spec.steps, spec.grad_accum * world * spec.micro_batch_size, len(ids), passes)
+                    "train.steps", spec.steps, examples_per_step(spec, world), len(ids), passes)
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
     t_start, tokens, loss_v = time.time(), 0, float("nan")
     for step in bar:
