@@ -180,19 +180,19 @@ def main() -> None:
         raise SystemExit(f"{work} holds runs of another setting ({(work / 'setting.json').read_text()}); use another --work")
     (work / "setting.json").write_text(json.dumps(setting))
     print(f"setting: {json.dumps(setting)}", flush=True)
-    if not (work / "quantized.safetensors").exists():
-        model, tok = load_model(MODEL)
-        calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
-        sal = SaliencySpec(metric=args.metric, k=args.k, k_overrides={"down_proj": 3 * args.k})
-        t = time.time()
-        stats = collect_stats(model, calib, sal.targets)
-        results = quantize_with_stats(model, stats, sal, QuantSpec(bits=3, group_size=args.group))
-        save_quantized(results, work / "quantized.tmp")
-        (work / "quantized.tmp").rename(work / "quantized.safetensors")
-        print(f"GPTQ W3 + salient columns: {time.time() - t:.0f} s", flush=True)
-    if not (work / "bpw.json").exists():
-        model, tok = load_model(MODEL)
-        results = load_quantized(work / "quantized.safetensors")
+    if not (work / "quantized.safetensors").exists() or not (work / "bpw.json").exists():
+        model, tok = load_model(MODEL)  # quantized in place below: the export needs only its other weights
+        if (work / "quantized.safetensors").exists():
+            results = load_quantized(work / "quantized.safetensors")
+        else:
+            calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
+            sal = SaliencySpec(metric=args.metric, k=args.k, k_overrides={"down_proj": 3 * args.k})
+            t = time.time()
+            stats = collect_stats(model, calib, sal.targets)
+            results = quantize_with_stats(model, stats, sal, QuantSpec(bits=3, group_size=args.group))
+            save_quantized(results, work / "quantized.tmp")
+            (work / "quantized.tmp").rename(work / "quantized.safetensors")
+            print(f"GPTQ W3 + salient columns: {time.time() - t:.0f} s", flush=True)
         weights = sum(qw.codes.numel() for qw in results.values())
         (work / "bpw.json").write_text(json.dumps({"bpw": disk_bits_per_weight(model, tok, results),
                                                    "weights": weights}))
