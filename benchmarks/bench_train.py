@@ -1,7 +1,7 @@
 """GIFT-SW training variants against LoRA at equal trainable parameters, on SmolLM2-135M-Instruct.
 
     python benchmarks/bench_train.py [--steps 60] [--lr 1e-3] [--seq-len 256] [--eval-windows 20]
-        [--metric gift] [--group -1] [--k 16] [--work DIR] [--only SUBSTR,...]
+        [--eval-every 50] [--metric gift] [--group -1] [--k 16] [--work DIR] [--only SUBSTR,...]
 
 One GPTQ 3-bit model with salient columns (``--k`` a layer, 3 k for down_proj; C4 calibration,
 statistics of the full-precision model, ``--metric`` and ``--group`` as in the recipe) is shared by
@@ -15,7 +15,8 @@ or distillation includes those; only the others compare directly). Prints a mark
 
 Long budgets span sessions: with ``--work DIR`` the base is quantized once, each variant checkpoints
 every 25 steps and resumes there when rerun, and finished variants are read back from
-``DIR/results.jsonl`` instead of being trained again.
+``DIR/results.jsonl`` instead of being trained again. Every ``--eval-every`` steps a variant scores the
+Wikipedia windows (``DIR/<variant>/heldout.jsonl``): the curve that says whether more steps would help.
 
     python benchmarks/bench_train.py --plot benchmarks/trained.png DIR [DIR ...]
 
@@ -128,7 +129,15 @@ def child(args) -> None:
         spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=BATCH, seq_len=args.seq_len,
                          checkpoint_every=25, **cfg)
         folder = Path(args.work) / _slug(args.variant)
-        summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher)
+
+        def heldout(step: int, _loss: float) -> None:
+            if args.eval_every and step % args.eval_every == 0:  # eval mode: no noise; the RNG is not touched
+                rec = {"step": step, "ppl": perplexity(model.eval(), evalw, desc=f"held-out, step {step}")}
+                model.train()
+                with (folder / "heldout.jsonl").open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+        summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher, on_step=heldout)
         logs = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
         steady = logs[2:] or logs  # the median step: a run paused or resumed across sessions has outliers
         out.update(s_per_step=statistics.median(r["s_per_step"] for r in steady),
@@ -163,6 +172,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="salient columns a layer (3 k for down_proj)")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=50, help="score the Wikipedia windows every N steps (0: never)")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
     ap.add_argument("--work", help="keep the base, checkpoints and results here (resumable); default: a temp folder")
@@ -206,7 +216,8 @@ def main() -> None:
             continue
         if name not in done:
             cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
-                   "--lr", str(args.lr), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)]
+                   "--lr", str(args.lr), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
+                   "--eval-every", str(args.eval_every)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
@@ -265,30 +276,42 @@ def plot(png: Path, works: list[Path]) -> None:
 
 
 def loss_curves(work: Path, png: Path) -> None:
-    """Training loss of every variant of a work folder (smoothed over 25 steps), the full-precision model's
-    loss on the last batches, and where the second pass over the training text begins."""
+    """Left: training loss of every variant of a work folder (smoothed over 25 steps), the full-precision
+    model's loss on the last batches, and where the second pass over the training text begins. Right: the
+    held-out Wikipedia perplexity every ``--eval-every`` steps, where a variant recorded it (whether a
+    curve has flattened is read here, not from the training loss)."""
     import matplotlib.pyplot as plt
 
     st = json.loads((work / "setting.json").read_text())
     n = len(_examples(load_tokenizer(MODEL), st["seq_len"])[0])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, kind in VARIANTS.items():
-        log = work / _slug(name) / "train_log.jsonl"
+        log, held = (work / _slug(name) / f for f in ("train_log.jsonl", "heldout.jsonl"))
         if kind == "fp" or not log.exists():
             continue
         rows = [json.loads(x) for x in log.read_text().splitlines()]
-        ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], 25), label=name)
+        line, = ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], 25), label=name)
+        if held.exists():
+            ppl = {r["step"]: r["ppl"] for r in map(json.loads, held.read_text().splitlines())}  # a rerun step: last
+            steps = sorted(ppl)
+            bx.plot(steps, [ppl[k] for k in steps], "o-", color=line.get_color(), label=name)
     ref = _results(work).get(FP)
     if ref:
-        ax.hlines(ref["tail_loss"], st["steps"] - TAIL, st["steps"], colors="gray", linestyles=":",
+        ax.hlines(ref["tail_loss"], max(0, st["steps"] - TAIL), st["steps"], colors="gray", linestyles=":",
                   label="full precision on the same batches")
+        bx.axhline(ref["ppl"], color="gray", linestyle=":", label=f"full precision ({ref['ppl']:.2f})")
     for epoch in range(1, st["steps"] * BATCH // n + 1):
-        ax.axvline(epoch * n / BATCH, color="black", lw=0.6, linestyle="--")
+        for axis in (ax, bx):
+            axis.axvline(epoch * n / BATCH, color="black", lw=0.6, linestyle="--")
     ax.set_xlabel(f"step (dashed: the training text begins again, every {n / BATCH:.1f} steps)")
     ax.set_ylabel("training loss (smoothed over 25 steps)")
     ax.set_title(f"{_point(st)}, {st['steps']} steps of 4 x {st['seq_len']} (losses include noise / KL where a variant has them)",
                  fontsize=9)
-    ax.legend(fontsize=7)
+    bx.set_xlabel("step")
+    bx.set_ylabel(f"Wikipedia perplexity ({st['eval_windows']} windows of 512)")
+    bx.set_title("held-out perplexity during training", fontsize=9)
+    for axis in (ax, bx):
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
