@@ -37,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bench_frontier import disk_bits_per_weight
 from gift_quant.compress import collect_stats, quantize_with_stats
@@ -101,6 +102,50 @@ def _point(setting: dict) -> str:
     return f"{setting['metric']} {group} k{setting['k']}"
 
 
+def _trainable(model, variant, results: dict, out: dict):
+    """The quantized model of ``variant`` with what it trains: salient columns (with its noise), or for LoRA
+    the merged base with an adapter of equal size (its rank goes to ``out``)."""
+    cfg = variant if isinstance(variant, dict) else {}
+    wrap_quantized(model, results, cfg.get("noise", "none"), cfg.get("noise_bits", 4))
+    if variant != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    salient = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out["lora_rank"] = rank = lora_rank(salient, [tuple(qw.codes.shape[::-1]) for qw in results.values()])
+    merge_to_dense(model)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+
+
+def score_checkpoints(work: Path, every: int) -> None:
+    """Held-out perplexity of the kept checkpoints (every ``every`` steps) that have no point in a variant's
+    ``heldout.jsonl`` yet: the curve of runs started without ``--eval-every``. Training keeps the last two
+    checkpoints, so run this while they train."""
+    st = json.loads((work / "setting.json").read_text())
+    results = load_quantized(work / "quantized.safetensors")
+    evalw = nonoverlapping_windows(tokenize(load_tokenizer(MODEL), read_text(WIKI)), 512, st["eval_windows"])
+    for name, variant in VARIANTS.items():
+        folder = work / _slug(name)
+        held = folder / "heldout.jsonl"
+        seen = {r["step"] for r in map(json.loads, held.read_text().splitlines())} if held.exists() else set()
+        for ck in sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
+            step = int(ck.name[5:])
+            if variant in (None, "fp") or step in seen or step % every:
+                continue
+            try:
+                state = load_file(ck / "model.safetensors")
+            except FileNotFoundError:  # removed by the run meanwhile, or an older checkpoint format
+                continue
+            model = _trainable(load_model(MODEL)[0], variant, results, {})
+            unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+            if unexpected or len(state) != sum(p.requires_grad for p in model.parameters()):
+                raise SystemExit(f"{ck}: its tensors do not match {name!r}'s trainable parameters ({unexpected[:3]})")
+            rec = {"step": step, "ppl": perplexity(model.eval(), evalw, desc=f"{name}, step {step}")}
+            with held.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{name}: step {step} ppl {rec['ppl']:.2f}", flush=True)
+
+
 def child(args) -> None:
     """Train one variant (resuming from its checkpoints in the work folder); print a RESULT line."""
     model, tok = load_model(MODEL)
@@ -111,19 +156,9 @@ def child(args) -> None:
         return print("RESULT " + json.dumps(reference(args, model, tok, evalw)), flush=True)
     teacher = load_model(MODEL)[0] if isinstance(variant, dict) and variant.get("distill") else None
     cfg = variant if isinstance(variant, dict) else {}
-    wrap_quantized(model, results, cfg.get("noise", "none"), cfg.get("noise_bits", 4))
     out = {"variant": args.variant}
+    model = _trainable(model, variant, results, out)
     if variant is not None:
-        if variant == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            salient = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            shapes = [tuple(qw.codes.shape[::-1]) for qw in results.values()]
-            rank = lora_rank(salient, shapes)
-            merge_to_dense(model)
-            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                     target_modules=LORA_TARGETS))
-            out["lora_rank"] = rank
         out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         ids, labels = _examples(tok, args.seq_len)
         spec = TrainSpec(steps=args.steps, lr=args.lr, micro_batch_size=BATCH, seq_len=args.seq_len,
@@ -176,10 +211,14 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
     ap.add_argument("--work", help="keep the base, checkpoints and results here (resumable); default: a temp folder")
+    ap.add_argument("--score-checkpoints", action="store_true",
+                    help="score the kept checkpoints of --work on the held-out text (runs without --eval-every)")
     ap.add_argument("--plot", nargs="+", metavar=("PNG", "DIR"), help="plot the results of these work folders")
     args = ap.parse_args()
     if args.variant:
         return child(args)
+    if args.score_checkpoints:
+        return score_checkpoints(Path(args.work), args.eval_every)
     if args.plot:
         return plot(Path(args.plot[0]), [Path(d) for d in args.plot[1:]])
     work = Path(args.work or tempfile.mkdtemp())
