@@ -125,12 +125,14 @@ def score_checkpoints(work: Path, every: int) -> None:
     results = load_quantized(work / "quantized.safetensors")
     evalw = nonoverlapping_windows(tokenize(load_tokenizer(MODEL), read_text(WIKI)), 512, st["eval_windows"])
     for name, variant in VARIANTS.items():
+        if variant in (None, "fp"):
+            continue
         folder = work / _slug(name)
         held = folder / "heldout.jsonl"
         seen = {r["step"] for r in map(json.loads, held.read_text().splitlines())} if held.exists() else set()
         for ck in sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
             step = int(ck.name[5:])
-            if variant in (None, "fp") or step in seen or step % every:
+            if step in seen or step % every:
                 continue
             try:
                 state = load_file(ck / "model.safetensors")
@@ -324,6 +326,8 @@ def loss_curves(work: Path, png: Path) -> None:
     st = json.loads((work / "setting.json").read_text())
     n = len(_examples(load_tokenizer(MODEL), st["seq_len"])[0])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    done = _results(work)
+    start = {0: done["untrained"]["ppl"]} if "untrained" in done else {}  # every curve starts from the base
     for name, kind in VARIANTS.items():
         log, held = (work / _slug(name) / f for f in ("train_log.jsonl", "heldout.jsonl"))
         if kind == "fp" or not log.exists():
@@ -331,10 +335,10 @@ def loss_curves(work: Path, png: Path) -> None:
         rows = [json.loads(x) for x in log.read_text().splitlines()]
         line, = ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], 25), label=name)
         if held.exists():
-            ppl = {r["step"]: r["ppl"] for r in map(json.loads, held.read_text().splitlines())}  # a rerun step: last
+            ppl = start | {r["step"]: r["ppl"] for r in map(json.loads, held.read_text().splitlines())}  # rerun: last
             steps = sorted(ppl)
             bx.plot(steps, [ppl[k] for k in steps], "o-", color=line.get_color(), label=name)
-    ref = _results(work).get(FP)
+    ref = done.get(FP)
     if ref:
         ax.hlines(ref["tail_loss"], max(0, st["steps"] - TAIL), st["steps"], colors="gray", linestyles=":",
                   label="full precision on the same batches")
