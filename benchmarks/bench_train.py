@@ -117,6 +117,14 @@ def _trainable(model, variant, results: dict, out: dict):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
 
 
+def _score_heldout(model, evalw: torch.Tensor, folder: Path, step: int) -> float:
+    """Perplexity of ``model`` (in eval mode) on the held-out windows, appended to ``folder/heldout.jsonl``."""
+    ppl = perplexity(model.eval(), evalw, desc=f"held-out, step {step}")
+    with (folder / "heldout.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "ppl": ppl}) + "\n")
+    return ppl
+
+
 def score_checkpoints(work: Path, every: int) -> None:
     """Held-out perplexity of the kept checkpoints (every ``every`` steps) that have no point in a variant's
     ``heldout.jsonl`` yet: the curve of runs started without ``--eval-every``. Training keeps the last two
@@ -142,10 +150,7 @@ def score_checkpoints(work: Path, every: int) -> None:
             unexpected = model.load_state_dict(state, strict=False).unexpected_keys
             if unexpected or len(state) != sum(p.requires_grad for p in model.parameters()):
                 raise SystemExit(f"{ck}: its tensors do not match {name!r}'s trainable parameters ({unexpected[:3]})")
-            rec = {"step": step, "ppl": perplexity(model.eval(), evalw, desc=f"{name}, step {step}")}
-            with held.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            print(f"{name}: step {step} ppl {rec['ppl']:.2f}", flush=True)
+            print(f"{name}: step {step} ppl {_score_heldout(model, evalw, folder, step):.2f}", flush=True)
 
 
 def child(args) -> None:
@@ -169,10 +174,8 @@ def child(args) -> None:
 
         def heldout(step: int, _loss: float) -> None:
             if args.eval_every and step % args.eval_every == 0:  # eval mode: no noise; the RNG is not touched
-                rec = {"step": step, "ppl": perplexity(model.eval(), evalw, desc=f"held-out, step {step}")}
+                _score_heldout(model, evalw, folder, step)
                 model.train()
-                with (folder / "heldout.jsonl").open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
 
         summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher, on_step=heldout)
         logs = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
