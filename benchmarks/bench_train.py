@@ -91,6 +91,11 @@ def _examples(tok, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     return text_examples(tokenize(tok, read_text(C4)), seq_len)
 
 
+def _heldout(tok, windows: int) -> torch.Tensor:
+    """The Wikipedia windows every variant is scored on."""
+    return nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, windows)
+
+
 def _results(work: Path) -> dict[str, dict]:
     """The finished variants of a work folder, by name."""
     done = work / "results.jsonl"
@@ -131,13 +136,14 @@ def score_checkpoints(work: Path, every: int) -> None:
     checkpoints, so run this while they train."""
     st = json.loads((work / "setting.json").read_text())
     results = load_quantized(work / "quantized.safetensors")
-    evalw = nonoverlapping_windows(tokenize(load_tokenizer(MODEL), read_text(WIKI)), 512, st["eval_windows"])
+    evalw = _heldout(load_tokenizer(MODEL), st["eval_windows"])
     for name, variant in VARIANTS.items():
         if variant in (None, "fp"):
             continue
         folder = work / _slug(name)
         held = folder / "heldout.jsonl"
         seen = {r["step"] for r in map(json.loads, held.read_text().splitlines())} if held.exists() else set()
+        model = None  # built once a variant, at its first checkpoint to score; each state replaces all it trains
         for ck in sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
             step = int(ck.name[5:])
             if step in seen or step % every:
@@ -146,7 +152,7 @@ def score_checkpoints(work: Path, every: int) -> None:
                 state = load_file(ck / "model.safetensors")
             except FileNotFoundError:  # removed by the run meanwhile, or an older checkpoint format
                 continue
-            model = _trainable(load_model(MODEL)[0], variant, results, {})
+            model = model or _trainable(load_model(MODEL)[0], variant, results, {})
             unexpected = model.load_state_dict(state, strict=False).unexpected_keys
             if unexpected or len(state) != sum(p.requires_grad for p in model.parameters()):
                 raise SystemExit(f"{ck}: its tensors do not match {name!r}'s trainable parameters ({unexpected[:3]})")
@@ -158,7 +164,7 @@ def child(args) -> None:
     model, tok = load_model(MODEL)
     results = load_quantized(Path(args.work) / "quantized.safetensors")
     variant = VARIANTS[args.variant]
-    evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
+    evalw = _heldout(tok, args.eval_windows)
     if variant == "fp":
         return print("RESULT " + json.dumps(reference(args, model, tok, evalw)), flush=True)
     teacher = load_model(MODEL)[0] if isinstance(variant, dict) and variant.get("distill") else None
