@@ -152,7 +152,8 @@ def score_checkpoints(work: Path, every: int) -> None:
                 state = load_file(ck / "model.safetensors")
             except FileNotFoundError:  # removed by the run meanwhile, or an older checkpoint format
                 continue
-            model = model or _trainable(load_model(MODEL)[0], variant, results, {})
+            if model is None:
+                model = _trainable(load_model(MODEL)[0], variant, results, {})
             unexpected = model.load_state_dict(state, strict=False).unexpected_keys
             if unexpected or len(state) != sum(p.requires_grad for p in model.parameters()):
                 raise SystemExit(f"{ck}: its tensors do not match {name!r}'s trainable parameters ({unexpected[:3]})")
