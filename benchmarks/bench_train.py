@@ -1,7 +1,7 @@
 """GIFT-SW training variants against LoRA at equal trainable parameters, on SmolLM2-135M-Instruct.
 
     python benchmarks/bench_train.py [--steps 60] [--lr 1e-3] [--seq-len 256] [--eval-windows 20]
-        [--eval-every 50] [--metric gift] [--group -1] [--k 16] [--work DIR] [--only SUBSTR,...]
+        [--eval-every 50] [--metric gift] [--group -1] [--k 16] [--seed 0] [--work DIR] [--only SUBSTR,...]
 
 One GPTQ 3-bit model with salient columns (``--k`` a layer, 3 k for down_proj; C4 calibration,
 statistics of the full-precision model, ``--metric`` and ``--group`` as in the recipe) is shared by
@@ -17,6 +17,8 @@ Long budgets span sessions: with ``--work DIR`` the base is quantized once, each
 every 25 steps and resumes there when rerun, and finished variants are read back from
 ``DIR/results.jsonl`` instead of being trained again. Every ``--eval-every`` steps a variant scores the
 Wikipedia windows (``DIR/<variant>/heldout.jsonl``): the curve that says whether more steps would help.
+``--seed`` changes the training seed (data order, noise) over the same base (copy ``quantized.safetensors``
+and ``bpw.json`` into the new work folder to skip quantizing it again): the spread a single seed hides.
 
     python benchmarks/bench_train.py --plot benchmarks/trained.png DIR [DIR ...]
 
@@ -74,7 +76,8 @@ def tail_loss(folder: Path, steps: int) -> float | None:
     log = folder / "train_log.jsonl"
     if not log.exists():
         return None
-    losses = [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["step"] > steps - TAIL]
+    by_step = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}  # a resume relogs steps
+    losses = [loss for step, loss in by_step.items() if step > steps - TAIL]
     return statistics.mean(losses) if losses else None
 
 
@@ -184,7 +187,7 @@ def child(args) -> None:
                 _score_heldout(model, evalw, folder, step)
                 model.train()
 
-        summary = train(model, ids, labels, spec, folder, seed=0, teacher=teacher, on_step=heldout)
+        summary = train(model, ids, labels, spec, folder, seed=args.seed, teacher=teacher, on_step=heldout)
         logs = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
         steady = logs[2:] or logs  # the median step: a run paused or resumed across sessions has outliers
         out.update(s_per_step=statistics.median(r["s_per_step"] for r in steady),
@@ -203,7 +206,7 @@ def reference(args, model, tok, evalw: torch.Tensor) -> dict:
     spec = TrainSpec(steps=args.steps, micro_batch_size=BATCH, seq_len=args.seq_len)
     losses = []
     for step in range(max(0, args.steps - TAIL), args.steps):
-        idx = batch_indices(len(ids), step, 0, spec, rank=0, world=1, seed=0)
+        idx = batch_indices(len(ids), step, 0, spec, rank=0, world=1, seed=args.seed)
         losses.append(model(input_ids=ids[idx], labels=labels[idx]).loss.item())
     return {"variant": args.variant, "tail_loss": statistics.mean(losses), "ppl": perplexity(model.eval(), evalw),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -219,6 +222,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="salient columns a layer (3 k for down_proj)")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (data order, noise); the base stays seed 0's")
     ap.add_argument("--eval-every", type=int, default=50, help="score the Wikipedia windows every N steps (0: never)")
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching variants")
     ap.add_argument("--variant")
@@ -237,6 +241,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     setting = dict(metric=args.metric, group=args.group, k=args.k, calib=args.calib, steps=args.steps,
                    lr=args.lr, seq_len=args.seq_len, eval_windows=args.eval_windows)
+    if args.seed:  # a folder of seed 0 has no key: the folders of earlier commits stay valid
+        setting["seed"] = args.seed
     if (work / "setting.json").exists() and json.loads((work / "setting.json").read_text()) != setting:
         raise SystemExit(f"{work} holds runs of another setting ({(work / 'setting.json').read_text()}); use another --work")
     (work / "setting.json").write_text(json.dumps(setting))
@@ -268,7 +274,7 @@ def main() -> None:
         if name not in done:
             cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
                    "--lr", str(args.lr), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
-                   "--eval-every", str(args.eval_every)]
+                   "--eval-every", str(args.eval_every), "--seed", str(args.seed)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:
