@@ -76,8 +76,7 @@ def tail_loss(folder: Path, steps: int) -> float | None:
     log = folder / "train_log.jsonl"
     if not log.exists():
         return None
-    by_step = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}  # a resume relogs steps
-    losses = [loss for step, loss in by_step.items() if step > steps - TAIL]
+    losses = [r["loss"] for r in map(json.loads, log.read_text().splitlines()) if r["step"] > steps - TAIL]
     return statistics.mean(losses) if losses else None
 
 
