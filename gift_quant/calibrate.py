@@ -174,10 +174,13 @@ class _Inputs:
         self.device, self.resident = device, resident
 
     def keep(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` where it waits: on the device, or copied once straight into pinned CPU memory (asynchronously:
+        the copy back in ``use`` is queued behind it on the same stream)."""
         if self.resident or self.device.type == "cpu":
             return h.to(self.device)
-        h = h.to("cpu")
-        return h.pin_memory() if torch.cuda.is_available() else h
+        if not torch.cuda.is_available():
+            return h.to("cpu")
+        return torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h, non_blocking=True)
 
     def use(self, h: torch.Tensor) -> torch.Tensor:
         return h.to(self.device, non_blocking=True)

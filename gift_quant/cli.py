@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set quant.bits=4 (repeatable)")
         p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (the same as --set device=...)")
+        if name == "plan":
+            p.add_argument("--capacity", default=None, metavar="SIZE",
+                           help="plan against a device of this memory (e.g. 24GiB, 80GB) that this machine need "
+                                "not have: --device cuda --capacity 24GiB plans a 24 GiB GPU without one")
         if name != "plan":
             p.add_argument("--trust-remote-code", action="store_true",
                            help="confirm a recipe's model.trust_remote_code: true (runs the model repository's code)")
@@ -193,7 +197,11 @@ def _run(args) -> tuple[int, dict | None]:
             if args.command == "plan":
                 from .plan import format_plan, plan
 
-                result = plan(pipeline.adopt_checkpoint(recipe), devices.resolve(recipe.device))
+                if args.capacity is None:
+                    device, memory = devices.resolve(recipe.device), None
+                else:
+                    device, memory = devices.named(recipe.device), devices.parse_bytes(args.capacity)
+                result = plan(pipeline.adopt_checkpoint(recipe), device, memory=memory)
                 print(format_plan(result), file=sys.stderr)
             elif args.command == "quantize":
                 result = pipeline.quantize(recipe, args.trust_remote_code)

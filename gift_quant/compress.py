@@ -27,7 +27,7 @@ def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec,
     ``W - deq(Q)`` where the quantization is given (an imported checkpoint); by default METHOD's per-row RTN."""
     k = resolve_k(sal.k_for(name), w.shape[1])
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=w.device)
     metric = sal.resolved_metric()
     if metric.tau is not None and d is None:
         # METHOD section 1: Q inside the metric is symmetric per-row, at the metric's bits

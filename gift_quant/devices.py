@@ -26,6 +26,31 @@ class DeviceError(ValueError):
     """A device the recipe or command line names that this machine does not have."""
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, field: str = "--capacity") -> int:
+    """``24GiB``, ``80GB``, ``512MiB`` or a plain number of bytes, as an int."""
+    number = text.strip().rstrip("bBiIkKmMgGtT ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise DeviceError(f"{field} = {text!r}: expected a positive size such as 24GiB, 80GB or 512MiB")
+    return int(value * _UNITS[unit])
+
+
+def named(spec: str) -> torch.device:
+    """The device ``spec`` names (``cpu``, ``cuda``, ``cuda:N``) whether or not this machine has it: for a plan
+    of a machine one does not have. ``auto`` means what it means here."""
+    if spec == "auto":
+        return resolve(spec)
+    return torch.device("cuda", int(spec.partition(":")[2] or 0)) if spec.startswith("cuda") else torch.device(spec)
+
+
 def resolve(spec: str) -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU; ``cuda``/``cuda:N`` must exist."""
     if spec == "auto":
@@ -34,12 +59,19 @@ def resolve(spec: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DeviceError(f"device = {spec!r}: this machine has no CUDA GPU (torch {torch.__version__}); "
-                          f"use --device cpu (or device: auto)")
+                          f"use --device cpu (or device: auto); gift-quant plan ... --capacity SIZE plans for a GPU this machine lacks")
     index = int(spec.partition(":")[2] or torch.cuda.current_device())
     if index >= torch.cuda.device_count():
         raise DeviceError(f"device = {spec!r}: only {torch.cuda.device_count()} GPU(s), cuda:0 .. "
                           f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device("cuda", index)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the queued work of ``device`` (a GPU runs ahead of the host: a timer read without this counts
+    only the launches); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def capacity(device: torch.device) -> int:

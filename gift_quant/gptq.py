@@ -31,13 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order: bool) -> torch.Tensor:
-    """Column order: non-salient columns (by decreasing Hessian diagonal with act-order), then salient."""
+    """Column order: non-salient columns (by decreasing Hessian diagonal with act-order, ties by index), then
+    the salient ones as given. Two stable sorts instead of ``nonzero``, so the order needs no values on the
+    host (a GPU run does not wait for it)."""
     n = h_diag.numel()
-    is_salient = torch.zeros(n, dtype=torch.bool, device=h_diag.device)
-    is_salient[salient_idx] = True
-    rest = torch.nonzero(~is_salient).flatten()
-    if act_order:
-        rest = rest[torch.argsort(h_diag[rest], descending=True, stable=True)]
+    order = (torch.argsort(h_diag, descending=True, stable=True) if act_order
+             else torch.arange(n, device=h_diag.device))
+    is_salient = torch.zeros(n, dtype=torch.uint8, device=h_diag.device).index_fill_(0, salient_idx, 1)
+    rest = order.index_select(0, torch.argsort(is_salient.index_select(0, order), stable=True))[: n - salient_idx.numel()]
     return torch.cat([rest, salient_idx.to(rest.device)])
 
 
@@ -46,8 +47,8 @@ def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     h = h.clone()
     w = w.clone()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    h.diagonal().masked_fill_(dead, 1)
+    w.masked_fill_(dead, 0)
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     return h, w
 

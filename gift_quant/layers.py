@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .noise import NoiseKind, draw, noise_step
-from .quantize import QuantizedWeight, dequantize, expand_groups, nonsalient_mask
+from .quantize import QuantizedWeight, nonsalient_mask
 
 
 class QuantBase(nn.Module):
@@ -36,14 +36,30 @@ class QuantBase(nn.Module):
         self.bits, self.group_size = qw.bits, qw.group_size
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        n = self.codes.shape[1]
-        s = expand_groups(self.scale, self.group_size, n, self.g_idx).to(dtype)
-        z = expand_groups(self.zero, self.group_size, n, self.g_idx).to(dtype)
-        return dequantize(self.codes.to(dtype), s, z)
+        """``scale * (codes - zero)`` in ``dtype``: a new tensor, and the only weight-sized one.
+
+        The codes are cast first and the grid parameters (one per row and group) broadcast onto them in
+        place over an ``(out, groups, group_size)`` view; expanding scale and zero to ``(out, in)`` would
+        add two weight-sized copies to every forward, recompute and backward. Act-order checkpoints
+        (``g_idx``) gather their parameters per column instead."""
+        out, n = self.codes.shape
+        w = self.codes.to(dtype)
+        s, z = self.scale.to(dtype), self.zero.to(dtype)
+        if self.g_idx is not None:
+            return w.sub_(z[:, self.g_idx]).mul_(s[:, self.g_idx])
+        if self.group_size == -1:
+            return w.sub_(z).mul_(s)
+        g = self.group_size
+        whole = n // g
+        head = w[:, : whole * g].view(out, whole, g)
+        head.sub_(z[:, :whole, None]).mul_(s[:, :whole, None])
+        if whole * g < n:  # a last partial group
+            w[:, whole * g :].sub_(z[:, whole:]).mul_(s[:, whole:])
+        return w
 
 
 class DenseBase(nn.Module):
-    """The original weight, frozen, with the salient columns zeroed."""
+    """The original weight, frozen, with the salient columns zeroed (a copy: the weight given is not changed)."""
 
     def __init__(self, weight: torch.Tensor, salient_idx: torch.Tensor):
         super().__init__()
@@ -55,20 +71,31 @@ class DenseBase(nn.Module):
         return self.dense.to(dtype)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear of input ``x`` computes in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    kind = x.device.type
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else x.dtype
+
+
 class _FrozenProduct(torch.autograd.Function):
-    """``x @ W^T`` for a frozen ``W = layer.base_weight(seed)`` rebuilt in backward, not saved."""
+    """``x @ W^T`` for a frozen ``W = layer.base_weight(seed)`` rebuilt in backward, not saved.
+
+    The weight is built once in the compute dtype (under autocast: autocast's, not a float32 model's) and
+    rebuilt in backward in that same dtype, so both passes use the very same noisy weight."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "SalientLinear", seed: int) -> torch.Tensor:
-        ctx.layer, ctx.seed = layer, seed
-        return F.linear(x, layer.base_weight(x.dtype, seed))
+        dtype = compute_dtype(x)
+        ctx.layer, ctx.seed, ctx.dtype, ctx.x_dtype = layer, seed, dtype, x.dtype
+        return F.linear(x.to(dtype), layer.base_weight(dtype, seed))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        w = ctx.layer.base_weight(grad_out.dtype, ctx.seed)
-        return grad_out @ w, None, None
+        w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
+        return (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None
 
 
 class SalientLinear(nn.Module):
@@ -108,27 +135,35 @@ class SalientLinear(nn.Module):
         return cls(base, qw.salient_idx, qw.salient_weight, bias, step, noise, dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, salient_idx: torch.Tensor, noise: NoiseKind, noise_bits: int) -> "SalientLinear":
-        """Full-precision variant: the original weight stays dense; noise from a ``noise_bits`` grid."""
-        w = linear.weight.detach()
-        mask = nonsalient_mask(w.shape[1], salient_idx)
+    def from_linear(cls, linear: nn.Linear, salient_idx: torch.Tensor, noise: NoiseKind, noise_bits: int,
+                    device: torch.device | str | None = None) -> "SalientLinear":
+        """Full-precision variant: the original weight stays dense; noise from a ``noise_bits`` grid. Built on
+        ``device`` (default: the linear's) with one copy of the weight there; the linear is left where it is."""
+        device = linear.weight.device if device is None else torch.device(device)
+        w = linear.weight.detach().to(device)
+        idx = salient_idx.to(device)
+        mask = nonsalient_mask(w.shape[1], idx)
         step = noise_step(w, mask, noise_bits, noise)
-        return cls(DenseBase(w, salient_idx), salient_idx, w[:, salient_idx], linear.bias, step, noise, w.dtype)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        return cls(DenseBase(w, idx), idx, w[:, idx], bias, step, noise, w.dtype)
 
     def noise_mask(self) -> torch.Tensor:
         return nonsalient_mask(self.in_features, self.salient_idx)
 
     def base_weight(self, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
-        """Dense frozen weight (salient columns zero), plus the noise of ``seed`` if given."""
+        """Dense frozen weight (salient columns zero), plus the noise of ``seed`` if given (added into the
+        noise tensor in place: no third weight-sized tensor)."""
         w = self.base.weight(dtype)
-        if seed is not None:
-            step = self.noise_step * self.noise_factor
-            w = w + draw(self.noise, step, self.noise_mask(), w.shape, seed, dtype)
-        return w
+        if seed is None:
+            return w
+        step = self.noise_step * self.noise_factor
+        return draw(self.noise, step, self.noise_mask(), w.shape, seed, dtype).add_(w)
 
     def effective_weight(self) -> torch.Tensor:
-        """The dense mixed weight used in eval mode."""
-        w = self.base.weight(self.salient_weight.dtype).clone()
+        """The dense mixed weight used in eval mode (a new tensor)."""
+        w = self.base.weight(self.salient_weight.dtype)
+        if isinstance(self.base, DenseBase):
+            w = w.clone()  # DenseBase.weight may return its own buffer
         w[:, self.salient_idx] = self.salient_weight.detach()
         return w
 
@@ -173,9 +208,7 @@ def wrap_full_precision(model: nn.Module, salient: dict[str, torch.Tensor], nois
     """Full-precision / pre-quantization GIFT-SW: dense frozen base, noise from a ``noise_bits`` grid; each
     layer built on ``device`` (default: where it is)."""
     def make(lin: nn.Linear, idx: torch.Tensor) -> SalientLinear:
-        if device is not None:
-            lin, idx = lin.to(device), idx.to(device)
-        return SalientLinear.from_linear(lin, idx, noise, noise_bits)
+        return SalientLinear.from_linear(lin, idx, noise, noise_bits, device)
 
     replace_linears(model, {name: (lambda lin, idx=idx: make(lin, idx)) for name, idx in salient.items()})
 

@@ -24,10 +24,10 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """(n, m) integer codes in ``0..2^bits-1`` -> (ceil(n/32) * bits, m) int32."""
     n, m = codes.shape
     blocks = -(-n // 32)
-    c = torch.zeros(blocks * 32, m, dtype=torch.int64)
+    c = torch.zeros(blocks * 32, m, dtype=torch.int64, device=codes.device)
     c[:n] = codes.to(torch.int64)
     c = c.reshape(blocks, 32, m)
-    words = torch.zeros(blocks, bits, m, dtype=torch.int64)
+    words = torch.zeros(blocks, bits, m, dtype=torch.int64, device=codes.device)
     for r in range(32):
         for b in range(bits):
             p = r * bits + b
@@ -41,7 +41,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     blocks = words.shape[0] // bits
     words = words.reshape(blocks, bits, -1)
-    c = torch.zeros(blocks, 32, words.shape[-1], dtype=torch.int64)
+    c = torch.zeros(blocks, 32, words.shape[-1], dtype=torch.int64, device=packed.device)
     for r in range(32):
         for b in range(bits):
             p = r * bits + b
@@ -52,10 +52,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores zero - 1 in qzeros, v2 (gptqmodel's) the zero itself
 
 
-def static_g_idx(in_features: int, group_size: int, n_groups: int) -> torch.Tensor:
-    """The ``g_idx`` of groups of consecutive columns: ``j // group_size`` (all 0 per row)."""
+def static_g_idx(in_features: int, group_size: int, n_groups: int,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """The ``g_idx`` of groups of consecutive columns: ``j // group_size`` (all 0 per row), on ``device``."""
     g = in_features if group_size == -1 else group_size
-    return (torch.arange(in_features) // g).clamp(max=n_groups - 1)
+    return (torch.arange(in_features, device=device) // g).clamp(max=n_groups - 1)
 
 
 def to_gptq(qw: QuantizedWeight, fmt: str = "gptq") -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def to_gptq(qw: QuantizedWeight, fmt: str = "gptq") -> dict[str, torch.Tensor]:
     if (zero < 0).any():
         raise ValueError("GPTQ v1 stores zero - 1 and cannot hold a zero point of 0 (an asymmetric grid of an "
                          "all-positive group); use sym: true for this export")
-    g_idx = static_g_idx(in_f, qw.group_size, n_groups) if qw.g_idx is None else qw.g_idx
+    g_idx = static_g_idx(in_f, qw.group_size, n_groups, qw.codes.device) if qw.g_idx is None else qw.g_idx
     return {
         "qweight": pack_rows(qw.codes.T, qw.bits),
         "qzeros": pack_rows(zero, qw.bits).T.contiguous(),
@@ -85,7 +86,8 @@ def from_gptq(t: dict[str, torch.Tensor], bits: int, group_size: int, in_feature
     zero = unpack_rows(t["qzeros"].T.contiguous(), bits, out_features).float() + int(fmt == "gptq")
     scale = t["scales"].T.float().contiguous()
     g_idx = t["g_idx"].long()
-    static = static_g_idx(in_features, group_size, scale.shape[1])
+    static = static_g_idx(in_features, group_size, scale.shape[1], g_idx.device)
     return QuantizedWeight(codes=codes, scale=scale, zero=zero.contiguous(), bits=bits, group_size=group_size,
-                           salient_idx=torch.zeros(0, dtype=torch.long), salient_weight=torch.zeros(out_features, 0),
+                           salient_idx=torch.zeros(0, dtype=torch.long, device=codes.device),
+                           salient_weight=torch.zeros(out_features, 0, device=codes.device),
                            g_idx=None if torch.equal(g_idx, static) else g_idx)

@@ -147,12 +147,13 @@ def _forward(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
     return b * s * (4 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate) * c + _attention(shape, b, s, c, device)
 
 
-def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
+    """``memory``: the device's capacity in bytes (default: measured), which decides where block inputs wait."""
     cal, p = recipe.calibration, _BYTES[recipe.model.dtype]
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
     inputs = 2 * cal.n_samples * s * h * p
     batch = 2 * b * s * h * p
-    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device))
+    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(24 * lin.n_in**2 + 40 * lin.n_out * lin.n_in for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
@@ -208,12 +209,14 @@ _KNOBS = {"quantize": "calibration.batch_size (one batch's forward) or calibrati
           "evaluate": "eval.batch_size"}
 
 
-def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None) -> dict:
-    """Expected peak bytes per stage on ``device`` (with their parts) and whether each fits."""
+def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None, memory: int | None = None) -> dict:
+    """Expected peak bytes per stage on ``device`` (with their parts) and whether each fits in ``memory``
+    bytes (default: the device's own capacity; given, the device need not be on this machine, as
+    ``accelerate estimate-memory`` plans without the hardware)."""
     shape = shape or shape_of(model_config(recipe), recipe)
-    cap = capacity(device)
+    cap = capacity(device) if memory is None else memory
     usable = cap - (CUDA_RESERVE if device.type == "cuda" else 0)
-    parts = {"quantize": plan_quantize(shape, recipe, device), "evaluate": plan_evaluate(shape, recipe, device)}
+    parts = {"quantize": plan_quantize(shape, recipe, device, cap), "evaluate": plan_evaluate(shape, recipe, device)}
     if recipe.train.enabled:
         parts["train"] = plan_train(shape, recipe, device)
     if recipe.train.mode == "fp":

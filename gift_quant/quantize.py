@@ -76,8 +76,10 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
 
     Only entries where ``mask`` is true take part (range and error). With ``clip_min < 1`` the
     range is shrunk by each ratio of ``linspace(1, clip_min, clip_steps)`` and every row keeps the
-    ratio of least squared error; ratio 1 is always a candidate, so the search is never worse than
-    no clipping.
+    ratio of least squared error (the first such ratio on a tie); ratio 1 is always a candidate, so the
+    search is never worse than no clipping. The ratios are tried in chunks, each chunk's candidates in one
+    set of tensor operations (``_clip_errors``), a chunk's size bounded so that its work tensor stays
+    near ``_SEARCH_ELEMENTS`` elements.
     """
     w = w.float()
     m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.expand_as(w)
@@ -87,16 +89,34 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     best_scale, best_zero = _params_from_range(xmin, xmax, grid)
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
         return best_scale, best_zero
-    bits = grid.bits
-    best_err = ((fake_quantize(wm, best_scale, best_zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
-    for p in torch.linspace(1.0, grid.clip_min, grid.clip_steps)[1:].tolist():
-        scale, zero = _params_from_range(p * xmin, p * xmax, grid)
-        err = ((fake_quantize(wm, scale, zero, bits) - wm) ** 2 * m).sum(1, keepdim=True)
+    m = None if mask is None else m
+    best_err = _clip_errors(wm, m, best_scale.unsqueeze(0), best_zero.unsqueeze(0), grid.bits)[0]
+    ratios = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device)[1:]
+    for chunk in ratios.split(max(1, _SEARCH_ELEMENTS // w.numel())):
+        r = chunk.view(-1, 1, 1)
+        scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (chunk, rows, 1)
+        err, pick = _clip_errors(wm, m, scale, zero, grid.bits).min(0)  # min: the first of equal errors
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+        best_scale = torch.where(better, scale.gather(0, pick[None]).squeeze(0), best_scale)
+        best_zero = torch.where(better, zero.gather(0, pick[None]).squeeze(0), best_zero)
     return best_scale, best_zero
+
+
+_SEARCH_ELEMENTS = 2**24  # about the size of a chunk's work tensor in the clipping search (64 MiB in float32)
+
+
+def _clip_errors(wm: torch.Tensor, m: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor,
+                 bits: int) -> torch.Tensor:
+    """Squared rounding error of each row of ``wm`` (rows, g) on each candidate grid (``scale``, ``zero``:
+    (candidates, rows, 1)), over the entries ``m`` keeps (None: all): ``(candidates, rows, 1)``.
+
+    The operations of ``fake_quantize`` and the error, in the same order, in place on one work tensor."""
+    q = (wm / scale).round_().add_(zero).clamp_(0, maxq(bits))
+    q = q.sub_(zero).mul_(scale).sub_(wm).pow_(2)
+    if m is not None:
+        q = q.mul_(m)
+    return q.sum(-1, keepdim=True)
 
 
 def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +217,8 @@ def finalize(
 
 
 def nonsalient_mask(n_in: int, salient_idx: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(n_in, dtype=torch.bool, device=salient_idx.device)
-    mask[salient_idx] = False
-    return mask
+    """``(in,)`` true on the quantized columns, false on the salient ones, on ``salient_idx``'s device."""
+    return torch.ones(n_in, dtype=torch.bool, device=salient_idx.device).index_fill_(0, salient_idx, False)
 
 
 @torch.no_grad()  # a weight that requires grad would otherwise chain every clipping candidate into a graph

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import devices
 from .layers import salient_layers
 from .recipe import RecipeError, TrainSpec
 
@@ -308,6 +309,7 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         loss_v = step_loss
+        devices.synchronize(accelerator.device)  # the optimizer's kernels belong to this step's time
         dt = time.time() - t0
         rec = {"step": step + 1, "loss": loss_v, "lr": sched.get_last_lr()[0],
                "tokens_per_s": spec.micro_batch_size * spec.grad_accum * world * ids.shape[1] / dt,

@@ -107,3 +107,31 @@ def test_cli_plan_prints_the_stages(capsys):
     result = json.loads(out)
     assert set(result["stages"]) == {"quantize", "train", "evaluate"} and result["params"] == 8_030_261_248
     assert "memory plan on cpu" in err and "codes (uint8)" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans a GPU on a machine without one")
+def test_plan_a_24gib_gpu_without_one(capsys):
+    """``plan --device cuda --capacity 24GiB`` on a CPU-only machine: Llama-2-7B W3 by hand. ``recover`` keeps
+    refusing the absent device (test_device_resolution_and_refusal)."""
+    from gift_quant.cli import main
+
+    assert main(["plan", str(RECIPES / "llama-2-7b-w3.yaml"), "--device", "cuda", "--capacity", "24GiB",
+                 "--set", "train.micro_batch_size=1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    h, i, L, V, s, k = 4096, 11008, 32, 32000, 2048, 128
+    assert result["device"] == "cuda:0" and result["capacity_bytes"] == 24 * 2**30
+    assert result["usable_bytes"] == 23 * 2**30  # 1 GiB kept for the CUDA context
+    # quantize, bf16 weights: one block, 128 x 2048 block inputs and outputs (they fit in 24 GiB), the float32
+    # statistics of down_proj's 11008 inputs, GPTQ's working set of down_proj (larger than a batch's forward)
+    quantize = (2 * (4 * h * h + 3 * h * i + 2 * h) + 2 * 128 * s * h * 2 + 4 * i * i + 16 * i
+                + 24 * i * i + 40 * h * i)
+    assert result["stages"]["quantize"]["bytes"] == quantize
+    outs = 5 * h + 2 * i  # q, k, v, o, down give h outputs each; gate and up give i
+    train = (L * (4 * h * h + 3 * h * i) + L * (8 * outs + 4 * outs + 7 * k * 8) + 2 * (2 * V * h + h)
+             + 16 * L * k * outs + L * s * h * 2 + 3 * s * (12 * h + 5 * i) * 2 + s * V * 14 + 7 * h * i * 2)
+    assert result["stages"]["train"]["bytes"] == train
+    assert result["stages"]["quantize"]["fits"] and result["stages"]["train"]["fits"]
+    assert main(["plan", str(RECIPES / "llama-2-7b-w3.yaml"), "--device", "cuda", "--capacity", "lots"]) == 2
+    assert "--capacity = 'lots': expected a positive size such as 24GiB" in capsys.readouterr().err
+    assert main(["plan", str(RECIPES / "llama-2-7b-w3.yaml"), "--device", "cuda"]) == 2  # no GPU, no capacity
+    assert "--capacity SIZE" in capsys.readouterr().err
