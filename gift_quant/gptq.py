@@ -22,10 +22,11 @@ parameters are computed on the non-salient columns only. *When* they are compute
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
-from .quantize import Grid, QuantizedWeight, expand_groups, finalize, grid_params, nonsalient_mask, quantize, row_params
+from .quantize import Grid, QuantizedWeight, finalize, grid_params, nonsalient_mask, quantize, row_params
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +43,58 @@ def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order:
     return torch.cat([rest, salient_idx.to(rest.device)])
 
 
+def damping(diag: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead inputs (zero curvature) and the damped diagonal of ``H``: dead entries 1, then ``+ damp * mean``."""
+    dead = diag == 0
+    d = diag.masked_fill(dead, 1)
+    return dead, d + damp * torch.mean(d)
+
+
 def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Make ``H`` positive definite: dead inputs get weight 0 and unit curvature, then ``+ damp * mean(diag H) * I``."""
+    dead, diag = damping(torch.diag(h), damp)
     h = h.clone()
-    w = w.clone()
-    dead = torch.diag(h) == 0
-    h.diagonal().masked_fill_(dead, 1)
-    w.masked_fill_(dead, 0)
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    return h, w
+    h.diagonal().copy_(diag)
+    return h, w.masked_fill(dead, 0)
 
 
-def inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1`` in float32, as the GPTQ tools compute it.
+def _damped_permuted(h: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dampen(h)[perm][:, perm]`` in ``dtype`` from one gather of ``h`` (``diag``: its damped diagonal), laid out
+    column-major: LAPACK's order, so the in-place factorization needs no internal copy and the factor has the
+    layout (hence the later matmuls the rounding) of the out-of-place one."""
+    hp = h.to(dtype).mT[perm[:, None], perm].mT
+    hp.diagonal().copy_(diag.to(dtype)[perm])
+    return hp
+
+
+def inverse_cholesky(h: torch.Tensor, original: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` in float32, as the GPTQ tools compute it, in place: ``h``'s memory
+    holds the result (a 7B layer's Hessian is 0.5 GB in float32; factor, inverse and factor again need no
+    second copy).
 
     Row ``i`` holds the OBS update for column ``i`` given columns ``< i`` fixed. Damping bounds the
-    condition number by about ``in_features / damp``; should float32 still fail to factor, float64 does.
+    condition number by about ``in_features / damp``; should float32 still fail to factor, float64 does,
+    from ``original()`` (``h`` is overwritten by then; default: a copy of ``h`` kept beforehand).
     """
-    chol, info = torch.linalg.cholesky_ex(h.float())
-    if info != 0:
+    keep = h.clone() if original is None else None
+    u = _factor_inverse_(h.float())
+    if u is None:
         log.warning("GPTQ: the damped Hessian (%d inputs) did not factor in float32; using float64", h.shape[0])
-        chol, info = torch.linalg.cholesky_ex(h.double())
-    if info != 0:
+        u = _factor_inverse_(keep.double() if original is None else original().double())
+    if u is None:
         raise ValueError(f"quant.damp: the damped Hessian ({h.shape[0]} inputs) is not positive definite even in "
                          "float64; raise quant.damp (the GPTQ tools use 0.01-0.1)")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    return u.float()
+
+
+def _factor_inverse_(h: torch.Tensor) -> torch.Tensor | None:
+    """``inverse_cholesky``'s three LAPACK steps in ``h``'s memory; None when ``h`` does not factor."""
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if info != 0:
+        return None
+    torch.cholesky_inverse(h, out=h)
+    return torch.linalg.cholesky(h, upper=True, out=h)
 
 
 @torch.no_grad()
@@ -102,30 +130,32 @@ def gptq(
     act_order: bool = False,
     dynamic_groups: bool = False,
 ) -> QuantizedWeight:
-    """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in)."""
+    """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in).
+
+    Memory beside the inputs: one dampened, permuted copy of ``h`` (factored in place into ``H^-1``'s factor)
+    and a few of ``w``; grid parameters stay one per row and group, read per column by its group."""
     n_in, bits = w.shape[1], grid.bits
     dynamic = dynamic_groups and grid.group_size != -1
     if dynamic and act_order:
         raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
-    h, w = dampen(h.float(), w.float(), damp)
+    dead, diag = damping(torch.diag(h).float(), damp)
+    w = w.float().masked_fill(dead, 0)
     scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
-    col_scale = expand_groups(scale, grid.group_size, n_in)
-    col_zero = expand_groups(zero, grid.group_size, n_in)
 
-    perm = processing_order(torch.diag(h), salient_idx, act_order)
-    w = w[:, perm].clone()
-    h = h[perm][:, perm]
-    s, z = col_scale[:, perm], col_zero[:, perm]
-    hinv = inverse_cholesky(h)
+    perm = processing_order(diag, salient_idx, act_order)
+    w = w[:, perm]
+    hinv = inverse_cholesky(_damped_permuted(h, diag, perm, torch.float32),
+                            lambda: _damped_permuted(h, damping(torch.diag(h).double(), damp)[1], perm, torch.float64))
+    # the group of each processed column (one per row: group 0); read on the host once per layer
+    group_of = [0] * n_in if scale.shape[1] == 1 else (perm // grid.group_size).clamp(max=scale.shape[1] - 1).tolist()
 
     n_q = n_in - salient_idx.numel()
     cuts, group_end = list(range(0, n_q, block_size)), {}
     if dynamic:  # positions where a group starts; blocks of whole groups
-        group_of = (perm[:n_q] // grid.group_size).tolist()
         starts = [p for p in range(n_q) if p == 0 or group_of[p] != group_of[p - 1]]
         group_end = dict(zip(starts, starts[1:] + [n_q]))
         cuts = starts[:: max(1, block_size // grid.group_size)]
-    codes = torch.zeros_like(w)
+    codes = torch.zeros_like(w, dtype=torch.uint8)  # codes are small integers: exact in a byte
     for i1, i2 in zip(cuts, cuts[1:] + [n_q]):
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
@@ -134,16 +164,16 @@ def gptq(
             if i1 + i in group_end:  # dynamic groups: fit this group on its current weights
                 j1, j2 = i1 + i, group_end[i1 + i]
                 gs, gz = row_params(w1[:, i : i + j2 - j1], grid)
-                s[:, j1:j2], z[:, j1:j2] = gs, gz
                 scale[:, group_of[j1]], zero[:, group_of[j1]] = gs[:, 0], gz[:, 0]
             col = w1[:, i]
-            q = quantize(col, s[:, i1 + i], z[:, i1 + i], bits)
+            sc, zc = scale[:, group_of[i1 + i]], zero[:, group_of[i1 + i]]
+            q = quantize(col, sc, zc, bits)
             codes[:, i1 + i] = q
-            err = (col - s[:, i1 + i] * (q - z[:, i1 + i])) / hinv1[i, i]
+            err = (col - sc * (q - zc)) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    inv = torch.argsort(perm)
-    return finalize(w[:, inv], codes[:, inv], scale, zero, grid, salient_idx)
+    # the salient columns are the last of the processing order, in salient_idx's order
+    return finalize(w[:, n_q:], codes[:, torch.argsort(perm)], scale, zero, grid, salient_idx)

@@ -192,27 +192,29 @@ class QuantizedWeight:
 
 
 def finalize(
-    w_final: torch.Tensor,
+    salient_weight: torch.Tensor,
     codes: torch.Tensor,
     scale: torch.Tensor,
     zero: torch.Tensor,
     grid: Grid,
     salient_idx: torch.Tensor,
 ) -> QuantizedWeight:
-    """Pack the result of RTN or GPTQ: salient columns get codes too (their rounding)."""
-    n_in, bits, group_size = w_final.shape[1], grid.bits, grid.group_size
+    """Pack the result of RTN or GPTQ (``salient_weight``: the final values of the ``salient_idx`` columns,
+    (out, k)): salient columns get codes too (their rounding)."""
+    n_in, bits, group_size = codes.shape[1], grid.bits, grid.group_size
+    codes = codes.to(torch.uint8)
     if salient_idx.numel():
         s = expand_groups(scale, group_size, n_in)[:, salient_idx]
         z = expand_groups(zero, group_size, n_in)[:, salient_idx]
-        codes[:, salient_idx] = quantize(w_final[:, salient_idx], s, z, bits)
+        codes[:, salient_idx] = quantize(salient_weight, s, z, bits).to(torch.uint8)
     return QuantizedWeight(
-        codes=codes.to(torch.uint8),
+        codes=codes,
         scale=scale,
         zero=zero,
         bits=bits,
         group_size=group_size,
         salient_idx=salient_idx,
-        salient_weight=w_final[:, salient_idx].clone(),
+        salient_weight=salient_weight.clone(),
     )
 
 
@@ -228,4 +230,4 @@ def rtn(w: torch.Tensor, grid: Grid, salient_idx: torch.Tensor) -> QuantizedWeig
     scale, zero = grid_params(w, grid, nonsalient_mask(w.shape[1], salient_idx))
     g, n_in = grid.group_size, w.shape[1]
     codes = quantize(w, expand_groups(scale, g, n_in), expand_groups(zero, g, n_in), grid.bits)
-    return finalize(w, codes, scale, zero, grid, salient_idx)
+    return finalize(w[:, salient_idx], codes, scale, zero, grid, salient_idx)

@@ -226,13 +226,15 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
     key: str = "",
+    checkpoints: bool = True,
 ) -> dict:
     """Train the parameters of ``model`` that require grad; return timing and loss summary.
 
     ``device``: where to train (default: the GPU when there is one); under ``accelerate launch`` each
     process takes the GPU accelerate gives it. The teacher goes to the same device, in bfloat16 when
     training in bf16. ``key`` identifies what the model was built from; checkpoints of another key are
-    refused on resume."""
+    refused on resume. ``checkpoints=False`` writes none (a benchmark's throwaway steps: at 7B the trainable
+    state is GBs)."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -319,7 +321,7 @@ def train(
             if (step + 1) % spec.log_every == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+        if checkpoints and ((step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps):
             save_checkpoint(accelerator, ckpt, step + 1, key)
         if on_step is not None:
             on_step(step + 1, loss_v)

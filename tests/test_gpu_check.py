@@ -22,3 +22,9 @@ def test_gpu_check_tiny_runs_every_step(tmp_path):
     assert rows["train step: LoRA r=64 (peft, dense bf16 base)"]["trainable"] == 2 * sum(
         64 * (i + o) for i, o in zip(ins, outs))
     assert rows["greedy decode, batch 1"]["ratio"] > 0
+    rec = rows["recover on the device (2 blocks)"]
+    assert set(rec["ppl"]) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3",
+                               "GPTQ W3 + LoRA r=2"}
+    # the gift export, loaded anew through transformers, scores what the report scored (fp16 salient columns)
+    assert abs(rec["gift_vs_report_ppl"] - 1) < 1e-3
+    assert rec["gift_vs_dense_max_logit_diff"] < 1e-2 * rec["logit_scale"]
