@@ -70,10 +70,16 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     r = parse_recipe({"model": {"ref": str(folder)}, "saliency": {"k": k}, "quant": {"bits": 3, "clip_steps": clip_steps},
                       "calibration": {"n_samples": len(windows), "seq_len": windows.shape[1], "batch_size": 4}})
     planned = sum(plan_quantize(shape_of(model.config, r), r, torch.device("cpu")).values())
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_s()
     with devices.peak(torch.device("cpu")) as used:
         quantize_model(model, windows, r.saliency, r.quant, batch_size=4, device="cpu")
-    return {"s": time.time() - t0, "peak_rise": used.added, "plan": planned}
+    return {"s": time.time() - t0, "cpu_s": _cpu_s() - c0, "peak_rise": used.added, "plan": planned}
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads (a peer that runs threads of its own shows it here)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def child_peer(folder: Path, windows_pt: Path) -> dict:
@@ -87,10 +93,10 @@ def child_peer(folder: Path, windows_pt: Path) -> dict:
     cfg = QuantizeConfig(bits=3, group_size=-1, sym=True, desc_act=False, act_group_aware=False, damp_percent=0.01)
     model = GPTQModel.load(str(folder), cfg, device="cpu", dtype=torch.float32)
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_s()
     with devices.peak(torch.device("cpu")) as used:
         model.quantize(data, batch_size=4, calibration_sort=None)
-    return {"s": time.time() - t0, "peak_rise": used.added}
+    return {"s": time.time() - t0, "cpu_s": _cpu_s() - c0, "peak_rise": used.added}
 
 
 def child_train(folder: Path, seq: int, variant: str) -> dict:
@@ -185,10 +191,10 @@ def main() -> None:
     tok_dir = resolve_model(SMOLLM2)
     tokens = args.windows * args.seq
     print(f"calibration {args.windows} x {args.seq} tokens, W3 per-row, 3% salient columns; per block, 1 thread each")
-    print("| hidden / MLP | params a block | ours s/block | gptqmodel s/block | ratio | ours + clip search s/block "
-          "| ours peak rise GiB | plan GiB | gptqmodel peak rise GiB | GIFT-SW s/step | LoRA s/step | GIFT-SW peak GiB "
-          "| LoRA peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| hidden / MLP | params a block | ours s/block | gptqmodel s/block | ratio | CPU-time ratio "
+          "| ours + clip search s/block | ratio with search | ours peak rise GiB | plan GiB | gptqmodel peak rise GiB "
+          "| memory ratio | GIFT-SW s/step | LoRA s/step | step ratio | GIFT-SW peak GiB | LoRA peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     points = []
     for hidden in args.hidden:
         cfg = llama_config(hidden)
@@ -216,11 +222,15 @@ def main() -> None:
             row["ours_s_block"], row["clip_s_block"] = ours["s"] / 2, clip["s"] / 2
             points.append(row)
         f = lambda d, k, scale=1.0, fmt=".2f": format(d[k] / scale, fmt) if k in d else "failed"  # noqa: E731
-        ratio = f"{ours['s'] / peer['s']:.2f}" if "s" in ours and "s" in peer else "-"
+        def ratio(a: dict, b: dict, key: str) -> str:
+            return f"{a[key] / b[key]:.2f}" if key in a and key in b and b[key] else "-"
+
         print(f"| {hidden} / {cfg.intermediate_size} | {block_params / 1e6:.0f}M | {f(ours, 's', 2)} | {f(peer, 's', 2)} "
-              f"| {ratio} | {f(clip, 's', 2)} | {f(ours, 'peak_rise', 2**30)} | {f(ours, 'plan', 2**30)} | {f(peer, 'peak_rise', 2**30)} "
-              f"| {f(gift, 's_per_step')} | {f(lora, 's_per_step')} | {f(gift, 'peak_rise', 2**30)} "
-              f"| {f(lora, 'peak_rise', 2**30)} |", flush=True)
+              f"| {ratio(ours, peer, 's')} | {ratio(ours, peer, 'cpu_s')} | {f(clip, 's', 2)} | {ratio(clip, peer, 's')} "
+              f"| {f(ours, 'peak_rise', 2**30)} | {f(ours, 'plan', 2**30)} | {f(peer, 'peak_rise', 2**30)} "
+              f"| {ratio(ours, peer, 'peak_rise')} | {f(gift, 's_per_step')} | {f(lora, 's_per_step')} "
+              f"| {ratio(gift, lora, 's_per_step')} | {f(gift, 'peak_rise', 2**30)} | {f(lora, 'peak_rise', 2**30)} |",
+              flush=True)
         for name, r in (("ours", ours), ("peer", peer), ("ours-clip", clip), ("gift", gift), ("lora", lora)):
             if "error" in r:
                 print(f"  {name} failed: {r['error']!r}", flush=True)

@@ -79,11 +79,13 @@ def _parser() -> argparse.ArgumentParser:
 def _load_any(ref: str):
     """A model reference or an exported folder of any format: ``gift`` (our loader), ``gptq_lora``
     (transformers + gptqmodel, then the PEFT adapter), ``dense`` or anything transformers loads."""
+    from .integrity import is_gift_folder, require_sums
     from .sources import load_model
 
     folder = Path(ref)
-    config = folder / "config.json"
-    if config.exists() and json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "gift":
+    if folder.is_dir():
+        require_sums(folder)  # an export copied here checks against its own SHA256SUMS
+    if is_gift_folder(folder):
         from .gift_format import load
 
         return load(folder)

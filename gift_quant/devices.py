@@ -59,7 +59,8 @@ def resolve(spec: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DeviceError(f"device = {spec!r}: this machine has no CUDA GPU (torch {torch.__version__}); "
-                          f"use --device cpu (or device: auto); gift-quant plan ... --capacity SIZE plans for a GPU this machine lacks")
+                          f"use --device cpu (or device: auto); gift-quant plan ... --capacity SIZE plans for a GPU "
+                          f"this machine lacks")
     index = int(spec.partition(":")[2] or torch.cuda.current_device())
     if index >= torch.cuda.device_count():
         raise DeviceError(f"device = {spec!r}: only {torch.cuda.device_count()} GPU(s), cuda:0 .. "

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .quantize import QuantizedWeight
 
@@ -34,16 +35,44 @@ def save_quantized(results: dict[str, QuantizedWeight], path: Path) -> None:
     save_file(tensors, str(path), metadata={"layers": json.dumps(meta)})
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    try:
-        from safetensors import safe_open
+REDO_STAGE = "rerun the stage that wrote it"
+COPY_AGAIN = "the file is damaged: download or copy the checkpoint again"
 
+
+@contextmanager
+def _opened(path: Path, fix: str):
+    """``safe_open(path)``, its errors (truncated file, a header whose shapes its bytes do not hold, an unreadable
+    file) as one ``CheckpointError`` naming the file and ``fix`` (what to do)."""
+    from safetensors import safe_open
+
+    try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(str(path)), meta
+            yield f
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is corrupt or truncated, "
-                              f"rerun the stage that wrote it") from None
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); it is corrupt or truncated: "
+                              f"{fix}") from None
+
+
+def read_safetensors(path: Path, keep=None, fix: str = REDO_STAGE) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a safetensors file whose names ``keep(name)`` accepts (default: all) and its metadata."""
+    with _opened(path, fix) as f:
+        return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}, f.metadata() or {}
+
+
+def safetensors_keys(path: Path, fix: str = REDO_STAGE) -> list[str]:
+    """The tensor names of a safetensors file, from its header (checked against the file's size; no tensor read)."""
+    with _opened(path, fix) as f:
+        return list(f.keys())
+
+
+def check_scales(where: Path | str, name: str, scales: torch.Tensor) -> None:
+    """Grid scales must be finite and positive: a NaN or a zero step would otherwise surface hours later as a
+    NaN loss or perplexity."""
+    bad = ~torch.isfinite(scales) | (scales <= 0)
+    if bad.any():
+        value = scales[bad].flatten()[0].item()
+        raise CheckpointError(f"{where}: tensor {name} holds {int(bad.sum())} scale(s) that are not finite and "
+                              f"positive (first: {value}); the checkpoint is damaged or was written wrongly")
 
 
 def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path,

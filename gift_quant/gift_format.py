@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .export import CheckpointError, assign_state, base_state, check_g_idx, read_safetensors, symmetric
-from .integrity import sha256
+from .export import CheckpointError, assign_state, base_state, check_g_idx, check_scales, read_safetensors, symmetric
+from .integrity import require_sums, sha256
 from .pack import FORMATS
 from .quantize import QuantizedWeight
 
@@ -86,6 +86,7 @@ def check_gift_file(path: Path, qc: dict) -> None:
                               f"export it again with gift-quant (recover --from export)")
     if sha256(file) != recorded:
         raise CheckpointError(f"{file}: sha256 differs from the one in config.json; the file is damaged or truncated")
+    require_sums(path)  # the folder's other files (config, tokenizer) against its SHA256SUMS
 
 
 def expected_tensors(model, qc: dict) -> set[str]:
@@ -156,6 +157,7 @@ def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.T
     if idx.unique().numel() != idx.numel():
         raise CheckpointError(f"{path}: tensor {name}.salient_idx repeats a column")
     check_g_idx(path, name, tensors["g_idx"], shape["in"], tensors["scales"].shape[0])
+    check_scales(path, f"{name}.scales", tensors["scales"].float())
     qw = replace(from_gptq(tensors, bits, group, shape["in"], shape["out"], fmt),
                  salient_idx=idx, salient_weight=tensors["salient_weight"].float())
     bias = tensors.get("bias")

@@ -39,7 +39,8 @@ def processing_order(h_diag: torch.Tensor, salient_idx: torch.Tensor, act_order:
     order = (torch.argsort(h_diag, descending=True, stable=True) if act_order
              else torch.arange(n, device=h_diag.device))
     is_salient = torch.zeros(n, dtype=torch.uint8, device=h_diag.device).index_fill_(0, salient_idx, 1)
-    rest = order.index_select(0, torch.argsort(is_salient.index_select(0, order), stable=True))[: n - salient_idx.numel()]
+    rest = order.index_select(0, torch.argsort(is_salient.index_select(0, order), stable=True))
+    rest = rest[: n - salient_idx.numel()]
     return torch.cat([rest, salient_idx.to(rest.device)])
 
 

@@ -13,7 +13,6 @@ config implies and what the file holds.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,10 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import CheckpointError, assign_state, check_g_idx
+from .export import (COPY_AGAIN, CheckpointError, assign_state, check_g_idx, check_scales, read_safetensors,
+                     safetensors_keys)
+from .integrity import read_json
 from .pack import FORMATS, from_gptq
 from .quantize import QuantizedWeight
-from .sources import SourceError, local_or_package, unreachable
+from .sources import SourceError, local_or_package, safetensors_files, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def quant_method(ref: str) -> str | None:
         path = Path(cached).parent if isinstance(cached, str) else None
     if path is None or not (path / "config.json").is_file():
         return None
-    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    qc = read_json(path / "config.json", COPY_AGAIN).get("quantization_config") or {}
     return qc.get("quant_method")
 
 
@@ -85,10 +86,7 @@ def read_config(ref: str) -> GPTQCheckpoint:
     """The checked ``quantization_config`` of a GPTQ checkpoint."""
     folder = folder_of(ref)
     where = f"{folder}/config.json"
-    try:
-        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: cannot read ({e})") from None
+    qc = read_json(folder / "config.json", COPY_AGAIN).get("quantization_config") or {}
     if qc.get("quant_method") != "gptq":
         raise CheckpointError(f"{where}: quantization_config.quant_method is {qc.get('quant_method')!r}, not 'gptq'")
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
@@ -112,24 +110,12 @@ def read_config(ref: str) -> GPTQCheckpoint:
     return GPTQCheckpoint(folder, qc["bits"], group, bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), fmt)
 
 
-def _files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no safetensors file (only safetensors checkpoints are read)")
-    return files
-
-
 def tensor_names(folder: Path) -> set[str]:
-    """Every tensor name in the checkpoint, from the safetensors headers (no tensor is read)."""
-    from safetensors import safe_open
-
+    """Every tensor name in the checkpoint, from the safetensors headers (no tensor is read; a truncated
+    shard or one whose header does not fit its bytes is named here)."""
     names: set[str] = set()
-    for f in _files(folder):
-        with safe_open(str(f), "pt") as st:
-            names.update(st.keys())
+    for f in safetensors_files(folder):
+        names.update(safetensors_keys(f, COPY_AGAIN))
     return names
 
 
@@ -140,16 +126,16 @@ def quantized_layers(folder: Path) -> list[str]:
 
 def _read(folder: Path, keep) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors whose names ``keep(name)`` accepts (the others are not read)."""
-    from safetensors import SafetensorError, safe_open
-
     tensors: dict[str, torch.Tensor] = {}
-    for f in _files(folder):
-        try:
-            with safe_open(str(f), "pt") as st:
-                tensors.update({k: st.get_tensor(k) for k in st.keys() if keep(k)})
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e}); it is corrupt or truncated") from None
+    for f in safetensors_files(folder):
+        tensors.update(read_safetensors(f, keep, COPY_AGAIN)[0])
     return tensors
+
+
+def check_all_scales(ck: GPTQCheckpoint) -> None:
+    """Every quantized layer's ``scales`` finite and positive, read alone (small) before any calibration."""
+    for key, t in sorted(_read(ck.folder, lambda k: k.endswith(".scales")).items()):
+        check_scales(ck.folder, key, t.float())
 
 
 def expected_shapes(ck: GPTQCheckpoint, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
@@ -174,6 +160,7 @@ def layer(ck: GPTQCheckpoint, name: str, tensors: dict[str, torch.Tensor], n_in:
             raise CheckpointError(f"{where}: tensor {name}.{field} is {t.dtype}, expected one of {_DTYPES[field]}")
     fields = {f: tensors[f"{name}.{f}"] for f in ("qweight", "qzeros", "scales", "g_idx")}
     check_g_idx(where, name, fields["g_idx"], n_in, fields["scales"].shape[0])
+    check_scales(where, f"{name}.scales", fields["scales"].float())
     return from_gptq(fields, ck.bits, ck.group_size, n_in, n_out, ck.fmt)
 
 

@@ -2,8 +2,10 @@
 
 A flipped byte in a safetensors data section loads without complaint and gives a silently wrong
 model; only a checksum catches it. Every stage records the sha256 of each file it wrote in its
-``manifest.json`` (``files``), and a ``gift`` export also in its own ``config.json``
-(``quantization_config.sha256``), so the folder stays checkable after it is copied away from its run.
+``manifest.json`` (``files``). Every export folder carries its own ``SHA256SUMS`` (``sha256sum``'s format,
+so ``sha256sum -c SHA256SUMS`` checks it too) and a ``gift`` export also records its weights' sha256 in its
+``config.json`` (``quantization_config.sha256``): a folder copied away from its run, or uploaded, stays
+checkable on its own, and the Hugging Face folder loads as it is.
 """
 from __future__ import annotations
 
@@ -39,14 +41,53 @@ def check_hashes(folder: Path, recorded: dict[str, str]) -> list[str]:
     return problems
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file the pipeline wrote; a damaged one is named."""
+SUMS = "SHA256SUMS"
+
+
+def write_sums(folder: Path) -> None:
+    """``folder/SHA256SUMS``: the sha256 of every other file below ``folder``, one ``<hash>  <path>`` line each."""
+    folder = Path(folder)
+    lines = "".join(f"{digest}  {rel}\n" for rel, digest in file_hashes(folder, skip=(SUMS, "manifest.json")).items())
+    (folder / SUMS).write_text(lines)
+
+
+def read_sums(folder: Path) -> dict[str, str]:
+    """``relative path -> sha256`` from ``folder/SHA256SUMS``; a damaged line is named."""
+    from .export import CheckpointError
+
+    path = Path(folder) / SUMS
+    sums = {}
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            raise CheckpointError(f"{path}: line {n} is not '<sha256>  <relative path>'; the file is damaged")
+        sums[rel.removeprefix("*")] = digest.lower()
+    return sums
+
+
+def require_sums(folder: Path) -> None:
+    """Refuse an export folder whose files differ from its ``SHA256SUMS`` (a folder without one passes: older
+    exports and plain model folders)."""
+    from .export import CheckpointError
+
+    if (Path(folder) / SUMS).is_file():
+        problems = check_hashes(folder, read_sums(folder))
+        if problems:
+            raise CheckpointError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                                  + f"; gift-quant verify {folder} lists them: copy or export the folder again")
+
+
+def read_json(path: Path, fix: str = "the file is damaged") -> dict:
+    """A JSON file (one the pipeline wrote, or a checkpoint's config or index); a damaged or unreadable one is
+    named with ``fix``, what to do about it."""
     from .export import CheckpointError
 
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {fix}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
 
 
 def verify(path: Path) -> list[str]:
@@ -64,16 +105,25 @@ def verify(path: Path) -> list[str]:
             problems += check_hashes(m.parent, read_json(m).get("files", {}))
         except CheckpointError as e:
             problems.append(str(e))
-    gifts = [p.parent for p in path.rglob("config.json") if _is_gift(p)]
+    exports = sorted(p.parent for p in path.rglob(SUMS))
+    for folder in exports:
+        try:
+            problems += check_hashes(folder, read_sums(folder))
+        except CheckpointError as e:
+            problems.append(str(e))
+    gifts = [p.parent for p in path.rglob("config.json") if is_gift_folder(p.parent)]
     for g in gifts:
         problems += verify_gift(g)
-    if not manifests and not gifts:
-        problems.append(f"{path}: neither a run, a stage nor a gift export folder (no manifest.json, no gift config.json)")
+    if not manifests and not gifts and not exports:
+        problems.append(f"{path}: neither a run, a stage nor an export folder (no manifest.json, no {SUMS}, no gift "
+                        f"config.json)")
     return problems
 
 
-def _is_gift(config: Path) -> bool:
+def is_gift_folder(folder: Path) -> bool:
+    """Whether ``folder``'s config.json says ``quant_method: gift`` (an unreadable config is not one)."""
     try:
-        return json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == "gift"
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+        return qc.get("quant_method") == "gift"
     except (json.JSONDecodeError, OSError, AttributeError):
         return False

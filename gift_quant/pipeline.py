@@ -30,14 +30,14 @@ from .evaluate import interval, nonoverlapping_windows, perplexity, window_nll, 
 from .gptq import compensate
 from .export import CheckpointError, bits_per_weight, export_gptq_lora, load_quantized, save_quantized, storage
 from .gift_format import export_gift
-from .integrity import check_hashes, file_hashes, read_json
+from .integrity import check_hashes, file_hashes, read_json, write_sums
 from .layers import merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from .quantize import QuantizedWeight
 from .recipe import Recipe, RecipeError, SaliencySpec
 from .rundir import atomic_dir
 from .saliency import resolve_k
-from .sources import (SourceError, check_text, load_model, load_tokenizer, read_records, read_text, resolve_model,
-                      sample_windows, tokenize, unreachable)
+from .sources import (SourceError, check_model_folder, check_text, load_model, load_tokenizer, read_records, read_text,
+                      resolve_model, sample_windows, tokenize, unreachable)
 from .train import chat_examples, check_resumable, text_examples, train, trainable_state
 
 log = logging.getLogger(__name__)
@@ -481,6 +481,8 @@ def stage_export(run: Run, tmp: Path) -> dict:
     if "dense" in r.export.formats:
         model.to(getattr(torch, r.export.dtype)).save_pretrained(tmp / "dense", safe_serialization=True)
         tok.save_pretrained(tmp / "dense")
+    for fmt in r.export.formats:
+        write_sums(tmp / fmt)  # each folder checkable on its own after a copy (gift-quant verify FOLDER)
     if results:
         out["bits_per_weight_formula"] = bits_per_weight(results)
         log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
@@ -587,6 +589,7 @@ def check_import(recipe: Recipe) -> None:
         raise RecipeError(f"train.mode = {recipe.train.mode}: {recipe.model.ref!r} is already quantized; an imported "
                           f"GPTQ checkpoint trains after quantization, train.mode: post")
     quantized = sorted({n.rsplit(".", 1)[-1] for n in gptq_checkpoint.quantized_layers(ck.folder)})
+    gptq_checkpoint.check_all_scales(ck)
     if sorted(recipe.saliency.targets) != quantized:
         raise RecipeError(f"saliency.targets = {recipe.saliency.targets}, but the GPTQ checkpoint quantizes {quantized}; "
                           f"set saliency.targets: {quantized}")
@@ -624,6 +627,9 @@ def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> None:
     if recipe.model.trust_remote_code and not trust_remote_code:
         raise RecipeError("model.trust_remote_code = true runs code from the model's repository; confirm it "
                           "with --trust-remote-code on the command line")
+    for field, ref in (("model.ref", recipe.model.ref), ("model.full_precision", recipe.model.full_precision)):
+        if ref is not None:
+            check_model_folder(field, ref)
     if is_imported(recipe):
         check_import(recipe)
     check_against_model(recipe)

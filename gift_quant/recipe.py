@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .evaluate import PAPER_TASKS
 from .quantize import Grid
@@ -34,17 +34,33 @@ class RecipeError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_bools_for_numbers(cls, data: Any) -> Any:
+    def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML's ``true`` is not the number 1: a bool is refused wherever a number is expected."""
-        if isinstance(data, dict):
-            for name, field in cls.model_fields.items():
-                value = data.get(name)
-                if isinstance(value, bool) and bool not in (field.annotation, *typing.get_args(field.annotation)):
-                    raise ValueError(f"{name} = {value!r}: a boolean where {field.annotation} is expected; "
-                                     f"write the number")
-        return data
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and bool not in (annotation, *typing.get_args(annotation)):
+            raise ValueError(f"a boolean where {_kind(annotation)} is expected; write {_kind(annotation)}")
+        return value
+
+
+def _kind(annotation: Any) -> str:
+    """What a field holds, in a user's words (no Python type names in an error line)."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(annotation)))
+    args = set(typing.get_args(annotation)) - {type(None)} if origin is not None else {annotation}
+    if len(args) == 1 and origin is not None:
+        return _kind(args.pop())
+    if args <= {int}:
+        return "a whole number"
+    if args <= {int, float}:
+        return "a number"
+    if args <= {str}:
+        return "text"
+    return "a value of the schema (gift_quant/recipe.py)"
 
 
 class ModelSpec(_Section):
@@ -277,14 +293,24 @@ class Recipe(_Section):
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line a problem: the dotted field path, the value as YAML writes it, what is wrong in plain words."""
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling against the recipe schema (gift_quant/recipe.py)"
-        lines.append(f"  {path} = {e.get('input')!r}: {msg}")
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = "expected a section: a mapping of its keys, one per line below it"
+        lines.append(f"  {path} = {_as_yaml(e.get('input'))}: {msg}")
     return "\n".join(lines)
+
+
+def _as_yaml(value: Any, width: int = 60) -> str:
+    """``value`` as a recipe writes it (``true``, ``null``, ``[3, 4]``), cut to ``width`` characters."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:

@@ -71,6 +71,45 @@ def local_or_package(ref: str) -> Path | None:
     return None
 
 
+def safetensors_files(folder: Path) -> list[Path]:
+    """The safetensors shards of a model folder: those its index names (each must be there), else every
+    ``*.safetensors`` file; a damaged index is named."""
+    from .export import COPY_AGAIN, CheckpointError
+    from .integrity import read_json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index, COPY_AGAIN).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map; {COPY_AGAIN}")
+        files = sorted({folder / f for f in weight_map.values()})
+        absent = [f for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{absent[0]}: missing (named in {index.name}); {COPY_AGAIN}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors file (only safetensors checkpoints are read)")
+    return files
+
+
+def check_model_folder(field: str, ref: str) -> None:
+    """A local model folder (``field``'s value) readable before anything loads: its config.json and every
+    safetensors shard's header (a truncated shard, or one whose header declares shapes its bytes do not
+    hold, is named here rather than as a loader's traceback after calibration). Hub ids and files pass."""
+    from .export import COPY_AGAIN, CheckpointError, safetensors_keys
+    from .integrity import read_json
+
+    path = local_or_package(ref)
+    if path is None or not path.is_dir():
+        return
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{field} = {ref!r}: {path} has no config.json; name a model folder")
+    read_json(path / "config.json", COPY_AGAIN)
+    for f in safetensors_files(path):
+        safetensors_keys(f, COPY_AGAIN)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a cached fp32 safetensors folder; return the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

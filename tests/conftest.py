@@ -61,12 +61,13 @@ def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
 
 
 def rewrite_gift(folder: Path, edit) -> None:
-    """Apply ``edit`` to a gift folder's tensors and record the new file's sha256 (a consistent folder)."""
+    """Apply ``edit`` to a gift folder's tensors and record the new file's sha256 in its config and SHA256SUMS (a
+    consistent folder: what a writer with a bug would leave, which only the content checks catch)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from gift_quant.integrity import sha256
+    from gift_quant.integrity import SUMS, sha256, write_sums
 
     tensors = load_file(folder / "model.safetensors")
     edit(tensors)
@@ -74,3 +75,5 @@ def rewrite_gift(folder: Path, edit) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"]["sha256"]["model.safetensors"] = sha256(folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config))
+    if (folder / SUMS).exists():
+        write_sums(folder)

@@ -151,7 +151,8 @@ def test_from_gptq_on_the_device(monkeypatch, act_order):
     """``from_gptq`` where the loader put the tensors (``device_map="cuda"``); ``torch.equal`` (is ``g_idx`` the
     static one?) needs values, so the test answers it for each case."""
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
-    tensors = {k: v.to(META) for k, v in pack_mod.to_gptq(rtn(w, Grid(3, 16), torch.zeros(0, dtype=torch.long))).items()}
+    plain = rtn(w, Grid(3, 16), torch.zeros(0, dtype=torch.long))
+    tensors = {k: v.to(META) for k, v in pack_mod.to_gptq(plain).items()}
     monkeypatch.setattr(pack_mod.torch, "equal", lambda a, b: a.device == b.device and not act_order)
     qw = pack_mod.from_gptq(tensors, 3, 16, 64, 40)
     assert (qw.g_idx is not None) == act_order

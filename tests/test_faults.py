@@ -86,6 +86,18 @@ def test_recipe_and_override_errors_name_the_place(tmp_path):
 
         with pytest.raises(RecipeError, match=field):
             parse_recipe({"model": {"ref": "x"}, **data})
+    from gift_quant.recipe import parse_recipe
+
+    # the field's dotted path, the value as YAML writes it, the kind in words: no class names, no section dumps
+    for data, line in [({"calibration": {"n_samples": True, "seq_len": 64}},
+                        "  calibration.n_samples = true: a boolean where a whole number is expected; write a whole number"),
+                       ({"train": {"lr": False}}, "  train.lr = false: a boolean where a number is expected"),
+                       ({"quant": {"bits": True}}, "  quant.bits = true: a boolean where one of 2, 3, 4, 8 is expected"),
+                       ({"calibration": 5}, "  calibration = 5: expected a section: a mapping of its keys")]:
+        with pytest.raises(RecipeError) as e:
+            parse_recipe({"model": {"ref": "x"}, **data}, "test")
+        assert str(e.value).splitlines()[1].startswith(line) and "<class" not in str(e.value), str(e.value)
+        assert "seq_len" not in str(e.value)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -299,3 +311,81 @@ def test_kill_9_at_every_stage_then_rerun_is_bit_identical(tiny_folder, tmp_path
     for rel in ("quantize/quantized.safetensors", "train/trainable.safetensors", "export/gift/model.safetensors",
                 "export/dense/model.safetensors"):
         assert sha256(out / rel) == sha256(straight / rel), rel
+
+
+def test_an_export_copied_away_verifies_on_its_own(tiny_folder, tmp_path):
+    """dense, gift and gptq_lora folders carry SHA256SUMS: verify checks any of them after a copy, and catches
+    flipped bytes and a deleted tensor (which plain transformers would load silently or re-initialise); our
+    loaders of an export refuse the same folder."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from gift_quant.cli import _load_any, main
+    from gift_quant.integrity import SUMS
+
+    out = tmp_path / "run"
+    recover(recipe(tiny_folder, out, ["dense", "gift", "gptq_lora"], steps=2))
+    for fmt in ("dense", "gift", "gptq_lora"):
+        moved = shutil.copytree(out / "export" / fmt, tmp_path / "server" / fmt)
+        assert (moved / SUMS).is_file() and verify(moved) == [] and main(["verify", str(moved)]) == 0
+        listed = {line.split("  ", 1)[1] for line in (moved / SUMS).read_text().splitlines()}
+        assert "model.safetensors" in listed and "config.json" in listed
+    assert "adapter/adapter_model.safetensors" in (tmp_path / "server/gptq_lora" / SUMS).read_text()
+
+    dense = tmp_path / "server/dense"
+    weights = dense / "model.safetensors"
+    good = weights.read_bytes()
+    data = bytearray(good)
+    data[-100] ^= 0xFF  # one weight changes value; the file still loads
+    weights.write_bytes(bytes(data))
+    assert any("model.safetensors: sha256 differs" in p for p in verify(dense))
+    assert main(["verify", str(dense)]) == 1
+    with pytest.raises(CheckpointError, match=r"model.safetensors: sha256 differs .*gift-quant verify"):
+        _load_any(str(dense))
+
+    weights.write_bytes(good)
+    tensors = load_file(weights)
+    tensors.pop("model.norm.weight")  # transformers would re-initialise it with one log line
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert any("model.safetensors: sha256 differs" in p for p in verify(dense))
+    (dense / SUMS).write_text("not a sums line\n")
+    assert any(f"{SUMS}: line 1 is not" in p for p in verify(dense))
+
+
+def test_a_damaged_full_precision_folder_is_named_before_weights_load(tiny_folder, tmp_path, no_weights, capsys):
+    """A truncated shard, or one whose header lies about a tensor's shape, is one line naming the file (exit 1),
+    before anything loads; so is a damaged config.json."""
+    import shutil
+    import struct
+
+    from gift_quant.cli import main
+
+    cases = {}
+    folder = shutil.copytree(tiny_folder, tmp_path / "truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    cases[folder] = "incomplete metadata"
+    folder = shutil.copytree(tiny_folder, tmp_path / "lying")
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [2 * header[name]["shape"][0], *header[name]["shape"][1:]]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+    cases[folder] = "invalid shape"
+    folder = shutil.copytree(tiny_folder, tmp_path / "config")
+    (folder / "config.json").write_text("{broken")
+    cases[folder] = "not valid JSON"
+    for folder, why in cases.items():
+        r = _with(recipe(tiny_folder, tmp_path / f"run-{folder.name}"), model__ref=str(folder))
+        with pytest.raises(CheckpointError, match=why):
+            recover(r)
+        path = tmp_path / f"{folder.name}.yaml"
+        path.write_text(yaml.safe_dump(r.model_dump(mode="json")))
+        capsys.readouterr()
+        assert main(["recover", str(path)]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        culprit = "config.json" if why == "not valid JSON" else "model.safetensors"
+        assert last.startswith("error: ") and f"{folder}/{culprit}" in last and "copy the checkpoint again" in last

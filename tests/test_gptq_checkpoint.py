@@ -186,6 +186,65 @@ def no_weights(monkeypatch):
 
 
 @needs_gptqmodel
+def test_damaged_shards_and_nan_scales_of_a_gptqmodel_checkpoint_are_named_up_front(checkpoints, tmp_path, no_weights,
+                                                                                   capsys):
+    """A truncated shard, a header that declares a shape its bytes do not hold, and a NaN in a layer's scales: one
+    line naming the file (and the tensor), exit 1, before any weights load or calibration starts."""
+    import shutil
+    import struct
+
+    import yaml
+
+    from gift_quant.cli import main
+
+    src = checkpoints[CASES[0]]
+    data = (src / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    victim = "model.layers.0.mlp.up_proj.qweight"
+    header[victim]["shape"] = [header[victim]["shape"][0] * 2, header[victim]["shape"][1]]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    nan = load_file(src / "model.safetensors")
+    nan["model.layers.1.self_attn.k_proj.scales"][0, 3] = float("nan")
+    damages = {"truncated": (lambda f: f.write_bytes(data[: len(data) // 2]), "incomplete metadata"),
+               "lying": (lambda f: f.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :]), "invalid shape"),
+               "nan": (lambda f: save_file(nan, str(f), metadata={"format": "pt"}),
+                       r"tensor model.layers.1.self_attn.k_proj.scales holds 1 scale\(s\) that are not finite")}
+    for name, (damage, why) in damages.items():
+        folder = shutil.copytree(src, tmp_path / name)
+        damage(folder / "model.safetensors")
+        r = recipe(str(folder), tmp_path / f"run-{name}")
+        r = r.model_copy(update={"saliency": r.saliency.model_copy(update={"metric": "quik"}),
+                                 "eval": r.eval.model_copy(update={"baselines": ["salient"], "tasks": []})})
+        with pytest.raises(CheckpointError, match=why):
+            pipeline.recover(r)
+        path = tmp_path / f"{name}.yaml"
+        fields = r.model_dump(mode="json")
+        del fields["quant"]  # the checkpoint's own grid
+        path.write_text(yaml.safe_dump(fields))
+        capsys.readouterr()
+        assert main(["recover", str(path)]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and str(folder) in last, last
+        if name != "nan":
+            assert f"{folder}/model.safetensors" in last and "copy the checkpoint again" in last
+    with pytest.raises(CheckpointError, match="not finite"):  # the loader checks the same (a direct import)
+        nan_ck = tmp_path / "nan"
+        gptq_checkpoint.read_layers(gptq_checkpoint.read_config(str(nan_ck)), _meta_model(nan_ck))
+
+
+def _meta_model(folder: Path):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+@needs_gptqmodel
 def test_import_recipes_are_checked_before_any_weights_load(checkpoints, fp_folder, tiny_folder, tmp_path, no_weights):
     folder = str(checkpoints[CASES[0]])
 
