@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m-instruct-w3.yaml
 
-.PHONY: setup test demo bench
+.PHONY: setup test test-fast demo bench
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,10 @@ setup:
 
 test:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# the suite without the tests marked slow (real SmolLM2 runs, multi-process runs, long resumes): minutes fewer
+test-fast:
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 demo:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/gift-quant recover $(RECIPE)

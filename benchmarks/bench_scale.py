@@ -102,17 +102,17 @@ def child_peer(folder: Path, windows_pt: Path) -> dict:
 def child_train(folder: Path, seq: int, variant: str) -> dict:
     import torch
 
-    from gpu_check import rtn_random_salient
-
     from gift_quant import devices
+    from gift_quant.compress import rtn_with_columns, seeded_columns
     from gift_quant.layers import merge_to_dense, wrap_quantized
+    from gift_quant.quantize import Grid
     from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
     from gift_quant.sources import load_model
     from gift_quant.train import train
 
     model, _ = load_model(str(folder))
     k = round(0.03 * model.config.hidden_size)
-    results = rtn_random_salient(model, k)
+    results = rtn_with_columns(model, Grid(3), seeded_columns(k))
     salient = sum(k * qw.codes.shape[0] for qw in results.values())
     wrap_quantized(model, results, "gaussian", 4)
     if variant == "lora":

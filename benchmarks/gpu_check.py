@@ -45,11 +45,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tree, where the package is not installed
 
 from gift_quant import devices  # noqa: E402
-from gift_quant.compress import quantize_model  # noqa: E402
+from gift_quant.compress import quantize_model, rtn_with_columns, seeded_columns  # noqa: E402
 from gift_quant.devices import GiB  # noqa: E402
 from gift_quant.layers import merge_to_dense, wrap_quantized  # noqa: E402
 from gift_quant.plan import plan_train, shape_of  # noqa: E402
-from gift_quant.quantize import Grid, QuantizedWeight, rtn  # noqa: E402
+from gift_quant.quantize import Grid  # noqa: E402
 from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec, parse_recipe  # noqa: E402
 from gift_quant.train import train  # noqa: E402
 
@@ -124,22 +124,12 @@ def check_calibration(device: torch.device, tiny: bool) -> dict:
             "peak_gib": used.peak / GiB, f"extrapolated_s_{full_blocks}_blocks": s * full_blocks}
 
 
-def rtn_random_salient(model: nn.Module, k: int) -> dict[str, QuantizedWeight]:
-    """Every projection of ``model`` RTN W3 (no clipping search) with ``k`` seeded random salient columns:
-    the cost of a GIFT-SW model without calibrating one (the columns' choice does not change it)."""
-    results = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
-            idx = torch.randperm(m.in_features, generator=torch.Generator().manual_seed(len(results)))[:k].sort().values
-            results[name] = rtn(m.weight.detach(), Grid(3), idx.to(m.weight.device))
-    return results
-
-
 def quantized_model(cfg, device: torch.device, dtype: torch.dtype, k: int, noise: str = "gaussian") -> nn.Module:
-    """The model of ``cfg`` wrapped as GIFT-SW (``rtn_random_salient``) with ``noise`` (the paper's by default;
+    """The model of ``cfg`` wrapped as GIFT-SW (RTN W3, no clipping search, ``k`` seeded random salient columns a
+    layer: the columns' choice does not change the cost) with ``noise`` (the paper's by default;
     ``none`` skips the noise grid's clipping search, minutes over 7B weights)."""
     model = build(cfg, device, dtype)
-    wrap_quantized(model, rtn_random_salient(model, k), noise, 4)
+    wrap_quantized(model, rtn_with_columns(model, Grid(3), seeded_columns(k)), noise, 4)
     return model
 
 

@@ -74,7 +74,11 @@ class InputStats:
         Hessian, though more precise, flips a few rounding ties and moves perplexity by tens of percent
         either way (benchmarks/RESULTS.md), which would hide any real difference between the two.
         """
-        return self.hessian * (2.0 / max(self.n_tokens, 1))
+        return self.hessian * self.gptq_scale()
+
+    def gptq_scale(self) -> float:
+        """The ``2/n`` of ``gptq_hessian``, for ``gptq(h_scale=...)``, which applies it to its one working copy."""
+        return 2.0 / max(self.n_tokens, 1)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -216,11 +220,30 @@ def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inp
     return stats, results
 
 
-def _subsets(stats: dict[str, InputStats]) -> list[list[str]]:
-    """Layers grouped by shared input, in execution order (q/k/v, o, gate/up, down for Llama)."""
+def _input_groups(block: nn.Module, batch: tuple, linears: dict[str, nn.Linear], inputs: _Inputs) -> list[list[str]]:
+    """Layers grouped by the very tensor they read (q/k/v, o, gate/up, down for Llama), in the order of
+    ``linears``, from one forward of one batch that records identities only (no statistics: a Hessian of
+    every layer at once would be the stage's peak at 7B)."""
+    read: dict[str, int] = {}
+    kept: list[torch.Tensor] = []  # holding each input keeps its id from being reused during the forward
+
+    def record(name: str, x: torch.Tensor) -> None:
+        read[name] = id(x)
+        kept.append(x)
+
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, name=name: record(name, inp[0]))
+             for name, m in linears.items()] + _stop_after(block, linears)
+    h, kw = batch
+    try:
+        block(inputs.use(h), **kw)
+    except _Stop:
+        pass
+    finally:
+        for hk in hooks:
+            hk.remove()
     groups: dict[int, list[str]] = {}
-    for name, st in stats.items():
-        groups.setdefault(id(st), []).append(name)
+    for name in linears:
+        groups.setdefault(read[name], []).append(name)
     return list(groups.values())
 
 
@@ -270,7 +293,7 @@ def run_blocks(
             # short after the group
             layout = tuple(linears)
             if layout not in groups:
-                groups[layout] = _subsets(_measure(block, batches[:1], linears, inputs, outputs=False)[0])
+                groups[layout] = _input_groups(block, batches[0], linears, inputs)
             for names in groups[layout]:
                 subset = {n: linears[n] for n in names}
                 on_block(i, subset, _measure(block, batches, subset, inputs, outputs=False)[0])

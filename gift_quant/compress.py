@@ -7,6 +7,7 @@ writes the effective weights back into the model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -14,8 +15,8 @@ from torch import nn
 
 from .calibrate import InputStats, run_blocks
 from .gptq import gptq
-from .quantize import QuantizedWeight, rtn
-from .recipe import QuantSpec, SaliencySpec
+from .quantize import Grid, QuantizedWeight, rtn
+from .recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec
 from .saliency import column_scores, quantization_perturbation, resolve_k, top_k
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec
     w = w.detach().float()
     idx = select_salient(w, stats, sal, quant, name) if idx is None else idx
     if quant.method == "gptq":
-        return gptq(w, stats.gptq_hessian(), quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
-                    quant.dynamic_groups)
+        return gptq(w, stats.hessian, quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
+                    quant.dynamic_groups, h_scale=stats.gptq_scale())
     return rtn(w, quant.grid(), idx)
 
 
@@ -124,3 +125,17 @@ def quantize_rtn_plain(model: nn.Module, sal: SaliencySpec, quant: QuantSpec) ->
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in sal.targets]
     return quantize_with_stats(model, dict.fromkeys(names), sal.model_copy(update={"k": 0, "k_overrides": {}}),
                                quant.model_copy(update={"method": "rtn"}))
+
+
+def rtn_with_columns(model: nn.Module, grid: Grid, columns: Callable[[int, nn.Linear], torch.Tensor],
+                     targets: list[str] = ALL_PROJECTIONS) -> dict[str, QuantizedWeight]:
+    """Every targeted linear RTN on ``grid``, its salient columns ``columns(i, linear)`` (``i``: the layer's
+    position among the targets), without calibration: a GIFT-SW model whose cost or format is what matters
+    (tests, benchmarks, the GPU check), not which columns it keeps."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    return {n: rtn(m.weight.detach(), grid, columns(i, m).to(m.weight.device)) for i, (n, m) in enumerate(linears)}
+
+
+def seeded_columns(k: int) -> Callable[[int, nn.Linear], torch.Tensor]:
+    """``k`` random columns of each layer, seeded by its position (the same model gets the same columns)."""
+    return lambda i, m: torch.randperm(m.in_features, generator=torch.Generator().manual_seed(i))[:k].sort().values

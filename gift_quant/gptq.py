@@ -59,11 +59,15 @@ def dampen(h: torch.Tensor, w: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     return h, w.masked_fill(dead, 0)
 
 
-def _damped_permuted(h: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dampen(h)[perm][:, perm]`` in ``dtype`` from one gather of ``h`` (``diag``: its damped diagonal), laid out
-    column-major: LAPACK's order, so the in-place factorization needs no internal copy and the factor has the
-    layout (hence the later matmuls the rounding) of the out-of-place one."""
+def _damped_permuted(h: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor, dtype: torch.dtype,
+                     scale: float = 1.0) -> torch.Tensor:
+    """``dampen(scale * h)[perm][:, perm]`` in ``dtype`` from one gather of ``h`` (``diag``: its damped diagonal),
+    laid out column-major: LAPACK's order, so the in-place factorization needs no internal copy and the factor
+    has the layout (hence the later matmuls the rounding) of the out-of-place one. The scale is applied to the
+    gathered copy: the same products as scaling first, without a copy of the whole Hessian for it."""
     hp = h.to(dtype).mT[perm[:, None], perm].mT
+    if scale != 1.0:
+        hp.mul_(scale)
     hp.diagonal().copy_(diag.to(dtype)[perm])
     return hp
 
@@ -98,6 +102,11 @@ def _factor_inverse_(h: torch.Tensor) -> torch.Tensor | None:
     return torch.linalg.cholesky(h, upper=True, out=h)
 
 
+def _float64(h: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:
+    """The damped, permuted Hessian in float64, for the rare layer whose float32 one does not factor."""
+    return _damped_permuted(h, damping(torch.diag(h).double(), damp)[1], perm, torch.float64)
+
+
 @torch.no_grad()
 def compensate(w: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor, salient_idx: torch.Tensor,
                damp: float) -> torch.Tensor:
@@ -130,8 +139,10 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     dynamic_groups: bool = False,
+    h_scale: float = 1.0,
 ) -> QuantizedWeight:
-    """Quantize ``w`` (out, in) given the input Hessian ``h = X^T X`` (in, in).
+    """Quantize ``w`` (out, in) given the input Hessian ``h_scale * h`` (in, in), ``h = X^T X``: the statistics'
+    sum can come as it is (``InputStats.hessian`` with its ``gptq_scale``), never copied whole.
 
     Memory beside the inputs: one dampened, permuted copy of ``h`` (factored in place into ``H^-1``'s factor)
     and a few of ``w``; grid parameters stay one per row and group, read per column by its group."""
@@ -139,14 +150,14 @@ def gptq(
     dynamic = dynamic_groups and grid.group_size != -1
     if dynamic and act_order:
         raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
-    dead, diag = damping(torch.diag(h).float(), damp)
+    dead, diag = damping(torch.diag(h).float() * h_scale, damp)
     w = w.float().masked_fill(dead, 0)
     scale, zero = grid_params(w, grid, nonsalient_mask(n_in, salient_idx))
 
     perm = processing_order(diag, salient_idx, act_order)
     w = w[:, perm]
-    hinv = inverse_cholesky(_damped_permuted(h, diag, perm, torch.float32),
-                            lambda: _damped_permuted(h, damping(torch.diag(h).double(), damp)[1], perm, torch.float64))
+    hinv = inverse_cholesky(_damped_permuted(h, diag, perm, torch.float32, h_scale),
+                            lambda: _float64(h * h_scale, perm, damp))
     # the group of each processed column (one per row: group 0); read on the host once per layer
     group_of = [0] * n_in if scale.shape[1] == 1 else (perm // grid.group_size).clamp(max=scale.shape[1] - 1).tolist()
 

@@ -13,9 +13,10 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   inputs and outputs of all calibration windows ``2 * n * s * h * p`` when they fit (else one batch
   of them, the rest waits in pinned CPU memory); the float32 input statistics of the largest layer
   ``4 * in^2`` (true-sequential measures one input group at a time); then the larger of GPTQ's
-  working set ``24 * in^2 + 40 * out * in`` (six float32 copies of the Hessian on the way to its
-  permuted, damped inverse factor; about ten of the weight: its updated copy, the codes, the grid
-  search's temporaries, the result) and one batch's forward ``b * s * (4h + 2kv + 3i) * c``.
+  working set ``max(4 * in^2 + 6 * out * in, 20 * out * in)`` (in its column loop one dampened,
+  permuted copy of the Hessian, factored in place, beside the updated weight and the codes; before it,
+  the saliency metric's and the grid's searches, about five float32 copies of the weight) and one
+  batch's forward ``b * s * (4h + 2kv + 3i) * c``.
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
   norms, lm_head) ``p`` each; activations ``b * s * (8h + 4kv + 5i) * c`` a block, kept for all
@@ -155,7 +156,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     batch = 2 * b * s * h * p
     fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
     biggest_in = max(lin.n_in for lin in shape.linears)
-    gptq = max(24 * lin.n_in**2 + 40 * lin.n_out * lin.n_in for lin in shape.linears)
+    gptq = max(max(4 * lin.n_in**2 + 6 * lin.n_out * lin.n_in, 20 * lin.n_out * lin.n_in) for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
     return {"block weights": shape.block_params * p,
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):

@@ -89,13 +89,12 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     best_scale, best_zero = _params_from_range(xmin, xmax, grid)
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
         return best_scale, best_zero
-    m = None if mask is None else m
-    best_err = _clip_errors(wm, m, best_scale.unsqueeze(0), best_zero.unsqueeze(0), grid.bits)[0]
+    best_err = _clip_errors(wm, best_scale.unsqueeze(0), best_zero.unsqueeze(0), grid.bits)[0]
     ratios = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device)[1:]
     for chunk in ratios.split(max(1, _SEARCH_ELEMENTS // w.numel())):
         r = chunk.view(-1, 1, 1)
         scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (chunk, rows, 1)
-        err, pick = _clip_errors(wm, m, scale, zero, grid.bits).min(0)  # min: the first of equal errors
+        err, pick = _clip_errors(wm, scale, zero, grid.bits).min(0)  # min: the first of equal errors
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale.gather(0, pick[None]).squeeze(0), best_scale)
@@ -106,17 +105,17 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
 _SEARCH_ELEMENTS = 2**24  # about the size of a chunk's work tensor in the clipping search (64 MiB in float32)
 
 
-def _clip_errors(wm: torch.Tensor, m: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor,
-                 bits: int) -> torch.Tensor:
+def _clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Squared rounding error of each row of ``wm`` (rows, g) on each candidate grid (``scale``, ``zero``:
-    (candidates, rows, 1)), over the entries ``m`` keeps (None: all): ``(candidates, rows, 1)``.
+    (candidates, rows, 1)), over the entries the mask kept (the others are zero in ``wm``):
+    ``(candidates, rows, 1)``.
 
-    The operations of ``fake_quantize`` and the error, in the same order, in place on one work tensor."""
-    q = (wm / scale).round_().add_(zero).clamp_(0, maxq(bits))
-    q = q.sub_(zero).mul_(scale).sub_(wm).pow_(2)
-    if m is not None:
-        q = q.mul_(m)
-    return q.sum(-1, keepdim=True)
+    ``fake_quantize``'s values with two passes fewer, in place on one work tensor: the rounded values are
+    small integers, so ``clamp(r + z, 0, maxq) - z`` is exactly ``clamp(r, -z, maxq - z)``; and a masked entry
+    (zero in ``wm``) rounds to zero and adds exactly nothing, so no mask is applied."""
+    q = (wm / scale).round_()
+    q = torch.clamp(q, -zero, maxq(bits) - zero, out=q)
+    return q.mul_(scale).sub_(wm).pow_(2).sum(-1, keepdim=True)
 
 
 def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -307,8 +307,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def _as_yaml(value: Any, width: int = 60) -> str:
-    """``value`` as a recipe writes it (``true``, ``null``, ``[3, 4]``), cut to ``width`` characters."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    """``value`` as a recipe writes it (``true``, ``null``, ``[3, 4]``; text quoted, so that its ends show), cut
+    to ``width`` characters."""
+    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    text = text.strip()
     text = text.removesuffix("\n...").removesuffix("...").strip()
     return text if len(text) <= width else text[: width - 3] + "..."
 

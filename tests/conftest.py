@@ -60,6 +60,42 @@ def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
     return parse_recipe(data, "test")
 
 
+def tweak(r, **changes):
+    """``r`` with fields changed by dotted path (``tweak(r, **{"saliency.metric": "quik"})``), validated again;
+    fields left unset stay unset (an imported checkpoint's grid is taken where the recipe does not set one)."""
+    from gift_quant.recipe import parse_recipe
+
+    data = r.model_dump(mode="json", exclude_unset=True)
+    for path, value in changes.items():
+        *sections, key = path.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    return parse_recipe(data, "test")
+
+
+def crash_at(step: int, error: BaseException):
+    """An ``on_step`` callback that raises ``error`` once training reaches ``step`` (a kill mid-run)."""
+    def on_step(now: int, _loss: float) -> None:
+        if now == step:
+            raise error
+
+    return on_step
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail a test that loads model weights or a GPTQ checkpoint's tensors: the checks must come first."""
+    from gift_quant import gptq_checkpoint, pipeline
+
+    def refuse(*_a, **_k):
+        pytest.fail("weights were loaded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(gptq_checkpoint, "load", refuse)
+
+
 def rewrite_gift(folder: Path, edit) -> None:
     """Apply ``edit`` to a gift folder's tensors and record the new file's sha256 in its config and SHA256SUMS (a
     consistent folder: what a writer with a bug would leave, which only the content checks catch)."""

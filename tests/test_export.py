@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from gift_quant.compress import rtn_with_columns
 from gift_quant.export import CheckpointError, export_gptq_lora, load_quantized, save_quantized
 from gift_quant.layers import wrap_quantized
 from gift_quant.quantize import Grid, rtn
-from gift_quant.recipe import ALL_PROJECTIONS
 from gift_quant.sources import resolve_model
 
 from .conftest import SMOLLM2, needs_gptqmodel, rewrite_gift, tiny_llama
@@ -17,9 +17,7 @@ def quantized_tiny(bits=4, group_size=32):
 
     tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
     model = tiny_llama(vocab=len(tok), hidden=128, inter=256)
-    results = {n: rtn(m.weight, Grid(bits, group_size), torch.tensor([3, 40, 77]))
-               for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ALL_PROJECTIONS}
+    results = rtn_with_columns(model, Grid(bits, group_size), lambda _i, _m: torch.tensor([3, 40, 77]))
     for qw in results.values():  # pretend training moved the salient columns
         qw.salient_weight += 0.05
     return model, tok, results
@@ -230,11 +228,7 @@ def test_every_format_reloads_smollm2(smollm2, tmp_path):
     from gift_quant.layers import merge_to_dense
 
     model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
-    results = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
-            idx = torch.sort(torch.topk(m.weight.norm(dim=0), 8).indices).values
-            results[name] = rtn(m.weight, Grid(4, 64), idx)
+    results = rtn_with_columns(model, Grid(4, 64), lambda _i, m: torch.topk(m.weight.norm(dim=0), 8).indices.sort().values)
     export_gift(model, tok, results, tmp_path / "gift", {})
     export_gptq_lora(model, tok, results, tmp_path / "gptq_lora")
     wrap_quantized(model, results, "none", 4)

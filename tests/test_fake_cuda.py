@@ -25,7 +25,7 @@ from gift_quant import gptq as gptq_mod
 from gift_quant import noise as noise_mod
 from gift_quant import pack as pack_mod
 from gift_quant.calibrate import InputStats, _Inputs
-from gift_quant.compress import quantize_linear, select_salient
+from gift_quant.compress import quantize_linear, rtn_with_columns, select_salient
 from gift_quant.layers import SalientLinear, merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from gift_quant.noise import draw, noise_step
 from gift_quant.quantize import Grid, rtn
@@ -281,8 +281,7 @@ def test_wrap_full_precision_keeps_one_copy_on_the_device():
 
 def test_wrap_quantized_and_merge_on_meta():
     model = tiny_llama()
-    results = {n: rtn(m.weight.detach(), Grid(3, 16), torch.tensor([0, 7])) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.endswith("proj")}
+    results = rtn_with_columns(model, Grid(3, 16), lambda _i, _m: torch.tensor([0, 7]))
     wrap_quantized(model, results, "none", 4, META)
     assert {t.device for lin in salient_layers(model).values() for t in lin.state_dict().values()} == {META}
     merge_to_dense(model)
@@ -303,8 +302,7 @@ def test_a_training_step_of_a_tiny_model_on_meta(seeded_anywhere, unpacked_rows)
     made on the way (noise, masks, indices, the optimizer's state) raises. ``train`` itself reads the loss
     with ``.item()``, which meta cannot answer; its device handling is what this step runs."""
     model = tiny_llama()
-    results = {n: rtn(m.weight.detach(), Grid(3, -1), torch.tensor([0, 7])) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and n.endswith("proj")}
+    results = rtn_with_columns(model, Grid(3, -1), lambda _i, _m: torch.tensor([0, 7]))
     wrap_quantized(model, results, "gaussian", 4)
     model = model.to_empty(device=META).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -339,8 +337,7 @@ def test_train_times_a_step_after_the_device_finished(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(devices, "synchronize", lambda d: calls.append(d))
     model = tiny_llama()
-    wrap_quantized(model, {n: rtn(m.weight.detach(), Grid(3), torch.tensor([1])) for n, m in model.named_modules()
-                           if isinstance(m, nn.Linear) and n.endswith("proj")}, "none", 4)
+    wrap_quantized(model, rtn_with_columns(model, Grid(3), lambda _i, _m: torch.tensor([1])), "none", 4)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     train(model, ids, ids.clone(), TrainSpec(steps=3, micro_batch_size=2, seq_len=16, checkpoint_every=100,
                                              noise="none"), tmp_path, device=torch.device("cpu"))

@@ -22,7 +22,7 @@ from gift_quant.sources import SourceError
 from gift_quant.train import TrainingError
 
 from .conftest import recipe as full_recipe
-from .conftest import rewrite_gift
+from .conftest import crash_at, rewrite_gift, tweak
 
 
 def recipe(*args, **kwargs):
@@ -34,22 +34,6 @@ def recipe(*args, **kwargs):
     return parse_recipe(data, "test")
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any attempt to load model weights fails the test."""
-    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
-
-
-def _with(r, **changes):
-    data = r.model_dump(mode="json")
-    for path, value in changes.items():
-        section, _, key = path.partition("__")
-        data[section][key] = value
-    from gift_quant.recipe import parse_recipe
-
-    return parse_recipe(data, "test")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -65,7 +49,7 @@ def test_bad_inputs_refused_before_weights_load(tiny_folder, tmp_path, no_weight
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
     change = {k: (str(short) if v == "SHORT" else v) for k, v in change.items()}
-    r = _with(recipe(tiny_folder, tmp_path / "run"), **change)
+    r = tweak(recipe(tiny_folder, tmp_path / "run"), **{k.replace("__", "."): v for k, v in change.items()})
     with pytest.raises((RecipeError, SourceError), match=message):
         recover(r)
     assert not (tmp_path / "run" / "recipe.json").exists()
@@ -172,12 +156,8 @@ def test_gradients_are_clipped(tiny_folder, tmp_path, monkeypatch):
 def test_changed_train_section_refused_on_resume_and_damaged_checkpoint_skipped(tiny_folder, tmp_path, caplog):
     out = tmp_path / "run"
 
-    def crash(step, _loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1), on_step=crash)
+        recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1), on_step=crash_at(3, KeyboardInterrupt()))
     with pytest.raises(RecipeError, match=r"step-3 was trained from a different recipe .* --from train"):
         recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1, lr=5e-3))
     assert json.loads((out / "recipe.json").read_text())["train"]["lr"] == 1e-3  # the refused run wrote nothing
@@ -379,7 +359,7 @@ def test_a_damaged_full_precision_folder_is_named_before_weights_load(tiny_folde
     (folder / "config.json").write_text("{broken")
     cases[folder] = "not valid JSON"
     for folder, why in cases.items():
-        r = _with(recipe(tiny_folder, tmp_path / f"run-{folder.name}"), model__ref=str(folder))
+        r = tweak(recipe(tiny_folder, tmp_path / f"run-{folder.name}"), **{"model.ref": str(folder)})
         with pytest.raises(CheckpointError, match=why):
             recover(r)
         path = tmp_path / f"{folder.name}.yaml"

@@ -13,7 +13,7 @@ from gift_quant.export import CheckpointError, load_quantized
 from gift_quant.gift_format import export_gift
 from gift_quant.recipe import RecipeError
 
-from .conftest import SMOLLM2, needs_gptqmodel, recipe, tiny_llama
+from .conftest import SMOLLM2, needs_gptqmodel, recipe, tiny_llama, tweak
 
 # (checkpoint_format, desc_act, bits, group_size, sym): v1 and v2, act-order on and off, groups and per-row
 CASES = [("gptq", 1, 3, 32, 1), ("gptq_v2", 1, 4, 32, 0), ("gptq", 0, 4, -1, 1), ("gptq_v2", 0, 3, 32, 1),
@@ -175,16 +175,6 @@ def test_a_checkpoint_that_disagrees_with_its_config_is_refused_by_name(checkpoi
         gptq_checkpoint.load(gptq_checkpoint.read_config(str(broken)))
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Fail a test that loads weights: the recipe checks must come first."""
-    def refuse(*a, **k):
-        raise AssertionError("weights were loaded before the recipe was checked")
-
-    monkeypatch.setattr(gptq_checkpoint, "load", refuse)
-    monkeypatch.setattr(pipeline, "load_model", refuse)
-
-
 @needs_gptqmodel
 def test_damaged_shards_and_nan_scales_of_a_gptqmodel_checkpoint_are_named_up_front(checkpoints, tmp_path, no_weights,
                                                                                    capsys):
@@ -214,9 +204,8 @@ def test_damaged_shards_and_nan_scales_of_a_gptqmodel_checkpoint_are_named_up_fr
     for name, (damage, why) in damages.items():
         folder = shutil.copytree(src, tmp_path / name)
         damage(folder / "model.safetensors")
-        r = recipe(str(folder), tmp_path / f"run-{name}")
-        r = r.model_copy(update={"saliency": r.saliency.model_copy(update={"metric": "quik"}),
-                                 "eval": r.eval.model_copy(update={"baselines": ["salient"], "tasks": []})})
+        r = tweak(recipe(str(folder), tmp_path / f"run-{name}"),
+                  **{"saliency.metric": "quik", "eval.baselines": ["salient"], "eval.tasks": []})
         with pytest.raises(CheckpointError, match=why):
             pipeline.recover(r)
         path = tmp_path / f"{name}.yaml"

@@ -8,7 +8,7 @@ from gift_quant import pipeline
 from gift_quant.pipeline import recover
 from gift_quant.recipe import RecipeError
 
-from .conftest import recipe
+from .conftest import crash_at, recipe
 
 
 def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, caplog):
@@ -53,15 +53,12 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_folder, tmp_path
     assert not list((tmp_path / "run").glob("*/manifest.json"))
 
 
+@pytest.mark.slow
 def test_recover_resumes_interrupted_training(tiny_folder, tmp_path):
     out = tmp_path / "run"
 
-    def crash(step, _loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        recover(recipe(tiny_folder, out), on_step=crash)
+        recover(recipe(tiny_folder, out), on_step=crash_at(3, KeyboardInterrupt()))
     assert (out / "quantize/manifest.json").exists() and not (out / "train").exists()
     assert (out / "train.work/checkpoints/latest").read_text() == "step-2"
     recover(recipe(tiny_folder, out))

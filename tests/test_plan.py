@@ -122,9 +122,11 @@ def test_plan_a_24gib_gpu_without_one(capsys):
     assert result["device"] == "cuda:0" and result["capacity_bytes"] == 24 * 2**30
     assert result["usable_bytes"] == 23 * 2**30  # 1 GiB kept for the CUDA context
     # quantize, bf16 weights: one block, 128 x 2048 block inputs and outputs (they fit in 24 GiB), the float32
-    # statistics of down_proj's 11008 inputs, GPTQ's working set of down_proj (larger than a batch's forward)
-    quantize = (2 * (4 * h * h + 3 * h * i + 2 * h) + 2 * 128 * s * h * 2 + 4 * i * i + 16 * i
-                + 24 * i * i + 40 * h * i)
+    # statistics of down_proj's 11008 inputs, and the larger of GPTQ's working set (down_proj's, whose searches
+    # before the column loop take more than the loop's permuted Hessian) and a batch's forward (4 x 2048, bf16)
+    gptq = max(4 * i * i + 6 * h * i, 20 * h * i)
+    forward = 4 * s * (4 * h + 2 * h + 3 * i) * 2
+    quantize = 2 * (4 * h * h + 3 * h * i + 2 * h) + 2 * 128 * s * h * 2 + 4 * i * i + 16 * i + max(gptq, forward)
     assert result["stages"]["quantize"]["bytes"] == quantize
     outs = 5 * h + 2 * i  # q, k, v, o, down give h outputs each; gate and up give i
     train = (L * (4 * h * h + 3 * h * i) + L * (8 * outs + 4 * outs + 7 * k * 8) + 2 * (2 * V * h + h)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from gift_quant.train import batch_indices, chat_examples, distill_loss
 
+from .conftest import crash_at
 from .train_worker import build, run
 
 
@@ -33,12 +34,8 @@ def test_training_lowers_loss_and_keeps_base_frozen(tmp_path):
 def test_resume_after_crash_reaches_the_same_weights(tmp_path):
     straight, _ = run(tmp_path / "a", 8)
 
-    def crash(step, _loss):
-        if step == 5:
-            raise RuntimeError("simulated crash")
-
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "b", 8, on_step=crash)
+        run(tmp_path / "b", 8, on_step=crash_at(5, RuntimeError("simulated crash")))
     assert (tmp_path / "b/checkpoints/latest").read_text() == "step-3"
     resumed, summary = run(tmp_path / "b", 8)
     assert summary["steps_run"] == 5
@@ -83,7 +80,6 @@ def test_chat_labels_cover_only_assistant_turns(smollm2):
     assert "Hi there!" in target and "Say hi" not in target
 
 
-@pytest.mark.slow
 def _torchrun(out: Path, steps: int, *crash_at: int) -> subprocess.CompletedProcess:
     worker = Path(__file__).with_name("train_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -92,6 +88,7 @@ def _torchrun(out: Path, steps: int, *crash_at: int) -> subprocess.CompletedProc
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_salient_weights_identical(tmp_path):
     out = _torchrun(tmp_path, 4)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -102,6 +99,7 @@ def test_two_process_ddp_keeps_salient_weights_identical(tmp_path):
     assert any(not torch.equal(a[k], dict(init.named_parameters())[k]) for k in a)  # and they did train
 
 
+@pytest.mark.slow
 def test_two_process_ddp_resume_is_bit_exact(tmp_path):
     """Killed after step 4 (checkpoint at 3), both ranks resume from their own saved RNG and optimizer state
     and end exactly where an uninterrupted two-process run ends."""

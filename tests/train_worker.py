@@ -8,21 +8,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gift_quant.compress import rtn_with_columns
 from gift_quant.layers import wrap_quantized
-from gift_quant.quantize import Grid, rtn
-from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
+from gift_quant.quantize import Grid
+from gift_quant.recipe import TrainSpec
 from gift_quant.train import train, trainable_state
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_llama  # noqa: E402
+from conftest import crash_at, tiny_llama  # noqa: E402
 
 
 def build(seed: int = 0):
     model = tiny_llama(seed)
-    results = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ALL_PROJECTIONS:
-            results[name] = rtn(m.weight, Grid(3), torch.arange(0, m.in_features, 16))  # 1/16 of inputs salient
+    results = rtn_with_columns(model, Grid(3), lambda _i, m: torch.arange(0, m.in_features, 16))  # 1/16 salient
     wrap_quantized(model, results, "gaussian", 4)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 16, (64, 32), generator=g)  # learnable: only 16 of the 256 tokens occur
@@ -41,13 +39,9 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    crash_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    kill = int(sys.argv[3]) if len(sys.argv) > 3 else None
 
-    def crash(step, _loss):
-        if step == crash_at:
-            raise SystemExit(3)
-
-    model, summary = run(out, steps, on_step=crash)
+    model, summary = run(out, steps, on_step=None if kill is None else crash_at(kill, SystemExit(3)))
     rank = dist.get_rank() if dist.is_initialized() else 0
     save_file(trainable_state(model), out / f"salient-rank{rank}.safetensors")
     (out / f"world-rank{rank}.txt").write_text(str(summary["processes"]))
