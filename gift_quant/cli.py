@@ -83,12 +83,12 @@ def _load_any(ref: str):
     from .sources import load_model
 
     folder = Path(ref)
-    if folder.is_dir():
-        require_sums(folder)  # an export copied here checks against its own SHA256SUMS
     if is_gift_folder(folder):
         from .gift_format import load
 
-        return load(folder)
+        return load(folder)  # checks the folder's SHA256SUMS itself
+    if folder.is_dir():
+        require_sums(folder)  # an export copied here checks against its own SHA256SUMS
     if (folder / "adapter" / "adapter_config.json").exists():
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
