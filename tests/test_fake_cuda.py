@@ -112,14 +112,29 @@ def test_draw_on_the_device(seeded_anywhere, kind):
     assert out.device.type == "cuda" and out.dtype == torch.bfloat16
 
 
+_VIEWS = ("view", "slice", "_unsafe_view", "expand", "t", "alias", "detach")
+
+
 class _Ops(TorchDispatchMode):
+    """Every op run inside it (``names``) and the element counts of the tensors the ops created (``numels``:
+    in-place ops and views create none)."""
+
     def __init__(self):
         super().__init__()
         self.names: list[str] = []
+        self.numels: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+        inplace = func._schema.name.endswith("_") or any(a.is_write for a in func._schema.arguments if a.alias_info)
+        if isinstance(out, torch.Tensor) and not inplace and func.__name__.split(".")[0] not in _VIEWS:
+            self.numels.append(out.numel())
+        return out
+
+    def count(self, n: int) -> int:
+        """How many created tensors have at least ``n`` elements."""
+        return sum(1 for m in self.numels if m >= n)
 
 
 def test_spilled_block_inputs_are_copied_once_into_pinned_memory(monkeypatch):
@@ -227,7 +242,7 @@ def test_dequantize_allocates_one_weight_sized_tensor(group_size):
     layer = quantized_layer(group_size, "none")
     base = layer.base
     n = base.codes.numel()
-    with _Sizes() as sizes:
+    with _Ops() as sizes:
         w = base.weight(torch.bfloat16)
     assert sizes.count(n) == 1, sizes.numels
     s = base.scale.repeat_interleave(group_size if group_size > 0 else 80, 1)[:, :80].bfloat16()
@@ -238,30 +253,9 @@ def test_dequantize_allocates_one_weight_sized_tensor(group_size):
 def test_noise_adds_one_weight_sized_tensor(seeded_anywhere):
     layer = quantized_layer(16, "gaussian")
     n = layer.base.codes.numel()
-    with _Sizes() as sizes:
+    with _Ops() as sizes:
         layer.base_weight(torch.float32, 5)
     assert sizes.count(n) == 2, sizes.numels  # the dequantized weight and the noise it is added into
-
-
-class _Sizes(TorchDispatchMode):
-    """Element counts of the tensors each op creates (in-place ops create none)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels: list[int] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inplace = func._schema.name.endswith("_") or any(a.is_write for a in func._schema.arguments if a.alias_info)
-        if isinstance(out, torch.Tensor) and not inplace and func.__name__.split(".")[0] not in ("view", "slice",
-                                                                                               "_unsafe_view",
-                                                                                               "expand", "t",
-                                                                                               "alias", "detach"):
-            self.numels.append(out.numel())
-        return out
-
-    def count(self, n: int) -> int:
-        return sum(1 for m in self.numels if m >= n)
 
 
 # ----------------------------------------------------------------------------- model plumbing
