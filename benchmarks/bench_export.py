@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import calibration, smollm2
 
 import gift_quant  # noqa: F401  registers quant_method "gift" with transformers
-from gift_quant.compress import collect_stats, quantize_with_stats
-from gift_quant.export import bits_per_weight, export_gptq_lora, storage
 from gift_quant.gift_format import export_gift
+from gift_quant.gptq_lora_format import export_gptq_lora
+from gift_quant.quantize import collect_stats, quantize_with_stats
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import C4, SMOLLM2, load_model, read_text, sample_windows, tokenize
+from gift_quant.sizes import bits_per_weight, storage
+from gift_quant.sources import SMOLLM2
 
 MODEL = SMOLLM2
 PROMPT = "The history of the Roman Empire begins"
@@ -61,10 +63,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    model, tok = load_model(MODEL)
+    model, tok = smollm2()
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
     sal = SaliencySpec(k=16, k_overrides={"down_proj": 48})
-    stats = collect_stats(model, sample_windows(tokenize(tok, read_text(C4)), 8, 512, seed=0), sal.targets)
+    stats = collect_stats(model, calibration(tok, 8), sal.targets)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
     rows = []

@@ -21,13 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from gift_quant.compress import collect_stats, quantize_with_stats
-from gift_quant.evaluate import nonoverlapping_windows, perplexity
-from gift_quant.export import storage
+from common import calibration, heldout, smollm2
+
+from gift_quant.evaluate import perplexity
 from gift_quant.gift_format import export_gift
-from gift_quant.quantize import QuantizedWeight
+from gift_quant.grid import QuantizedWeight
+from gift_quant.quantize import collect_stats, quantize_with_stats
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, sample_windows, tokenize
+from gift_quant.sizes import storage
 
 
 def disk_bits_per_weight(model, tok, results: dict[str, QuantizedWeight]) -> float:
@@ -52,10 +53,10 @@ def main() -> None:
     done = {(p["bits"], p["metric"], p["group"], p["k"]) for p in known}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
-    model, tok = load_model(SMOLLM2)
+    model, tok = smollm2()
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    calib = sample_windows(tokenize(tok, read_text(C4)), 32, 512, seed=0)
-    evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, 10)
+    calib = calibration(tok, 32)
+    evalw = heldout(tok, 10)
     stats = collect_stats(model, calib, SaliencySpec().targets)
     print(f"full precision: ppl {perplexity(model, evalw):.2f}", flush=True)
     print("| metric | group | k (down_proj 3k) | bits/weight on disk | ppl | s |")

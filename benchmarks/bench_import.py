@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gift_quant.pipeline import calibration_windows, eval_windows
+from gift_quant.data import calibration_windows, eval_windows
 from gift_quant.recipe import load_recipe
 from gift_quant.sources import load_tokenizer, resolve_model
 

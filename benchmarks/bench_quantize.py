@@ -11,19 +11,17 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import calibration, heldout, run_child, smollm2
 
-from gift_quant.compress import collect_stats, quantize_model, quantize_with_stats
-from gift_quant.evaluate import nonoverlapping_windows, perplexity
+from gift_quant.evaluate import perplexity
+from gift_quant.quantize import collect_stats, quantize_model, quantize_with_stats
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, read_text, resolve_model, sample_windows, tokenize
+from gift_quant.sources import SMOLLM2, resolve_model
 
 MODEL = SMOLLM2
 PEER_SETTINGS = [(4, -1), (3, -1), (4, 128), (3, 128)]  # (bits, group size)
@@ -47,10 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
 
-    model, tok = load_model(MODEL)
+    model, tok = smollm2()
     original = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=args.seed)
-    evalw = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, args.eval_windows)
+    calib = calibration(tok, args.calib, seed=args.seed)
+    evalw = heldout(tok, args.eval_windows)
 
     if args.peer_only:
         return peer(model, original, calib[: args.peer_calib], evalw, args.peer_setting, args.peer_dtype)
@@ -113,14 +111,11 @@ def peer(model, original, calib, evalw, only: list[str] | None = None, dtype: st
                        QuantSpec(bits=bits, group_size=group, sym_step="gptq", clip_steps=1))
         ours_s = time.time() - t
         ours = perplexity(model, evalw)
-        cmd = [sys.executable, str(Path(__file__).with_name("gptqmodel_peer.py")), folder, str(tmp / "calib.pt"),
-               str(tmp / "eval.pt"), str(bits), str(group), "0.01", str(tmp / f"gm{bits}"), dtype]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
+        gm, out = run_child([str(Path(__file__).with_name("gptqmodel_peer.py")), folder, str(tmp / "calib.pt"),
+                             str(tmp / "eval.pt"), str(bits), str(group), "0.01", str(tmp / f"gm{bits}"), dtype])
+        if gm is None:
             print(out.stdout[-2000:], out.stderr[-3000:])
             continue
-        gm = json.loads(line[0][7:])
         print(f"| W{bits} {'row' if group == -1 else f'g{group}'} sym | {ours:.2f} | {gm['ppl']:.2f} | {ours_s:.0f} | {gm['quantize_s']:.0f} | "
               f"{gm['quantize_s'] / ours_s:.2f} | {ours / gm['ppl']:.3f} |", flush=True)
 

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit, result
+
 RATIO = {576: 1536, 1024: 2752, 2048: 5504, 4096: 11008}
 TARGETS = {"7B (Llama-2-7B)": (4096, 11008, 4096, 32), "13B (Llama-2-13B)": (5120, 13824, 5120, 40),
            "70B (Llama-2-70B)": (8192, 28672, 1024, 80)}  # hidden, MLP, key/value width, blocks
@@ -59,8 +61,8 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     import torch
 
     from gift_quant import devices
-    from gift_quant.compress import quantize_model
     from gift_quant.plan import plan_quantize, shape_of
+    from gift_quant.quantize import quantize_model
     from gift_quant.recipe import parse_recipe
     from gift_quant.sources import load_model
 
@@ -69,7 +71,7 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     k = round(0.03 * model.config.hidden_size)
     r = parse_recipe({"model": {"ref": str(folder)}, "saliency": {"k": k}, "quant": {"bits": 3, "clip_steps": clip_steps},
                       "calibration": {"n_samples": len(windows), "seq_len": windows.shape[1], "batch_size": 4}})
-    planned = sum(plan_quantize(shape_of(model.config, r), r, torch.device("cpu")).values())
+    planned = sum(plan_quantize(shape_of(model, r), r, torch.device("cpu")).values())
     t0, c0 = time.time(), _cpu_s()
     with devices.peak(torch.device("cpu")) as used:
         quantize_model(model, windows, r.saliency, r.quant, batch_size=4, device="cpu")
@@ -103,9 +105,9 @@ def child_train(folder: Path, seq: int, variant: str) -> dict:
     import torch
 
     from gift_quant import devices
-    from gift_quant.compress import rtn_with_columns, seeded_columns
+    from gift_quant.grid import Grid
     from gift_quant.layers import merge_to_dense, wrap_quantized
-    from gift_quant.quantize import Grid
+    from gift_quant.quantize import rtn_with_columns, seeded_columns
     from gift_quant.recipe import ALL_PROJECTIONS, TrainSpec
     from gift_quant.sources import load_model
     from gift_quant.train import train
@@ -118,7 +120,7 @@ def child_train(folder: Path, seq: int, variant: str) -> dict:
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from gift_quant.pipeline import lora_rank
+        from gift_quant.lora import lora_rank
 
         merge_to_dense(model)
         rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in results.values()])
@@ -146,10 +148,8 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 def _result(p: subprocess.Popen) -> dict:
     out, err = p.communicate()
-    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    if not line:
-        return {"error": err[-400:]}
-    return json.loads(line[0][7:])
+    answer = result(out)
+    return {"error": err[-400:]} if answer is None else answer
 
 
 def fit(points: list[dict], tokens: int, key: str) -> tuple[float, float]:
@@ -178,7 +178,7 @@ def main() -> None:
             res = child_peer(folder, folder / "windows.pt")
         else:
             res = child_train(folder, args.seq, args.child)
-        print("RESULT " + json.dumps(res), flush=True)
+        emit(res)
         return
 
     import shutil

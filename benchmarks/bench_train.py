@@ -31,7 +31,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,18 +38,20 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from bench_frontier import disk_bits_per_weight
+from common import calibration, emit, heldout, run_child
 from safetensors.torch import load_file
 
-from bench_frontier import disk_bits_per_weight
-from gift_quant.compress import collect_stats, quantize_with_stats
-from gift_quant.evaluate import nonoverlapping_windows, perplexity
-from gift_quant.export import load_quantized, save_quantized
+from gift_quant.checkpoint import load_quantized, save_quantized
+from gift_quant.data import text_examples
+from gift_quant.evaluate import perplexity
 from gift_quant.layers import merge_to_dense, wrap_quantized
-from gift_quant.pipeline import lora_rank
+from gift_quant.lora import lora_rank
+from gift_quant.quantize import collect_stats, quantize_with_stats
 from gift_quant.recipe import QuantSpec, SaliencySpec, TrainSpec
 from gift_quant.report import smooth
-from gift_quant.sources import C4, SMOLLM2, WIKI, load_model, load_tokenizer, read_text, sample_windows, tokenize
-from gift_quant.train import batch_indices, text_examples, train
+from gift_quant.sources import C4, SMOLLM2, load_model, load_tokenizer, read_text, tokenize
+from gift_quant.train import batch_indices, train
 
 MODEL = SMOLLM2
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,7 +96,7 @@ def _examples(tok, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _heldout(tok, windows: int) -> torch.Tensor:
     """The Wikipedia windows every variant is scored on."""
-    return nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 512, windows)
+    return heldout(tok, windows)
 
 
 def _results(work: Path) -> dict[str, dict]:
@@ -169,7 +170,7 @@ def child(args) -> None:
     variant = VARIANTS[args.variant]
     evalw = _heldout(tok, args.eval_windows)
     if variant == "fp":
-        return print("RESULT " + json.dumps(reference(args, model, tok, evalw)), flush=True)
+        return emit(reference(args, model, tok, evalw))
     teacher = load_model(MODEL)[0] if isinstance(variant, dict) and variant.get("distill") else None
     cfg = variant if isinstance(variant, dict) else {}
     out = {"variant": args.variant}
@@ -194,7 +195,7 @@ def child(args) -> None:
                    first_loss=logs[0]["loss"], final_loss=summary["final_loss"])
     out["ppl"] = perplexity(model.eval(), evalw)
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("RESULT " + json.dumps(out), flush=True)
+    emit(out)
 
 
 @torch.no_grad()
@@ -251,7 +252,7 @@ def main() -> None:
         if (work / "quantized.safetensors").exists():
             results = load_quantized(work / "quantized.safetensors")
         else:
-            calib = sample_windows(tokenize(tok, read_text(C4)), args.calib, 512, seed=0)
+            calib = calibration(tok, args.calib)
             sal = SaliencySpec(metric=args.metric, k=args.k, k_overrides={"down_proj": 3 * args.k})
             t = time.time()
             stats = collect_stats(model, calib, sal.targets)
@@ -274,12 +275,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", name, "--work", str(work), "--steps", str(args.steps),
                    "--lr", str(args.lr), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
                    "--eval-every", str(args.eval_every), "--seed", str(args.seed)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
+            answer, res = run_child(cmd)
+            if answer is None:
                 print(f"| {name} | failed: {res.stderr[-500:]!r} |", flush=True)
                 continue
-            done[name] = json.loads(line[0][7:])
+            done[name] = answer
             with done_file.open("a") as f:
                 f.write(json.dumps(done[name]) + "\n")
         r = done[name]

@@ -11,7 +11,6 @@ dequantization of gptqmodel's saved GPTQ v1 tensors (our unpacker, checked again
 kernel in tests/test_export.py). That way any group size can be compared, including group 128 on
 SmolLM2's 576 inputs, which gptqmodel's CPU kernels refuse to load.
 """
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 os.environ["GPTQMODEL_CPU_WORKERS"] = "2"  # its model loader pool asks for 2 workers
 
 import torch  # noqa: E402
+from common import emit  # noqa: E402
 from gptqmodel import GPTQModel, QuantizeConfig  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -56,4 +56,4 @@ for name, lin in dense.named_modules():
     replaced += 1
 assert replaced, f"no GPTQ tensors found in {out}"
 ppl = perplexity(dense, evalw)
-print("RESULT " + json.dumps({"ppl": ppl, "quantize_s": t1 - t0, "layers": replaced}))
+emit({"ppl": ppl, "quantize_s": t1 - t0, "layers": replaced})

@@ -45,11 +45,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tree, where the package is not installed
 
 from gift_quant import devices  # noqa: E402
-from gift_quant.compress import quantize_model, rtn_with_columns, seeded_columns  # noqa: E402
 from gift_quant.devices import GiB  # noqa: E402
+from gift_quant.grid import Grid  # noqa: E402
 from gift_quant.layers import merge_to_dense, wrap_quantized  # noqa: E402
-from gift_quant.plan import plan_train, shape_of  # noqa: E402
-from gift_quant.quantize import Grid  # noqa: E402
+from gift_quant.plan import meta_model, plan_train, shape_of  # noqa: E402
+from gift_quant.quantize import quantize_model, rtn_with_columns, seeded_columns  # noqa: E402
 from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec, parse_recipe  # noqa: E402
 from gift_quant.train import train  # noqa: E402
 
@@ -158,7 +158,7 @@ def check_training(device: torch.device, tiny: bool, work: Path) -> list[dict]:
     recipe = parse_recipe({"model": {"ref": "-", "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
                            "saliency": {"k": k}, "train": {"micro_batch_size": 1, "seq_len": seq,
                                                            "gradient_checkpointing": True}})
-    estimate = sum(plan_train(shape_of(cfg, recipe), recipe, device).values())
+    estimate = sum(plan_train(shape_of(meta_model(cfg), recipe), recipe, device).values())
     for noise in ("gaussian", "none"):
         model = quantized_model(cfg, device, dtype, k, noise)
         spec = TrainSpec(steps=3, micro_batch_size=1, seq_len=seq, lr=1e-4, gradient_checkpointing=True,
@@ -239,8 +239,9 @@ def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
     """``gift-quant recover`` on the device (see module docstring, step 5)."""
     from transformers import AutoModelForCausalLM
 
+    from gift_quant.data import eval_windows
     from gift_quant.evaluate import window_nll
-    from gift_quant.pipeline import eval_windows, recover
+    from gift_quant.pipeline import recover
 
     cuda = device.type == "cuda"
     cfg = config(tiny, num_hidden_layers=2)

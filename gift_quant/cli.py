@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 from . import __version__, devices, pipeline
+from .checkpoint import CheckpointError
 from .devices import DeviceError
 from .evaluate import PAPER_TASKS
-from .export import CheckpointError
-from .pipeline import STAGES
 from .recipe import EvalSpec, RecipeError, load_recipe
+from .rundir import RunError
 from .sources import SourceError
+from .stages import STAGES
 from .train import TrainingError
 
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--trust-remote-code", action="store_true",
                            help="confirm a recipe's model.trust_remote_code: true (runs the model repository's code)")
         if name == "recover":
-            p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one")
+            p.add_argument("--from", dest="from_stage", choices=list(STAGES), help="redo this stage and every later one")
     p = add("eval", help="zero-shot tasks (lm-eval) and perplexity of a model or exported folder")
     p.add_argument("model", help="hub id, folder (e.g. runs/<name>/export/dense) or pkg://... .gguf")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval tasks ('' for none)")
@@ -79,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
 def _load_any(ref: str):
     """A model reference or an exported folder of any format: ``gift`` (our loader), ``gptq_lora``
     (transformers + gptqmodel, then the PEFT adapter), ``dense`` or anything transformers loads."""
-    from .integrity import is_gift_folder, require_sums
+    from .integrity import require_sums
     from .sources import load_model
+    from .verify import is_gift_folder
 
     folder = Path(ref)
     if is_gift_folder(folder):
@@ -99,10 +101,10 @@ def _load_any(ref: str):
 
 
 def _eval(args) -> dict:
-    from .evaluate import nonoverlapping_windows, perplexity, zero_shot
-    from .sources import read_text, tokenize
-
+    from .data import nonoverlapping_windows
+    from .evaluate import perplexity, zero_shot
     from .layers import merge_to_dense
+    from .sources import read_text, tokenize
 
     model, tok = _load_any(args.model)
     merge_to_dense(model)  # a gift folder's layers as plain linears: no dequantization on every forward
@@ -187,7 +189,7 @@ def _run(args) -> tuple[int, dict | None]:
         if args.command == "eval":
             result = _eval(args)
         elif args.command == "verify":
-            from .integrity import verify
+            from .verify import verify
 
             result = {"folder": args.folder, "problems": verify(Path(args.folder))}
         elif args.command == "report":
@@ -203,13 +205,13 @@ def _run(args) -> tuple[int, dict | None]:
                     device, memory = devices.resolve(recipe.device), None
                 else:
                     device, memory = devices.named(recipe.device), devices.parse_bytes(args.capacity)
-                result = plan(pipeline.adopt_checkpoint(recipe), device, memory=memory)
+                result = plan(pipeline.planned_recipe(recipe), device, memory=memory)
                 print(format_plan(result), file=sys.stderr)
             elif args.command == "quantize":
                 result = pipeline.quantize(recipe, args.trust_remote_code)
             else:
                 result = {"report": str(pipeline.recover(recipe, args.from_stage, trust_remote_code=args.trust_remote_code))}
-    except (RecipeError, SourceError, DeviceError, FileNotFoundError) as e:
+    except (RecipeError, RunError, SourceError, DeviceError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
     except (CheckpointError, TrainingError, ImportError, OSError) as e:  # damaged files, a diverged run, a missing extra, a full disk

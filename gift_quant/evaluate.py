@@ -17,16 +17,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
-def nonoverlapping_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """``(n, seq_len)`` consecutive windows; the incomplete tail is dropped."""
-    n = tokens.numel() // seq_len
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"text of {tokens.numel()} tokens is shorter than one window of {seq_len}")
-    return tokens[: n * seq_len].reshape(n, seq_len)
-
-
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> torch.Tensor:
     """Mean next-token NLL of each window (n,), float64."""

@@ -11,23 +11,33 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from .export import CheckpointError, assign_state, base_state, check_g_idx, check_scales, read_safetensors, symmetric
+from .checkpoint import (
+    HEADER_DTYPES,
+    CheckpointError,
+    assign_state,
+    base_state,
+    check_g_idx,
+    check_scales,
+    read_safetensors,
+    symmetric,
+)
+from .checkpoint import packed_shapes as checkpoint_shapes
+from .grid import QuantizedWeight
 from .integrity import require_sums, sha256
 from .pack import FORMATS
-from .quantize import QuantizedWeight
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 # dtype of each tensor of a ``gift`` layer (GPTQ v1 packing plus the salient columns)
 GIFT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
                "salient_weight": torch.float16, "salient_idx": torch.int32}
 
-
-_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
-                  "BOOL": torch.bool}
 
 def export_gift(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, extra_config: dict,
                 fmt: str = "gptq") -> None:
@@ -106,7 +116,7 @@ def expected_tensors(model, qc: dict) -> set[str]:
 
 def check_dtype(path: Path, name: str, field: str, dtype: torch.dtype | str) -> None:
     """A ``gift`` layer tensor has the dtype of the format (``dtype``: torch's, or a safetensors header's)."""
-    dtype = _HEADER_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    dtype = HEADER_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype != GIFT_DTYPES[field]:
         raise CheckpointError(f"{path}: tensor {name}.{field} is {dtype}, expected {GIFT_DTYPES[field]}")
 
@@ -129,11 +139,10 @@ def verify_gift(path: Path) -> list[str]:
 
 
 def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's tensors in a ``gift`` folder (``shape``: its ``in``, ``out``, ``k``)."""
+    """Shapes of one layer's tensors in a ``gift`` folder (``shape``: its ``in``, ``out``, ``k``): GPTQ's packing
+    and the salient columns."""
     n_in, n_out, k = shape["in"], shape["out"], shape["k"]
-    n_groups = 1 if group == -1 else -(-n_in // group)
-    return {"qweight": ((-(-n_in // 32)) * bits, n_out), "qzeros": (n_groups, (-(-n_out // 32)) * bits),
-            "scales": (n_groups, n_out), "g_idx": (n_in,), "salient_weight": (n_out, k), "salient_idx": (k,)}
+    return {**checkpoint_shapes(n_in, n_out, bits, group), "salient_weight": (n_out, k), "salient_idx": (k,)}
 
 
 def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.Tensor], shape: dict, bits: int,
@@ -196,3 +205,9 @@ def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
     replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
     assign_state(model, {k: v.float() for k, v in tensors.items()}, path, frozenset(layers))
     return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def write(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, recipe: Recipe, fmt: str) -> None:
+    """The export stage's entry: ``export_gift`` with the recipe's saliency and grid in the config."""
+    extra = {"saliency": recipe.saliency.model_dump(mode="json"), "quant": recipe.quant.model_dump(mode="json")}
+    export_gift(model, tokenizer, results, out, extra, fmt)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from .quantize import Grid, QuantizedWeight, finalize, grid_params, nonsalient_mask, quantize, row_params
+from .grid import Grid, QuantizedWeight, finalize, grid_params, nonsalient_mask, quantize, row_params
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ def gptq(
 
     Memory beside the inputs: one dampened, permuted copy of ``h`` (factored in place into ``H^-1``'s factor)
     and a few of ``w``; grid parameters stay one per row and group, read per column by its group."""
-    n_in, bits = w.shape[1], grid.bits
-    dynamic = dynamic_groups and grid.group_size != -1
+    n_in, bits, dynamic = w.shape[1], grid.bits, dynamic_groups and grid.group_size != -1
     if dynamic and act_order:
         raise ValueError("dynamic groups need the natural column order; act_order would scatter each group")
     dead, diag = damping(torch.diag(h).float() * h_scale, damp)
@@ -162,12 +161,9 @@ def gptq(
     group_of = [0] * n_in if scale.shape[1] == 1 else (perm // grid.group_size).clamp(max=scale.shape[1] - 1).tolist()
 
     n_q = n_in - salient_idx.numel()
-    cuts, group_end = list(range(0, n_q, block_size)), {}
-    if dynamic:  # positions where a group starts; blocks of whole groups
-        starts = [p for p in range(n_q) if p == 0 or group_of[p] != group_of[p - 1]]
-        group_end = dict(zip(starts, starts[1:] + [n_q]))
-        cuts = starts[:: max(1, block_size // grid.group_size)]
+    cuts, group_end = _blocks(n_q, block_size, group_of, grid.group_size if dynamic else None)
     codes = torch.zeros_like(w, dtype=torch.uint8)  # codes are small integers: exact in a byte
+    loss = torch.zeros((), device=w.device)  # on the device: no host sync per block
     for i1, i2 in zip(cuts, cuts[1:] + [n_q]):
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
@@ -186,6 +182,34 @@ def gptq(
             err1[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        loss += err1.pow(2).sum()
 
     # the salient columns are the last of the processing order, in salient_idx's order
-    return finalize(w[:, n_q:], codes[:, torch.argsort(perm)], scale, zero, grid, salient_idx)
+    out = finalize(w[:, n_q:], codes[:, torch.argsort(perm)], scale, zero, grid, salient_idx)
+    groups, out.error = torch.tensor(group_of[n_q:], dtype=torch.long, device=w.device), loss / 2
+    out.error_salient = salient_error(w[:, n_q:], hinv[n_q:, n_q:], scale[:, groups], zero[:, groups], bits)
+    return out
+
+
+def _blocks(n_q: int, block_size: int, group_of: list[int], dynamic_group: int | None) -> tuple[list[int], dict]:
+    """Where the lazy blocks of the ``n_q`` quantized columns start, and for dynamic groups (``dynamic_group``: their
+    size) where each group that starts at a position ends: blocks are then whole groups."""
+    if dynamic_group is None:
+        return list(range(0, n_q, block_size)), {}
+    starts = [p for p in range(n_q) if p == 0 or group_of[p] != group_of[p - 1]]
+    return starts[:: max(1, block_size // dynamic_group)], dict(zip(starts, starts[1:] + [n_q]))
+
+
+def salient_error(ws: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int) -> torch.Tensor:
+    """GPTQ's loss were it to go on over the salient columns ``ws`` (out, k) as they end, in their processing
+    order, with ``hinv`` their block of ``H^-1``'s Cholesky factor and their grid parameters (out, k): the
+    error that keeping them in full precision avoids. ``k`` steps of the column loop on a copy."""
+    ws, loss = ws.clone(), torch.zeros((), device=ws.device)
+    for j in range(ws.shape[1]):
+        col = ws[:, j]
+        q = quantize(col, scale[:, j], zero[:, j], bits)
+        err = (col - scale[:, j] * (q - zero[:, j])) / hinv[j, j]
+        ws[:, j:] -= err.unsqueeze(1) * hinv[j, j:].unsqueeze(0)
+        loss += err.pow(2).sum()
+    return loss / 2

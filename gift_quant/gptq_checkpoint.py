@@ -21,11 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export import (COPY_AGAIN, CheckpointError, assign_state, check_g_idx, check_scales, read_safetensors,
-                     safetensors_keys)
-from .integrity import read_json
+from .checkpoint import (
+    COPY_AGAIN,
+    CheckpointError,
+    assign_state,
+    check_g_idx,
+    check_scales,
+    packed_shapes,
+    read_json,
+    read_safetensors,
+    safetensors_keys,
+)
+from .grid import QuantizedWeight
 from .pack import FORMATS, from_gptq
-from .quantize import QuantizedWeight
 from .sources import SourceError, local_or_package, safetensors_files, unreachable
 
 log = logging.getLogger(__name__)
@@ -138,17 +146,10 @@ def check_all_scales(ck: GPTQCheckpoint) -> None:
         check_scales(ck.folder, key, t.float())
 
 
-def expected_shapes(ck: GPTQCheckpoint, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's tensors that ``config.json`` implies for an ``(n_out, n_in)`` linear."""
-    n_groups = 1 if ck.group_size == -1 else -(-n_in // ck.group_size)
-    return {"qweight": (-(-n_in // 32) * ck.bits, n_out), "qzeros": (n_groups, -(-n_out // 32) * ck.bits),
-            "scales": (n_groups, n_out), "g_idx": (n_in,)}
-
-
 def layer(ck: GPTQCheckpoint, name: str, tensors: dict[str, torch.Tensor], n_in: int, n_out: int) -> QuantizedWeight:
     """One layer's tensors as a ``QuantizedWeight`` (no salient columns), after checking each against the config."""
     where = ck.folder
-    for field, want in expected_shapes(ck, n_in, n_out).items():
+    for field, want in packed_shapes(n_in, n_out, ck.bits, ck.group_size).items():
         t = tensors.get(f"{name}.{field}")
         if t is None:
             raise CheckpointError(f"{where}: missing tensor {name}.{field}")

@@ -19,9 +19,17 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .export import CheckpointError
-from .gift_format import (GIFT_DTYPES, check_complete, check_dtype, check_gift_file, expected_tensors, gift_config,
-                          packed_shapes, salient_linear_from_packed)
+from .checkpoint import CheckpointError
+from .gift_format import (
+    GIFT_DTYPES,
+    check_complete,
+    check_dtype,
+    check_gift_file,
+    expected_tensors,
+    gift_config,
+    packed_shapes,
+    salient_linear_from_packed,
+)
 from .layers import replace_linears
 
 

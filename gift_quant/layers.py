@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grid import QuantizedWeight, nonsalient_mask
 from .noise import NoiseKind, draw, noise_step
-from .quantize import QuantizedWeight, nonsalient_mask
 
 
 class QuantBase(nn.Module):

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .quantize import Grid, row_params
+from .grid import Grid, row_params
 
 NoiseKind = Literal["gaussian", "uniform", "none"]
 

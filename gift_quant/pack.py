@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantize import QuantizedWeight
+from .grid import QuantizedWeight
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

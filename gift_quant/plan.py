@@ -102,16 +102,22 @@ def model_config(recipe: Recipe):
     return AutoConfig.from_pretrained(resolve_model(ref), trust_remote_code=recipe.model.trust_remote_code)
 
 
-def shape_of(config, recipe: Recipe) -> Shape:
-    """The model of ``config`` built on the meta device, measured."""
+def meta_model(config, trust_remote_code: bool = False):
+    """The model of ``config`` built on the meta device: every shape, no weights (the input checks and the
+    plan measure this one copy)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # not done on the meta device; tied embeddings are one tensor
+    return model
+
+
+def shape_of(model, recipe: Recipe) -> Shape:
+    """A model built by ``meta_model``, measured (its targets and k checked already: ``checks.check_targets``)."""
     from .calibrate import decoder_layers, target_linears
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    model.tie_weights()  # not done on the meta device; tied embeddings are one tensor
     blocks = decoder_layers(model)
     block = blocks[0]
     linears = []
@@ -122,7 +128,7 @@ def shape_of(config, recipe: Recipe) -> Shape:
     by = {lin.name: lin for lin in linears}
     block_params = sum(p.numel() for p in block.parameters())
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
-    text = getattr(config, "text_config", config)
+    text = getattr(model.config, "text_config", model.config)
     hidden = text.hidden_size
     return Shape(
         blocks=len(blocks), hidden=hidden, kv=by["k_proj"].n_out if "k_proj" in by else hidden,
@@ -214,7 +220,7 @@ def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None, memor
     """Expected peak bytes per stage on ``device`` (with their parts) and whether each fits in ``memory``
     bytes (default: the device's own capacity; given, the device need not be on this machine, as
     ``accelerate estimate-memory`` plans without the hardware)."""
-    shape = shape or shape_of(model_config(recipe), recipe)
+    shape = shape or shape_of(meta_model(model_config(recipe), recipe.model.trust_remote_code), recipe)
     cap = capacity(device) if memory is None else memory
     usable = cap - (CUDA_RESERVE if device.type == "cuda" else 0)
     parts = {"quantize": plan_quantize(shape, recipe, device, cap), "evaluate": plan_evaluate(shape, recipe, device)}

@@ -1,232 +1,141 @@
-"""Uniform quantization grid: pure functions on tensors.
+"""Apply saliency selection and quantization to a model, block by block.
 
-Conventions (METHOD section 2, GPTQ v1 compatible):
-
-* codes are unsigned integers in ``0 .. 2^b - 1``; ``w ~= scale * (code - zero)``.
-* symmetric (``sym_step="paper"``): ``Delta = alpha / (2^(b-1) - 1)``, ``zero = 2^(b-1)``, so the
-  signed levels are ``-2^(b-1) .. 2^(b-1) - 1`` exactly as the paper writes them.
-  ``sym_step="gptq"`` is the convention of the GPTQ tools: ``Delta = 2 alpha / (2^b - 1)``, a step
-  ``(2^b - 2) / (2^b - 1)`` times finer that clips the positive extreme by one step; it is what
-  gptqmodel/auto-gptq do and matters a lot at 3 bits on models with outlier weights.
-* asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(-min / scale)``.
-* parameters are per output row (``group_size = -1``) or per row and group of ``group_size``
-  consecutive input columns (static groups: ``group(j) = j // group_size``), computed from the
-  columns in ``mask`` only, so the full-precision salient columns never inflate the step.
-* ``alpha`` comes from a linear search over clipping ratios ``p * max|w|`` minimising the squared
-  error of the row (or row-group), as METHOD prescribes.
+``quantize_linear`` is the per-layer step (pure: weight and statistics in, ``QuantizedWeight``
+out); ``quantize_model`` is the plumbing that streams calibration data through the decoder and
+writes the effective weights back into the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal
+import logging
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+from torch import nn
+
+from .calibrate import InputStats, run_blocks
+from .gptq import gptq
+from .grid import Grid, QuantizedWeight, rtn
+from .recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec
+from .saliency import column_scores, quantization_perturbation, resolve_k, top_k
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Grid:
-    """Everything that defines a uniform grid and how its parameters are chosen."""
-
-    bits: int
-    group_size: int = -1  # -1: one group per row
-    sym: bool = True
-    sym_step: Literal["paper", "gptq"] = "paper"
-    clip_min: float = 1.0  # smallest clipping ratio searched
-    clip_steps: int = 1  # ratios in linspace(1, clip_min, clip_steps); 1 disables the search
-
-
-def maxq(bits: int) -> int:
-    """Largest code of a ``bits``-wide unsigned grid."""
-    return 2**bits - 1
-
-
-def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point for rows with value range ``[xmin, xmax]`` (``xmin <= 0 <= xmax``)."""
-    bits = grid.bits
-    if grid.sym:
-        alpha = torch.maximum(xmax, -xmin)
-        scale = alpha / (2 ** (bits - 1) - 1) if grid.sym_step == "paper" else 2 * alpha / maxq(bits)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        scale = (xmax - xmin) / maxq(bits)
-        zero = torch.zeros_like(scale)
-    empty = scale == 0  # an all-zero (or fully masked) row: any positive step represents it exactly
-    scale = torch.where(empty, torch.ones_like(scale), scale)
-    if not grid.sym:
-        zero = torch.round(-xmin / scale)
-    return scale, zero
+def select_salient(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str,
+                   d: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the salient input columns of one layer (sorted). ``d``: the quantization perturbation
+    ``W - deq(Q)`` where the quantization is given (an imported checkpoint); by default METHOD's per-row RTN."""
+    k = resolve_k(sal.k_for(name), w.shape[1])
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=w.device)
+    metric = sal.resolved_metric()
+    if metric.tau is not None and d is None:
+        # METHOD section 1: Q inside the metric is symmetric per-row, at the metric's bits
+        grid = replace(quant.grid(), bits=sal.bits or quant.bits, group_size=-1, sym=True)
+        d = quantization_perturbation(w, grid)
+    scores = column_scores(d if d is not None else w, stats.norm(metric.rho), metric)
+    return top_k(scores, k)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of ``w`` (``scale``/``zero`` broadcast against ``w``)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq(bits))
+def quantize_linear(w: torch.Tensor, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec, name: str,
+                    idx: torch.Tensor | None = None) -> QuantizedWeight:
+    """Salient columns by the metric (or ``idx`` when they are already chosen), then GPTQ or RTN of the
+    rest (``stats`` may be None for plain RTN)."""
+    w = w.detach().float()
+    idx = select_salient(w, stats, sal, quant, name) if idx is None else idx
+    if quant.method == "gptq":
+        return gptq(w, stats.hessian, quant.grid(), idx, quant.damp, quant.block_size, quant.act_order,
+                    quant.dynamic_groups, h_scale=stats.gptq_scale())
+    return rtn(w, quant.grid(), idx)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
+def _quantize_into(lin: nn.Linear, name: str, stats: InputStats | None, sal: SaliencySpec, quant: QuantSpec,
+                   idx: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize one module where its weight is and write its dense effective weight back; the result
+    goes to the CPU (a whole model's codes would not stay on an accelerator)."""
+    device = lin.weight.device if stats is None else stats.hessian.device
+    idx = None if idx is None else idx.to(device)
+    qw = quantize_linear(lin.weight.to(device), stats, sal, quant, name.rsplit(".", 1)[-1], idx)
+    lin.weight.data.copy_(qw.effective_weight().to(lin.weight.dtype))
+    return qw.to("cpu")
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Round ``w`` to the nearest grid point and back."""
-    return dequantize(quantize(w, scale, zero, bits), scale, zero)
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
 
 
-def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(scale, zero)`` of shape ``(rows, 1)`` for a 2-D ``w``.
+def quantize_model(
+    model: nn.Module,
+    windows: torch.Tensor,
+    sal: SaliencySpec,
+    quant: QuantSpec,
+    batch_size: int = 8,
+    sequential: bool = True,
+    true_sequential: bool = True,
+    salient: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    resident: bool | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Quantize every targeted linear in place (dense effective weights); return the results by module name.
 
-    Only entries where ``mask`` is true take part (range and error). With ``clip_min < 1`` the
-    range is shrunk by each ratio of ``linspace(1, clip_min, clip_steps)`` and every row keeps the
-    ratio of least squared error (the first such ratio on a tie); ratio 1 is always a candidate, so the
-    search is never worse than no clipping. The ratios are tried in chunks, each chunk's candidates in one
-    set of tensor operations (``_clip_errors``), a chunk's size bounded so that its work tensor stays
-    near ``_SEARCH_ELEMENTS`` elements.
+    ``salient`` (module name -> column indices) fixes the salient columns instead of scoring them,
+    as pre-quantization GIFT-SW needs: the columns it trained are the ones kept. ``device``: where the
+    blocks are calibrated and quantized, one at a time (default: where the model is); ``resident``: keep
+    the block inputs there (default: when they fit)."""
+    names = _names(model)
+    results: dict[str, QuantizedWeight] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+        for name, lin in linears.items():
+            idx = None if salient is None else salient[names[lin]].long()
+            results[names[lin]] = _quantize_into(lin, names[lin], stats[name], sal, quant, idx)
+
+    run_blocks(model, windows, sal.targets, on_block, batch_size, sequential, true_sequential, device, resident)
+    return results
+
+
+def collect_stats(model: nn.Module, windows: torch.Tensor, targets: list[str], batch_size: int = 8,
+                  device: torch.device | str | None = None) -> dict[str, InputStats]:
+    """Input statistics of every targeted linear of the unmodified model (non-sequential), by module name,
+    accumulated on ``device`` (default: the model's).
+
+    Lets many quantization settings share one calibration pass (benchmarks, ablations).
     """
-    w = w.float()
-    m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.expand_as(w)
-    wm = torch.where(m, w, torch.zeros_like(w))
-    xmin = wm.min(dim=1, keepdim=True).values.clamp(max=0)
-    xmax = wm.max(dim=1, keepdim=True).values.clamp(min=0)
-    best_scale, best_zero = _params_from_range(xmin, xmax, grid)
-    if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
-        return best_scale, best_zero
-    best_err = _clip_errors(wm, best_scale.unsqueeze(0), best_zero.unsqueeze(0), grid.bits)[0]
-    ratios = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device)[1:]
-    for chunk in ratios.split(max(1, _SEARCH_ELEMENTS // w.numel())):
-        r = chunk.view(-1, 1, 1)
-        scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (chunk, rows, 1)
-        err, pick = _clip_errors(wm, scale, zero, grid.bits).min(0)  # min: the first of equal errors
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale.gather(0, pick[None]).squeeze(0), best_scale)
-        best_zero = torch.where(better, zero.gather(0, pick[None]).squeeze(0), best_zero)
-    return best_scale, best_zero
+    names = _names(model)
+    out: dict[str, InputStats] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+        out.update({names[lin]: stats[name].move("cpu") for name, lin in linears.items()})
+
+    run_blocks(model, windows, targets, on_block, batch_size=batch_size, sequential=False, device=device)
+    return out
 
 
-_SEARCH_ELEMENTS = 2**24  # about the size of a chunk's work tensor in the clipping search (64 MiB in float32)
+def quantize_with_stats(
+    model: nn.Module, stats: dict[str, InputStats | None], sal: SaliencySpec, quant: QuantSpec
+) -> dict[str, QuantizedWeight]:
+    """Quantize in place from precomputed statistics (see ``collect_stats``); plain RTN needs none."""
+    modules = dict(model.named_modules())
+    return {name: _quantize_into(modules[name], name, st, sal, quant) for name, st in stats.items()}
 
 
-def _clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Squared rounding error of each row of ``wm`` (rows, g) on each candidate grid (``scale``, ``zero``:
-    (candidates, rows, 1)), over the entries the mask kept (the others are zero in ``wm``):
-    ``(candidates, rows, 1)``.
-
-    ``fake_quantize``'s values with two passes fewer, in place on one work tensor: the rounded values are
-    small integers, so ``clamp(r + z, 0, maxq) - z`` is exactly ``clamp(r, -z, maxq - z)``; and a masked entry
-    (zero in ``wm``) rounds to zero and adds exactly nothing, so no mask is applied."""
-    q = (wm / scale).round_()
-    q = torch.clamp(q, -zero, maxq(bits) - zero, out=q)
-    return q.mul_(scale).sub_(wm).pow_(2).sum(-1, keepdim=True)
+def quantize_rtn_plain(model: nn.Module, sal: SaliencySpec, quant: QuantSpec) -> dict[str, QuantizedWeight]:
+    """Round-to-nearest of every targeted linear, no salient columns: needs no calibration data."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in sal.targets]
+    return quantize_with_stats(model, dict.fromkeys(names), sal.model_copy(update={"k": 0, "k_overrides": {}}),
+                               quant.model_copy(update={"method": "rtn"}))
 
 
-def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` of shape ``(out, n_groups)`` for a weight ``(out, in)``.
-
-    ``mask`` is a boolean vector over input columns (true = quantized, false = salient).
-    ``group_size = -1`` gives one group per row. A last partial group is handled by padding with
-    masked-out zeros.
-    """
-    out, n_in = w.shape
-    g = n_in if grid.group_size == -1 else grid.group_size
-    n_groups = -(-n_in // g)
-    pad = n_groups * g - n_in
-    colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
-    wp = torch.nn.functional.pad(w.float(), (0, pad))
-    mp = torch.nn.functional.pad(colmask, (0, pad), value=False)
-    rows = wp.reshape(out * n_groups, g)
-    rmask = mp.reshape(1, n_groups, g).expand(out, n_groups, g).reshape(out * n_groups, g)
-    scale, zero = row_params(rows, grid, rmask)
-    return scale.reshape(out, n_groups), zero.reshape(out, n_groups)
+def rtn_with_columns(model: nn.Module, grid: Grid, columns: Callable[[int, nn.Linear], torch.Tensor],
+                     targets: list[str] = ALL_PROJECTIONS) -> dict[str, QuantizedWeight]:
+    """Every targeted linear RTN on ``grid``, its salient columns ``columns(i, linear)`` (``i``: the layer's
+    position among the targets), without calibration: a GIFT-SW model whose cost or format is what matters
+    (tests, benchmarks, the GPU check), not which columns it keeps."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    return {n: rtn(m.weight.detach(), grid, columns(i, m).to(m.weight.device)) for i, (n, m) in enumerate(linears)}
 
 
-def expand_groups(p: torch.Tensor, group_size: int, n_in: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Broadcast per-group parameters ``(out, n_groups)`` to ``(out, n_in)``.
-
-    ``g_idx`` (in,): the group of each input column where groups are not runs of consecutive columns
-    (GPTQ checkpoints quantized with act-order, ``desc_act``, number groups in quantization order)."""
-    if g_idx is not None:
-        return p[:, g_idx]
-    if group_size == -1:
-        return p.expand(p.shape[0], n_in)
-    return p.repeat_interleave(group_size, dim=1)[:, :n_in]
-
-
-@dataclass
-class QuantizedWeight:
-    """A linear weight split into a quantized grid and full-precision salient columns.
-
-    ``codes`` covers every column (the salient columns' codes are their own rounding, so that an
-    export holding all columns quantized plus a correction stays exact); the effective weight
-    replaces the salient columns by ``salient_weight``.
-    """
-
-    codes: torch.Tensor  # (out, in) uint8
-    scale: torch.Tensor  # (out, n_groups) float32
-    zero: torch.Tensor  # (out, n_groups) float32
-    bits: int
-    group_size: int
-    salient_idx: torch.Tensor  # (k,) int64, sorted
-    salient_weight: torch.Tensor  # (out, k) float32
-    g_idx: torch.Tensor | None = None  # (in,) int64 group of each column; None: j // group_size (static groups)
-
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
-        """The same weight with every tensor on ``device``."""
-        return replace(self, **{f: getattr(self, f).to(device) for f in
-                                ("codes", "scale", "zero", "salient_idx", "salient_weight", "g_idx")
-                                if getattr(self, f) is not None})
-
-    def column_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point of every weight, ``(out, in)`` each."""
-        n_in = self.codes.shape[1]
-        return (expand_groups(self.scale, self.group_size, n_in, self.g_idx),
-                expand_groups(self.zero, self.group_size, n_in, self.g_idx))
-
-    def dequantize_grid(self) -> torch.Tensor:
-        """The all-columns-quantized weight ``(out, in)``."""
-        return dequantize(self.codes.float(), *self.column_params())
-
-    def effective_weight(self) -> torch.Tensor:
-        w = self.dequantize_grid()
-        w[:, self.salient_idx] = self.salient_weight.float()
-        return w
-
-
-def finalize(
-    salient_weight: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    grid: Grid,
-    salient_idx: torch.Tensor,
-) -> QuantizedWeight:
-    """Pack the result of RTN or GPTQ (``salient_weight``: the final values of the ``salient_idx`` columns,
-    (out, k)): salient columns get codes too (their rounding)."""
-    n_in, bits, group_size = codes.shape[1], grid.bits, grid.group_size
-    codes = codes.to(torch.uint8)
-    if salient_idx.numel():
-        s = expand_groups(scale, group_size, n_in)[:, salient_idx]
-        z = expand_groups(zero, group_size, n_in)[:, salient_idx]
-        codes[:, salient_idx] = quantize(salient_weight, s, z, bits).to(torch.uint8)
-    return QuantizedWeight(
-        codes=codes,
-        scale=scale,
-        zero=zero,
-        bits=bits,
-        group_size=group_size,
-        salient_idx=salient_idx,
-        salient_weight=salient_weight.clone(),
-    )
-
-
-def nonsalient_mask(n_in: int, salient_idx: torch.Tensor) -> torch.Tensor:
-    """``(in,)`` true on the quantized columns, false on the salient ones, on ``salient_idx``'s device."""
-    return torch.ones(n_in, dtype=torch.bool, device=salient_idx.device).index_fill_(0, salient_idx, False)
-
-
-@torch.no_grad()  # a weight that requires grad would otherwise chain every clipping candidate into a graph
-def rtn(w: torch.Tensor, grid: Grid, salient_idx: torch.Tensor) -> QuantizedWeight:
-    """Round-to-nearest with ``salient_idx`` columns kept in full precision."""
-    w = w.float()
-    scale, zero = grid_params(w, grid, nonsalient_mask(w.shape[1], salient_idx))
-    g, n_in = grid.group_size, w.shape[1]
-    codes = quantize(w, expand_groups(scale, g, n_in), expand_groups(zero, g, n_in), grid.bits)
-    return finalize(w[:, salient_idx], codes, scale, zero, grid, salient_idx)
+def seeded_columns(k: int) -> Callable[[int, nn.Linear], torch.Tensor]:
+    """``k`` random columns of each layer, seeded by its position (the same model gets the same columns)."""
+    return lambda i, m: torch.randperm(m.in_features, generator=torch.Generator().manual_seed(i))[:k].sort().values

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .evaluate import PAPER_TASKS
-from .quantize import Grid
+from .grid import Grid
 from .saliency import PRESETS
 from .sources import C4, WIKI
 

@@ -1,8 +1,12 @@
-"""Run-folder I/O: one run at a time, stage folders written whole or not at all.
+"""The run folder: one run at a time, stage folders written whole or not at all, each with a manifest.
 
 A stage writes into a temporary sibling folder that replaces the stage folder in one rename when
 it is complete, so a killed run leaves either the old stage or a ``.<stage>.tmp-*`` folder that the
 next run removes, never a half-written stage. A lock on the folder keeps a second run out.
+
+A stage's manifest holds the hash of the recipe sections it depends on: those it reads itself
+(``Stage.reads``, declared where the stage is defined) and those of every stage before it. A rerun
+skips a stage whose hash matches and refuses one whose recipe changed (``--from STAGE`` redoes it).
 """
 from __future__ import annotations
 
@@ -12,10 +16,29 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import gptq_checkpoint
+from .checkpoint import CheckpointError, read_json
+from .integrity import check_hashes
+from .sources import load_model
+
+if TYPE_CHECKING:
+    from .gptq_checkpoint import GPTQCheckpoint
+    from .plan import Shape
+    from .recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as it is: locked by another run, or holding a different recipe's work."""
 
 
 @contextmanager
@@ -38,15 +61,13 @@ def lock(folder: Path):
     killed run leaves no stale lock); a second run is refused at once, naming the holder."""
     from filelock import FileLock, Timeout
 
-    from .recipe import RecipeError
-
     folder.mkdir(parents=True, exist_ok=True)
     held, holder = FileLock(folder / ".lock", timeout=0), folder / ".lock.holder"
     try:
         held.acquire()
     except Timeout:
         who = holder.read_text().strip() if holder.exists() else "another process"
-        raise RecipeError(f"run folder {folder} is in use by {who}; wait for it to finish, or set "
+        raise RunError(f"run folder {folder} is in use by {who}; wait for it to finish, or set "
                           f"output_dir (or name) to another folder") from None
     holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return held
@@ -61,10 +82,99 @@ def remove_leftovers(folder: Path) -> None:
 
 def versions() -> dict[str, str]:
     """Versions that can change a stage's result, recorded in its manifest."""
-    import torch
     import transformers
 
     from . import __version__
 
     return {"gift_quant": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: ``run(run, tmp, **kwargs) -> manifest extras`` writes its files into ``tmp``
+    (renamed into ``<run>/<name>/`` when it returns); ``reads``: the recipe sections it reads itself."""
+
+    name: str
+    reads: tuple[str, ...]
+    run: Callable[..., dict]
+
+
+SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval")
+
+
+class Run:
+    """A run folder, its stages in order and their manifests, and what the input checks found: ``imported``,
+    the GPTQ checkpoint ``model.ref`` names if it is one; ``shape``, the model's shapes; ``mode``, the
+    training setting (``modes.Mode``), chosen once."""
+
+    def __init__(self, recipe: Recipe, stages: list[Stage], mode, device, imported: GPTQCheckpoint | None = None,
+                 shape: Shape | None = None):
+        self.recipe, self.stages, self.mode, self.device = recipe, stages, mode, device
+        self.imported, self.shape = imported, shape
+        self.dir = recipe.run_dir()
+
+    @property
+    def order(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def fmt(self) -> str:
+        """GPTQ layout of the packed exports: the imported checkpoint's (its tensors stay bit-identical), else v1."""
+        return self.imported.fmt if self.imported else "gptq"
+
+    def stage(self, name: str) -> Path:
+        return self.dir / name
+
+    def lock(self):
+        return lock(self.dir)
+
+    def depends(self, name: str) -> tuple[str, ...]:
+        """Recipe sections stage ``name`` depends on: its own and those of the stages before it."""
+        upto = self.order.index(name) + 1
+        used = {"model", "seed"}.union(*(s.reads for s in self.stages[:upto]))
+        return tuple(sec for sec in SECTIONS if sec in used)
+
+    def key(self, name: str) -> str:
+        """The hash stage ``name``'s manifest (and its training checkpoints) hold."""
+        return self.recipe.digest(*self.depends(name))
+
+    def is_done(self, name: str, full: bool = True) -> bool:
+        """Whether stage ``name`` finished with this recipe; with ``full``, its files are also checked against
+        their recorded sha256 and a change of package versions since is logged."""
+        manifest = self.stage(name) / "manifest.json"
+        if not manifest.exists():
+            return False
+        saved = read_json(manifest)
+        if saved.get("key") != self.key(name):
+            raise RunError(
+                f"stage '{name}' in {self.dir} was run with a different recipe (sections "
+                f"{', '.join(self.depends(name))}); "
+                f"rerun with --from {name} to redo it, or set output_dir to a new folder")
+        if not full:
+            return True
+        problems = check_hashes(self.stage(name), saved.get("files", {}))
+        if problems:
+            raise CheckpointError(f"stage '{name}': {problems[0]}; rerun with --from {name}")
+        now = versions()
+        changed = {k: (v, now.get(k)) for k, v in saved.get("versions", {}).items() if now.get(k) != v}
+        if changed:
+            log.warning("stage %s was run with other package versions (then, now): %s", name, changed)
+        return True
+
+    def manifest(self, name: str, seconds: float, files: dict[str, str], extra: dict | None = None) -> dict:
+        return {"stage": name, "key": self.key(name), "seconds": seconds, "versions": versions(), "files": files,
+                **(extra or {})}
+
+    def load_fp(self):
+        """``(model, tokenizer)`` the run starts from: the full-precision model; for an imported checkpoint,
+        ``model.full_precision`` or, without it, the checkpoint dequantized."""
+        r = self.recipe.model
+        if self.imported and r.full_precision is None:
+            return self.load_imported()[:2]
+        return load_model(r.full_precision or r.ref, getattr(torch, r.dtype), r.trust_remote_code)
+
+    def load_imported(self):
+        """``(model, tokenizer, layers)`` of the imported checkpoint (see ``gptq_checkpoint.load``)."""
+        r = self.recipe.model
+        return gptq_checkpoint.load(self.imported, getattr(torch, r.dtype), r.trust_remote_code)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import Grid, fake_quantize, row_params
+from .grid import Grid, fake_quantize, row_params
 
 INF = math.inf
 

@@ -74,8 +74,7 @@ def local_or_package(ref: str) -> Path | None:
 def safetensors_files(folder: Path) -> list[Path]:
     """The safetensors shards of a model folder: those its index names (each must be there), else every
     ``*.safetensors`` file; a damaged index is named."""
-    from .export import COPY_AGAIN, CheckpointError
-    from .integrity import read_json
+    from .checkpoint import COPY_AGAIN, CheckpointError, read_json
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -97,8 +96,7 @@ def check_model_folder(field: str, ref: str) -> None:
     """A local model folder (``field``'s value) readable before anything loads: its config.json and every
     safetensors shard's header (a truncated shard, or one whose header declares shapes its bytes do not
     hold, is named here rather than as a loader's traceback after calibration). Hub ids and files pass."""
-    from .export import COPY_AGAIN, CheckpointError, safetensors_keys
-    from .integrity import read_json
+    from .checkpoint import COPY_AGAIN, CheckpointError, read_json, safetensors_keys
 
     path = local_or_package(ref)
     if path is None or not path.is_dir():
@@ -230,12 +228,3 @@ def read_text(ref: str, field: str = "text") -> str:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one token sequence (1-D int64)."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
-    """``n`` random windows of ``length`` tokens (seeded), shape ``(n, length)``."""
-    if tokens.numel() <= length:
-        raise SourceError(f"text has {tokens.numel()} tokens, fewer than one window of {length}")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - length, (n,), generator=g)
-    return torch.stack([tokens[s : s + length] for s in starts.tolist()])

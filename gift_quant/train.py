@@ -23,6 +23,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,48 +34,14 @@ from tqdm.auto import tqdm
 
 from . import devices
 from .layers import salient_layers
-from .recipe import RecipeError, TrainSpec
+from .recipe import TrainSpec
+from .rundir import RunError
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and the checkpoint kept."""
-
-
-# ----------------------------------------------------------------------------- data
-
-def text_examples(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed plain text: consecutive windows, every token a label."""
-    n = tokens.numel() // seq_len
-    ids = tokens[: n * seq_len].reshape(n, seq_len)
-    return ids, ids.clone()
-
-
-def chat_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat data through the tokenizer's chat template; labels only on assistant turns (else -100)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    all_ids, all_labels = [], []
-    for msgs in conversations:
-        ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        labels = [-100] * len(ids)
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            start = len(_template(tokenizer, msgs[:i], generation_prompt=True))
-            end = len(_template(tokenizer, msgs[: i + 1], generation_prompt=False))
-            labels[start:end] = ids[start:end]
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        fill = seq_len - len(ids)
-        all_ids.append(ids + [pad] * fill)
-        all_labels.append(labels + [-100] * fill)
-    return torch.tensor(all_ids), torch.tensor(all_labels)
-
-
-def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
-    return list(out["input_ids"] if isinstance(out, dict) else out)
 
 
 def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, world: int, seed: int) -> torch.Tensor:
@@ -151,7 +118,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, key: str = "") -> None
 
 def _check_key(ck: Path, saved: str, key: str) -> None:
     if saved != key:
-        raise RecipeError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
+        raise RunError(f"{ck} was trained from a different recipe (train section or an earlier stage); "
                           f"rerun with --from train to start the training again")
 
 
@@ -191,7 +158,7 @@ def load_checkpoint(accelerator, folder: Path, model, key: str = "") -> int:
                 if {k.removeprefix("module.") for k in f.keys()} != trainable:
                     raise ValueError(f"its weights are {len(set(f.keys()))} tensors, not the {len(trainable)} trainable ones")
             accelerator.load_state(str(ck), strict=False)
-        except RecipeError:
+        except RunError:
             raise
         except Exception as e:  # noqa: BLE001 (any damage: truncated, missing, not parseable)
             log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", ck, type(e).__name__, e)
@@ -215,6 +182,130 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
+@dataclass
+class _Loop:
+    """What one training run holds between steps: the prepared model, optimizer and schedule, the data, where
+    checkpoints and the log go."""
+
+    accelerator: object
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    params: list[nn.Parameter]
+    teacher: nn.Module | None
+    ids: torch.Tensor
+    labels: torch.Tensor
+    spec: TrainSpec
+    seed: int
+    out_dir: Path
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "train_log.jsonl"
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: int, teacher: nn.Module | None,
+           device: torch.device | None) -> _Loop:
+    """Accelerate (bf16 autocast where asked or on a GPU that has it; gloo DDP on CPUs), AdamW over what requires
+    grad, the schedule, the teacher on the same device."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if on_gpu and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes; the scheduler
+    # counts global steps, so it steps once per optimizer step whatever the number of processes
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu,
+                              step_scheduler_with_optimizer=False)
+    accelerator.register_save_state_pre_hook(_trainable_only)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
+                          num_training_steps=spec.steps)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
+    return _Loop(accelerator, model, opt, sched, params, teacher, ids, labels, spec, seed, Path(out_dir))
+
+
+def _resume(loop: _Loop, key: str) -> int:
+    """The step to start from (the newest readable checkpoint of ``key``, else 0); the log keeps the lines up
+    to it (the steps after it run again). Warns when the steps read the data more than once."""
+    start = load_checkpoint(loop.accelerator, loop.ckpt, loop.model, key)
+    spec, n = loop.spec, len(loop.ids)
+    if loop.accelerator.is_main_process:
+        loop.out_dir.mkdir(parents=True, exist_ok=True)
+        kept = loop.log_path.read_text().splitlines() if start and loop.log_path.exists() else []
+        loop.log_path.write_text("".join(x + "\n" for x in kept if x and json.loads(x)["step"] <= start))
+        if epochs(n, spec, loop.world) > 1:
+            log.warning("train: %d steps of %d examples read the %d examples of train.data %.2f times; repeated "
+                        "text is memorized rather than recovered (benchmarks/RESULTS.md): add text to train.data "
+                        "or lower train.steps", spec.steps, examples_per_step(spec, loop.world), n,
+                        epochs(n, spec, loop.world))
+    return start
+
+
+def _step(loop: _Loop, step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches (DDP syncs on the last); a non-finite loss on any
+    process stops before the optimizer touches the weights. Returns the step's mean loss."""
+    acc, spec = loop.accelerator, loop.spec
+    step_loss = 0.0
+    for micro in range(spec.grad_accum):
+        idx = batch_indices(len(loop.ids), step, micro, spec, acc.process_index, loop.world, loop.seed)
+        x, y = loop.ids[idx].to(acc.device), loop.labels[idx].to(acc.device)
+        ctx = acc.no_sync(loop.model) if micro < spec.grad_accum - 1 else nullcontext()
+        with ctx, acc.autocast():
+            out = loop.model(input_ids=x, labels=y, use_cache=False)
+            loss = out.loss
+            if loop.teacher is not None and spec.distill > 0:
+                with torch.no_grad():
+                    t_logits = loop.teacher(input_ids=x, use_cache=False).logits
+                loss = loss + spec.distill * distill_loss(out.logits, t_logits, y, spec.distill_temperature)
+            acc.backward(loss / spec.grad_accum)
+        step_loss += loss.item() / spec.grad_accum
+    losses = acc.gather(torch.tensor([step_loss], device=acc.device))
+    if not torch.isfinite(losses).all():
+        last = (loop.ckpt / "latest").read_text().strip() if (loop.ckpt / "latest").exists() else "none"
+        raise TrainingError(f"step {step + 1}: the loss is {losses.tolist()} (not finite); stopped before the "
+                            f"optimizer step, last good checkpoint kept: {last}. Lower train.lr or set "
+                            f"train.max_grad_norm, then rerun (it resumes from there)")
+    if spec.max_grad_norm is not None:
+        acc.clip_grad_norm_(loop.params, spec.max_grad_norm)
+    loop.opt.step()
+    loop.sched.step()
+    loop.opt.zero_grad(set_to_none=True)
+    devices.synchronize(acc.device)  # the optimizer's kernels belong to this step's time
+    return step_loss
+
+
+def _record(loop: _Loop, step: int, loss: float, seconds: float, bar) -> None:
+    """The step's line in ``train_log.jsonl`` (every ``log_every`` steps) and the progress bar, on the main process."""
+    spec = loop.spec
+    rec = {"step": step + 1, "loss": loss, "lr": loop.sched.get_last_lr()[0],
+           "tokens_per_s": spec.micro_batch_size * spec.grad_accum * loop.world * loop.ids.shape[1] / seconds,
+           "s_per_step": seconds, "noise_factor": noise_factor(spec, step)}
+    if loop.accelerator.is_main_process:
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}")
+        if (step + 1) % spec.log_every == 0:
+            with open(loop.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def train(
     model: nn.Module,
     ids: torch.Tensor,
@@ -235,97 +326,24 @@ def train(
     training in bf16. ``key`` identifies what the model was built from; checkpoints of another key are
     refused on resume. ``checkpoints=False`` writes none (a benchmark's throwaway steps: at 7B the trainable
     state is GBs)."""
-    from accelerate import Accelerator
-    from transformers import get_scheduler
-
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.type == "cuda"
-    if on_gpu and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        torch.cuda.set_device(device)
-    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
-    # cpu=True is what makes accelerate use gloo DDP when torchrun starts several CPU processes; the scheduler
-    # counts global steps, so it steps once per optimizer step whatever the number of processes
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not on_gpu,
-                              step_scheduler_with_optimizer=False)
-    accelerator.register_save_state_pre_hook(_trainable_only)
-    out_dir = Path(out_dir)
-    ckpt = out_dir / "checkpoints"
-    torch.manual_seed(seed)
-    random.seed(seed)
-
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
-                          num_training_steps=spec.steps)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
-    start = load_checkpoint(accelerator, ckpt, model, key)
-    layers = list(salient_layers(accelerator.unwrap_model(model)).values())
-    model.train()
-
-    log_path = out_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        kept = log_path.read_text().splitlines() if start and log_path.exists() else []
-        # steps after the checkpoint are run again: drop their lines
-        log_path.write_text("".join(x + "\n" for x in kept if x and json.loads(x)["step"] <= start))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    passes = epochs(len(ids), spec, world)
-    if passes > 1 and accelerator.is_main_process:
-        log.warning("train: %d steps of %d examples read the %d examples of train.data %.2f times; repeated text "
-                    "is memorized rather than recovered (benchmarks/RESULTS.md): add text to train.data or lower "
-                    "train.steps", spec.steps, examples_per_step(spec, world), len(ids), passes)
-    bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not accelerator.is_main_process)
-    t_start, tokens, loss_v = time.time(), 0, float("nan")
+    loop = _setup(model, ids, labels, spec, out_dir, seed, teacher, device)
+    start = _resume(loop, key)
+    layers = list(salient_layers(loop.accelerator.unwrap_model(loop.model)).values())
+    loop.model.train()
+    bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=not loop.accelerator.is_main_process)
+    t_start, loss = time.time(), float("nan")
     for step in bar:
         t0 = time.time()
         for layer in layers:
             layer.noise_factor = noise_factor(spec, step)
-        step_loss = 0.0
-        for micro in range(spec.grad_accum):
-            idx = batch_indices(len(ids), step, micro, spec, rank, world, seed)
-            x, y = ids[idx].to(accelerator.device), labels[idx].to(accelerator.device)
-            ctx = accelerator.no_sync(model) if micro < spec.grad_accum - 1 else nullcontext()
-            with ctx, accelerator.autocast():
-                out = model(input_ids=x, labels=y, use_cache=False)
-                loss = out.loss
-                if teacher is not None and spec.distill > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=x, use_cache=False).logits
-                    loss = loss + spec.distill * distill_loss(out.logits, t_logits, y, spec.distill_temperature)
-                accelerator.backward(loss / spec.grad_accum)
-            step_loss += loss.item() / spec.grad_accum
-            tokens += x.numel() * world
-        losses = accelerator.gather(torch.tensor([step_loss], device=accelerator.device))
-        if not torch.isfinite(losses).all():
-            last = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else "none"
-            raise TrainingError(f"step {step + 1}: the loss is {losses.tolist()} (not finite); stopped before the "
-                                f"optimizer step, last good checkpoint kept: {last}. Lower train.lr or set "
-                                f"train.max_grad_norm, then rerun (it resumes from there)")
-        if spec.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_v = step_loss
-        devices.synchronize(accelerator.device)  # the optimizer's kernels belong to this step's time
-        dt = time.time() - t0
-        rec = {"step": step + 1, "loss": loss_v, "lr": sched.get_last_lr()[0],
-               "tokens_per_s": spec.micro_batch_size * spec.grad_accum * world * ids.shape[1] / dt,
-               "s_per_step": dt, "noise_factor": noise_factor(spec, step)}
-        if accelerator.is_main_process:
-            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{rec['lr']:.2e}")
-            if (step + 1) % spec.log_every == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+        loss = _step(loop, step)
+        _record(loop, step, loss, time.time() - t0, bar)
         if checkpoints and ((step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps):
-            save_checkpoint(accelerator, ckpt, step + 1, key)
+            save_checkpoint(loop.accelerator, loop.ckpt, step + 1, key)
         if on_step is not None:
-            on_step(step + 1, loss_v)
-    model.eval()
+            on_step(step + 1, loss)
+    loop.model.eval()
     wall = time.time() - t_start
-    return {"final_loss": loss_v, "train_s": wall, "steps_run": spec.steps - start, "processes": world,
-            "tokens_per_s": tokens / wall if wall > 0 else 0.0, "epochs": passes}
+    tokens = (spec.steps - start) * examples_per_step(spec, loop.world) * ids.shape[1]
+    return {"final_loss": loss, "train_s": wall, "steps_run": spec.steps - start, "processes": loop.world,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0, "epochs": epochs(len(ids), spec, loop.world)}

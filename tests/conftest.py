@@ -87,12 +87,12 @@ def crash_at(step: int, error: BaseException):
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail a test that loads model weights or a GPTQ checkpoint's tensors: the checks must come first."""
-    from gift_quant import gptq_checkpoint, pipeline
+    from gift_quant import gptq_checkpoint, rundir
 
     def refuse(*_a, **_k):
         pytest.fail("weights were loaded before the inputs were checked")
 
-    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(rundir, "load_model", refuse)
     monkeypatch.setattr(gptq_checkpoint, "load", refuse)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gift_quant.calibrate import run_blocks
-from gift_quant.compress import collect_stats
+from gift_quant.quantize import collect_stats
 from gift_quant.recipe import ALL_PROJECTIONS
 
 from .conftest import tiny_llama
@@ -68,7 +68,7 @@ def _stats_from(x: torch.Tensor, rows: int):
 def test_block_offload_path_equals_whole_model_reference():
     """Non-sequential GPTQ + salient columns through the block-by-block path with the inputs kept off the
     device (``resident=False``) equals each layer quantized from one ordinary whole-model forward."""
-    from gift_quant.compress import quantize_linear, quantize_model
+    from gift_quant.quantize import quantize_linear, quantize_model
     from gift_quant.recipe import QuantSpec, SaliencySpec
 
     model = tiny_llama(layers=2)
@@ -89,7 +89,7 @@ def test_block_offload_path_equals_whole_model_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_quantize_on_the_gpu_equals_the_cpu():
-    from gift_quant.compress import quantize_model
+    from gift_quant.quantize import quantize_model
     from gift_quant.recipe import QuantSpec, SaliencySpec
 
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(3))

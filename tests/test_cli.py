@@ -31,8 +31,9 @@ def test_help_does_not_import_the_quantizer_registry_yet_a_gift_folder_loads(tmp
             "from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'gift')!r}); "
             "print(type(m.model.layers[0].mlp.up_proj).__name__)")
-    from .test_export import quantized_tiny
     from gift_quant.gift_format import export_gift
+
+    from .test_export import quantized_tiny
 
     model, tok, results = quantized_tiny(4, 32)
     export_gift(model, tok, results, tmp_path / "gift", {})

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gift_quant.evaluate import PAPER_TASKS, nonoverlapping_windows, perplexity, zero_shot
+from gift_quant.data import nonoverlapping_windows
+from gift_quant.evaluate import PAPER_TASKS, perplexity, zero_shot
 from gift_quant.sources import resolve_model, resolve_package_path
 
 from .conftest import SMOLLM2, tiny_llama

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from gift_quant.compress import rtn_with_columns
-from gift_quant.export import CheckpointError, export_gptq_lora, load_quantized, save_quantized
+from gift_quant.checkpoint import CheckpointError, load_quantized, save_quantized
+from gift_quant.gptq_lora_format import export_gptq_lora
+from gift_quant.grid import Grid, rtn
 from gift_quant.layers import wrap_quantized
-from gift_quant.quantize import Grid, rtn
+from gift_quant.quantize import rtn_with_columns
 from gift_quant.sources import resolve_model
 
 from .conftest import SMOLLM2, needs_gptqmodel, rewrite_gift, tiny_llama
@@ -71,8 +72,8 @@ def test_native_file_round_trip_and_errors(tmp_path):
     broken = rtn(torch.randn(8, 8), Grid(3), torch.tensor([1]))
     missing[name] = broken
     save_quantized(missing, tmp_path / "m.safetensors")
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     t = load_file(tmp_path / "m.safetensors")
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
@@ -188,9 +189,9 @@ def test_eval_command_reads_every_export_format(tmp_path):
 
 
 def test_storage_counts_the_bits_of_each_format(tmp_path):
-    from gift_quant.export import bits_per_weight, storage
     from gift_quant.gift_format import export_gift
     from gift_quant.layers import merge_to_dense
+    from gift_quant.sizes import bits_per_weight, storage
 
     model, tok, results = quantized_tiny(3, 32)
     export_gift(model, tok, results, tmp_path / "gift", {})
@@ -260,10 +261,8 @@ def test_lm_eval_command_scores_a_gift_folder(tmp_path):
 
     import gift_quant
     from gift_quant.cli import main
-    from gift_quant.evaluate import zero_shot
+    from gift_quant.evaluate import offline_tasks, zero_shot
     from gift_quant.gift_format import export_gift
-
-    from gift_quant.evaluate import offline_tasks
 
     model, tok, results = quantized_tiny(4, 32)
     export_gift(model, tok, results, tmp_path / "gift", {})

@@ -25,10 +25,10 @@ from gift_quant import gptq as gptq_mod
 from gift_quant import noise as noise_mod
 from gift_quant import pack as pack_mod
 from gift_quant.calibrate import InputStats, _Inputs
-from gift_quant.compress import quantize_linear, rtn_with_columns, select_salient
+from gift_quant.grid import Grid, rtn
 from gift_quant.layers import SalientLinear, merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from gift_quant.noise import draw, noise_step
-from gift_quant.quantize import Grid, rtn
+from gift_quant.quantize import quantize_linear, rtn_with_columns, select_salient
 from gift_quant.recipe import QuantSpec, SaliencySpec
 
 from .conftest import tiny_llama

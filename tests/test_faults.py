@@ -12,17 +12,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gift_quant import pipeline
-from gift_quant.export import CheckpointError
+from gift_quant import pipeline, stages
+from gift_quant.checkpoint import CheckpointError
 from gift_quant.gift_format import load
-from gift_quant.integrity import sha256, verify
-from gift_quant.pipeline import Run, recover
+from gift_quant.integrity import sha256
+from gift_quant.pipeline import recover
 from gift_quant.recipe import RecipeError
+from gift_quant.rundir import RunError, lock
 from gift_quant.sources import SourceError
 from gift_quant.train import TrainingError
+from gift_quant.verify import verify
 
-from .conftest import recipe as full_recipe
 from .conftest import crash_at, rewrite_gift, tweak
+from .conftest import recipe as full_recipe
 
 
 def recipe(*args, **kwargs):
@@ -105,23 +107,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
 def test_a_second_run_is_refused_and_a_dead_holder_does_not_block(tiny_folder, tmp_path):
     r = recipe(tiny_folder, tmp_path / "run", ["dense"], steps=2)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom gift_quant.pipeline import Run\nfrom tests.conftest import recipe\n"
-        f"lock = Run(recipe({str(tiny_folder)!r}, {str(tmp_path / 'run')!r}, ['dense'], steps=2)).lock()\n"
+        "import sys, time\nfrom gift_quant.rundir import lock\nfrom tests.conftest import recipe\n"
+        f"held = lock(recipe({str(tiny_folder)!r}, {str(tmp_path / 'run')!r}, ['dense'], steps=2).run_dir())\n"
         "print('locked', flush=True)\ntime.sleep(600)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RecipeError, match=rf"run folder .* is in use by pid {holder.pid} on "):
-            Run(r).lock()
+        with pytest.raises(RunError, match=rf"run folder .* is in use by pid {holder.pid} on "):
+            lock(r.run_dir())
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    Run(r).lock().release()  # the killed holder's lock went with it
+    lock(r.run_dir()).release()  # the killed holder's lock went with it
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
-    original = pipeline.train
+    original = stages.train
 
     def poisoned(model, *a, **k):
         def hook(_m, _i, o):
@@ -131,7 +133,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_folder,
         model.model.norm.register_forward_hook(hook)
         return original(model, *a, **k)
 
-    monkeypatch.setattr(pipeline, "train", poisoned)
+    monkeypatch.setattr(stages, "train", poisoned)
     with pytest.raises(TrainingError, match=r"step 3: the loss is \[nan\] .* last good checkpoint kept: step-2"):
         recover(recipe(tiny_folder, out, ["dense"]))
     kept = load_file(out / "train.work/checkpoints/step-2/model.safetensors")
@@ -158,7 +160,7 @@ def test_changed_train_section_refused_on_resume_and_damaged_checkpoint_skipped(
 
     with pytest.raises(KeyboardInterrupt):
         recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1), on_step=crash_at(3, KeyboardInterrupt()))
-    with pytest.raises(RecipeError, match=r"step-3 was trained from a different recipe .* --from train"):
+    with pytest.raises(RunError, match=r"step-3 was trained from a different recipe .* --from train"):
         recover(recipe(tiny_folder, out, ["dense"], checkpoint_every=1, lr=5e-3))
     assert json.loads((out / "recipe.json").read_text())["train"]["lr"] == 1e-3  # the refused run wrote nothing
 

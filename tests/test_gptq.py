@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from gift_quant.gptq import gptq, inverse_cholesky
-from gift_quant.quantize import Grid, expand_groups, fake_quantize, grid_params, row_params, rtn
+from gift_quant.grid import Grid, expand_groups, fake_quantize, grid_params, row_params, rtn
 
 from .conftest import needs_gptqmodel
 
 
-def reference(w, h, bits, group_size, sym, salient, damp, act_order, dynamic=False):
+def reference(w, h, bits, group_size, sym, salient, damp, act_order, dynamic=False, then_salient=False):
+    """``then_salient``: after the other columns, quantize the salient ones too, in their given order."""
     n = w.shape[1]
     w = w.double().clone()
     h = h.double().clone()
@@ -29,6 +30,8 @@ def reference(w, h, bits, group_size, sym, salient, damp, act_order, dynamic=Fal
     order = [j for j in range(n) if mask[j]]
     if act_order:
         order = sorted(order, key=lambda j: -h[j, j].item())  # sorted() is stable: ties keep index order
+    if then_salient:
+        order += [int(j) for j in salient]
     hinv = torch.linalg.inv(h)
     fitted = set()
     for j in order:
@@ -63,6 +66,30 @@ def test_gptq_equals_obs_reference(salient, group_size, act_order, sym):
     got = gptq(w, h, Grid(3, group_size, sym), idx, damp=0.01, block_size=8, act_order=act_order).effective_weight()
     ref = reference(w, h, 3, group_size, sym, idx, 0.01, act_order)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def damped(h, damp=0.01):
+    return h.double() + damp * torch.diag(h).double().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(-1, False), (16, False), (-1, True)])
+def test_layer_error_is_the_output_error_and_the_salient_share_what_quantizing_them_adds(group_size, act_order):
+    """GPTQ's loss equals 1/2 tr(D H D^T) for D = W - the result (each OBS step adds (w - q)^2 / [H^-1]_jj exactly),
+    and with the salient columns quantized too (the OBS reference going on over them) the two losses add up."""
+    w, _, h = problem(7 + group_size)
+    idx = torch.tensor([3, 11, 50])
+    got = gptq(w, h, Grid(3, group_size, True), idx, damp=0.01, block_size=8, act_order=act_order)
+    hd = damped(h)
+
+    def half_trace(d):
+        return float(0.5 * torch.trace(d.double() @ hd @ d.double().T))
+
+    assert float(got.error) == pytest.approx(half_trace(w - got.effective_weight()), rel=1e-4)
+    everything = reference(w, h, 3, group_size, True, idx, 0.01, act_order, then_salient=True)
+    assert float(got.error + got.error_salient) == pytest.approx(half_trace(w - everything), rel=1e-4)
+    assert got.error_salient > 0
+    plain = gptq(w, h, Grid(3, group_size, True), idx[:0], damp=0.01, block_size=8, act_order=act_order)
+    assert plain.error_salient == 0 and float(plain.error) == pytest.approx(half_trace(w - plain.effective_weight()), rel=1e-4)
 
 
 @pytest.mark.parametrize("salient", [[], [3, 11, 16, 17, 50]])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gift_quant import gptq_checkpoint, pipeline
-from gift_quant.export import CheckpointError, load_quantized
+from gift_quant.checkpoint import CheckpointError, load_quantized
 from gift_quant.gift_format import export_gift
 from gift_quant.recipe import RecipeError
 
@@ -102,11 +102,10 @@ def test_import_of_a_qwen2_checkpoint_keeps_the_biases_of_quantized_layers(tmp_p
 def test_exports_keep_the_imported_tensors_bit_identical(checkpoints, case, tmp_path):
     """The gift and gptq+lora exports of an import write the checkpoint's packed tensors back unchanged, and
     the gift folder loads to the same model (act-order groups included)."""
-    from gift_quant.export import export_gptq_lora
-    from gift_quant.gift_format import load
-    from gift_quant.layers import wrap_quantized
-
     import gift_quant  # noqa: F401  registers the gift format with transformers
+    from gift_quant.gift_format import load
+    from gift_quant.gptq_lora_format import export_gptq_lora
+    from gift_quant.layers import wrap_quantized
 
     folder = checkpoints[case]
     ck = gptq_checkpoint.read_config(str(folder))

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gift_quant.grid import Grid, row_params, rtn
 from gift_quant.layers import SalientLinear, merge_to_dense, wrap_quantized
-from gift_quant.quantize import Grid, row_params, rtn
 
 
 def make_layer(noise="gaussian", group_size=-1, bias=True, seed=0):

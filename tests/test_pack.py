@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from gift_quant.grid import Grid, QuantizedWeight, rtn
 from gift_quant.pack import FORMATS, from_gptq, pack_rows, to_gptq, unpack_rows
-from gift_quant.quantize import Grid, QuantizedWeight, rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

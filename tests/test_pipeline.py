@@ -7,6 +7,7 @@ import torch
 from gift_quant import pipeline
 from gift_quant.pipeline import recover
 from gift_quant.recipe import RecipeError
+from gift_quant.rundir import RunError
 
 from .conftest import crash_at, recipe
 
@@ -26,6 +27,8 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
     assert (out / "export/dense/config.json").exists() and (out / "export/gift/model.safetensors").exists()
     assert (out / "export/gptq_lora/adapter/adapter_config.json").exists()
     assert not list(out.glob(".*tmp*"))  # nothing half-written
+    errors = json.loads((out / "quantize/manifest.json").read_text())["gptq_error"]  # GPTQ's loss per layer
+    assert len(errors) == 2 * 7 and all(e["error"] > 0 and e["error_salient"] > 0 for e in errors.values())
 
     stamps = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("quantize", "train", "export", "evaluate")}
     with caplog.at_level("INFO", logger="gift_quant.pipeline"):
@@ -33,7 +36,7 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
     assert caplog.text.count("done, skipped") == 5
     assert stamps == {s: (out / s / "manifest.json").stat().st_mtime_ns for s in stamps}
 
-    with pytest.raises(RecipeError, match="stage 'train' .* different recipe.*--from train"):
+    with pytest.raises(RunError, match="stage 'train' .* different recipe.*--from train"):
         recover(recipe(tiny_folder, out, lr=5e-3))
     recover(recipe(tiny_folder, out, lr=5e-3), from_stage="train")
     assert (out / "quantize/manifest.json").stat().st_mtime_ns == stamps["quantize"]  # earlier stage kept
@@ -44,10 +47,10 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
 
 def test_a_run_that_does_not_fit_is_refused_before_loading(tiny_folder, tmp_path, monkeypatch):
     import gift_quant.plan
-    import gift_quant.sources
+    import gift_quant.rundir
 
     monkeypatch.setattr(gift_quant.plan, "capacity", lambda _d: 2**20)
-    monkeypatch.setattr(gift_quant.sources, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(gift_quant.rundir, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(RecipeError, match="stage quantize needs about .* GiB on cpu"):
         recover(recipe(tiny_folder, tmp_path / "run"))
     assert not list((tmp_path / "run").glob("*/manifest.json"))
@@ -99,7 +102,7 @@ def test_recover_under_torchrun_two_processes(tiny_folder, tmp_path):
 def test_pre_and_full_precision_modes(tiny_folder, tmp_path, mode):
     from safetensors.torch import load_file
 
-    from gift_quant.export import load_quantized
+    from gift_quant.checkpoint import load_quantized
 
     out = tmp_path / mode
     recover(recipe(tiny_folder, out, ["dense"] if mode == "fp" else ["dense", "gift"], mode=mode, noise_bits=3))
@@ -128,11 +131,11 @@ def test_fp_mode_refuses_packed_exports(tiny_folder, tmp_path):
 def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
     """eval.baselines: lora trains a PEFT LoRA of the salient columns' size on the plain GPTQ model, exports it
     as GPTQ + adapter and scores it; the plain GPTQ baseline reuses its quantization (quantized once)."""
-    from gift_quant import pipeline
+    from gift_quant import modes
 
     calls = []
-    original = pipeline.quantize_model
-    monkeypatch.setattr(pipeline, "quantize_model", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = modes.quantize_model
+    monkeypatch.setattr(modes, "quantize_model", lambda *a, **k: calls.append(1) or original(*a, **k))
     r = recipe(tiny_folder, tmp_path / "run", ["dense"])
     data = r.model_dump(mode="json")
     data["eval"]["baselines"] = ["fp", "gptq", "salient", "lora"]
@@ -162,8 +165,19 @@ def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
 def test_the_shipped_demo_recipe_passes_its_input_checks(smollm2):
     """The demo's model is a GGUF inside a package (pkg://): not an imported GPTQ checkpoint, and every
     check before the weights load passes (the smollm2 fixture has converted the GGUF once)."""
+    from gift_quant.checks import check_inputs
+    from gift_quant.modes import Post, mode_for
     from gift_quant.recipe import load_recipe
 
-    r = pipeline.adopt_checkpoint(load_recipe("smollm2-135m-instruct-w3"))
-    assert type(pipeline.mode(r)) is pipeline.Post
-    pipeline.check_inputs(r)
+    checked = check_inputs(load_recipe("smollm2-135m-instruct-w3"))
+    assert checked.imported is None and type(mode_for(checked.recipe, checked.imported)) is Post
+
+
+def test_gptq_error_summary_names_the_worst_layers():
+    from gift_quant.stages import error_summary
+
+    errors = {"a.q_proj": {"error": 1.0, "error_salient": 1.0}, "b.down_proj": {"error": 3.0, "error_salient": 0.0},
+              "c.k_proj": {"error": 0.5, "error_salient": 0.0}}
+    line = error_summary(errors, worst=2)  # avoided 1 of 4.5 + 1 = 5.5
+    assert line == ("GPTQ error: 4.5 over 3 layers; the salient columns avoid 18.2% of what quantizing them too "
+                    "would give; largest: b.down_proj 3, a.q_proj 1")

@@ -9,7 +9,15 @@ import torch
 
 from gift_quant import plan as plan_mod
 from gift_quant.devices import DeviceError, GiB, resolve
-from gift_quant.plan import check_fits, model_config, plan, plan_train, shape_of, shipped_configs
+from gift_quant.plan import (
+    check_fits,
+    meta_model,
+    model_config,
+    plan,
+    plan_train,
+    shape_of,
+    shipped_configs,
+)
 from gift_quant.recipe import RecipeError, load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -27,13 +35,13 @@ def test_every_recipe_model_has_a_shipped_config_with_its_published_size():
     assert hub <= set(shipped_configs()), hub - set(shipped_configs())
     for ref, n in PUBLISHED.items():
         r = parse_recipe({"model": {"ref": ref}})
-        assert shape_of(model_config(r), r).params == n, ref
+        assert shape_of(meta_model(model_config(r)), r).params == n, ref
 
 
 def test_llama2_7b_training_plan_by_hand():
     """W3 per-row + 128 salient columns, micro-batch 1 x 2048, bf16, checkpointing, on a GPU."""
     r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1"])
-    parts = plan_train(shape_of(model_config(r), r), r, torch.device("cuda"))
+    parts = plan_train(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"))
     h, i, L, V, s = 4096, 11008, 32, 32000, 2048
     assert parts["codes (uint8)"] == L * (4 * h * h + 3 * h * i)
     assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * L * 128 * (5 * h + 2 * i)
@@ -53,7 +61,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from gpu_check import config, quantized_model
 from gift_quant import devices
-from gift_quant.plan import plan_train, shape_of
+from gift_quant.plan import meta_model, plan_train, shape_of
 from gift_quant.recipe import parse_recipe
 from gift_quant.train import train
 ckpt = CKPT
@@ -62,7 +70,7 @@ model = quantized_model(cfg, torch.device("cpu"), torch.float32, 16)
 r = parse_recipe({"model": {"ref": "-"}, "saliency": {"k": 16},
                   "train": {"steps": 2, "micro_batch_size": 4, "seq_len": 256, "gradient_checkpointing": ckpt,
                             "noise": "gaussian", "checkpoint_every": 1000}})
-parts = plan_train(shape_of(cfg, r), r, torch.device("cpu"))
+parts = plan_train(shape_of(meta_model(cfg), r), r, torch.device("cpu"))
 before = sum(v for k, v in parts.items() if k.startswith(("codes", "grid", "other")))  # already resident
 ids = torch.randint(0, 8192, (16, 256))
 gc.collect()

@@ -70,18 +70,20 @@ def family_config(stem: str):
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipe_targets_exist_in_the_family(path):
-    from gift_quant.pipeline import check_targets
+    from gift_quant.checks import check_targets
+    from gift_quant.plan import meta_model
 
     r = load_recipe(path, ["saliency.k=4", "saliency.k_overrides={}"])  # k of the real model exceeds the tiny one
-    check_targets(r, family_config(path.stem))
+    check_targets(r, meta_model(family_config(path.stem)))
 
 
 def test_target_typo_and_oversized_k_are_caught_before_loading():
-    from gift_quant.pipeline import check_targets
+    from gift_quant.checks import check_targets
+    from gift_quant.plan import meta_model
 
     r = parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["q_proj", "gate_prj"], "k": 4}}, "t")
     with pytest.raises(RecipeError, match=r"saliency.targets = .*no linear \['gate_prj'\].*'gate_proj'"):
-        check_targets(r, family_config("llama"))
+        check_targets(r, meta_model(family_config("llama")))
     r = parse_recipe({"model": {"ref": "m"}, "saliency": {"k": 100}}, "t")
     with pytest.raises(RecipeError, match="saliency.k for q_proj = 100: .*outside 0..64"):
-        check_targets(r, family_config("llama"))
+        check_targets(r, meta_model(family_config("llama")))

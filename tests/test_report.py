@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gift_quant.cli import main
-from gift_quant.export import bits_per_weight
-from gift_quant.quantize import Grid, rtn
+from gift_quant.grid import Grid, rtn
+from gift_quant.sizes import bits_per_weight
 
 TASKS = ["gq_arc_easy", "gq_boolq"]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gift_quant.calibrate import InputStats
-from gift_quant.quantize import Grid
+from gift_quant.grid import Grid
 from gift_quant.saliency import PRESETS, Metric, column_scores, quantization_perturbation, resolve_k, top_k
 
 D = torch.tensor([[0.1, -0.4, 0.0], [-0.3, 0.2, 0.5]])

@@ -1,10 +1,11 @@
 """Integration on the real SmolLM2-135M-Instruct: 3-bit per-row, GPTQ vs RTN, salient columns vs none."""
 import pytest
 
-from gift_quant.compress import collect_stats, quantize_with_stats
-from gift_quant.evaluate import nonoverlapping_windows, perplexity
+from gift_quant.data import nonoverlapping_windows, sample_windows
+from gift_quant.evaluate import perplexity
+from gift_quant.quantize import collect_stats, quantize_with_stats
 from gift_quant.recipe import QuantSpec, SaliencySpec
-from gift_quant.sources import read_text, sample_windows, tokenize
+from gift_quant.sources import read_text, tokenize
 
 from .conftest import C4, WIKI
 

@@ -4,8 +4,14 @@ import logging
 import pytest
 import torch
 
-from gift_quant.sources import (SourceError, convert_gguf, read_text, resolve_model, resolve_package_path,
-                                sample_windows)
+from gift_quant.data import sample_windows
+from gift_quant.sources import (
+    SourceError,
+    convert_gguf,
+    read_text,
+    resolve_model,
+    resolve_package_path,
+)
 
 from .conftest import C4, SMOLLM2
 

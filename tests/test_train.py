@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gift_quant.train import batch_indices, chat_examples, distill_loss
+from gift_quant.data import chat_examples
+from gift_quant.train import batch_indices, distill_loss
 
 from .conftest import crash_at
 from .train_worker import build, run

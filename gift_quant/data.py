@@ -1,0 +1,84 @@
+"""The recipe's texts as token tensors: calibration windows, training examples, evaluation windows.
+
+Reading a text (files, packages, hub data sets) is ``sources``' job; this module only cuts the
+tokens: random windows for calibration (seeded, so a rerun calibrates on the same tokens),
+consecutive windows for perplexity and plain-text training, and chat conversations through the
+tokenizer's template with labels on the assistant turns only.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sources import SourceError, read_records, read_text, tokenize
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+
+def nonoverlapping_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """``(n, seq_len)`` consecutive windows; the incomplete tail is dropped."""
+    n = tokens.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text of {tokens.numel()} tokens is shorter than one window of {seq_len}")
+    return tokens[: n * seq_len].reshape(n, seq_len)
+
+
+def sample_windows(tokens: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of ``length`` tokens (seeded), shape ``(n, length)``."""
+    if tokens.numel() <= length:
+        raise SourceError(f"text has {tokens.numel()} tokens, fewer than one window of {length}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - length, (n,), generator=g)
+    return torch.stack([tokens[s : s + length] for s in starts.tolist()])
+
+
+def text_examples(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed plain text: consecutive windows, every token a label."""
+    ids = nonoverlapping_windows(tokens, seq_len)
+    return ids, ids.clone()
+
+
+def chat_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat data through the tokenizer's chat template; labels only on assistant turns (else -100)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    all_ids, all_labels = [], []
+    for msgs in conversations:
+        ids = _template(tokenizer, msgs, generation_prompt=False)
+        labels = [-100] * len(ids)
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = len(_template(tokenizer, msgs[:i], generation_prompt=True))
+            end = len(_template(tokenizer, msgs[: i + 1], generation_prompt=False))
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        fill = seq_len - len(ids)
+        all_ids.append(ids + [pad] * fill)
+        all_labels.append(labels + [-100] * fill)
+    return torch.tensor(all_ids), torch.tensor(all_labels)
+
+
+def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) else out)
+
+
+def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    c = recipe.calibration
+    return sample_windows(tokenize(tokenizer, read_text(c.data)), c.n_samples, c.seq_len, recipe.seed)
+
+
+def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    e = recipe.eval
+    return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
+
+
+def training_examples(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    t = recipe.train
+    if t.data_format == "chat":
+        return chat_examples(tokenizer, read_records(t.data, "messages"), t.seq_len)
+    return text_examples(tokenize(tokenizer, read_text(t.data)), t.seq_len)

@@ -1,0 +1,74 @@
+"""The paper's baseline (METHOD section 6): a PEFT LoRA on the plain quantized model, without salient
+columns, of the salient columns' trainable size, trained on the same data, steps and schedule as
+GIFT-SW, without noise. The stage writes the plain quantization (``base.safetensors``, which the GPTQ
+baseline of the report reuses, so a run quantizes plainly once) and a GPTQ v1 checkpoint with the
+trained adapter beside it (``export/``, ``export/adapter``).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_quantized, read_json, save_quantized
+from .data import training_examples
+from .gptq_lora_format import export_gptq_lora
+from .rundir import Run, Stage
+from .train import train
+
+log = logging.getLogger(__name__)
+
+
+def lora_rank(salient: int, shapes: list[tuple[int, int]]) -> int:
+    """LoRA rank whose trainable parameters ``r * sum(in + out)`` come closest to ``salient``."""
+    return max(1, round(salient / sum(i + o for i, o in shapes)))
+
+
+def run_lora(run: Run, tmp: Path) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    r = run.recipe
+    model, tok, base = run.mode.plain(run)  # the model holds the dense quantized weights
+    save_quantized(base, tmp / "base.safetensors")
+    export_gptq_lora(model, tok, base, tmp / "export", fmt=run.fmt)
+    salient = sum(qw.salient_idx.numel() * qw.codes.shape[0] for qw in load_quantized(
+        run.stage("quantize") / "quantized.safetensors").values())
+    rank = lora_rank(salient, [(qw.codes.shape[1], qw.codes.shape[0]) for qw in base.values()])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=r.saliency.targets))
+    ids, labels = training_examples(r, tok)
+    work = run.dir / "lora.work"
+    spec = r.train.model_copy(update={"noise": "none", "distill": 0.0})
+    summary = train(model, ids, labels, spec, work, seed=r.seed, device=run.device, key=run.key("lora"))
+    model.save_pretrained(tmp / "export" / "adapter")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA baseline: rank %d, %d trainable parameters (salient columns: %d)", rank, trainable, salient)
+    return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
+
+
+STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora)
+
+
+def plain_model(run: Run):
+    """The model with the LoRA stage's plain quantization (no salient columns) in its linears."""
+    model, tok = run.load_fp()
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
+            modules[name].weight.copy_(qw.effective_weight())
+    return model, tok
+
+
+def trained_model(run: Run):
+    """``(model, rank)``: the LoRA baseline for scoring, the plain quantized weights with the trained adapter
+    merged in."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(plain_model(run)[0], run.stage("lora") / "export" / "adapter").merge_and_unload()
+    rank = read_json(run.stage("lora") / "manifest.json")["rank"]
+    return model, rank

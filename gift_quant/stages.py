@@ -1,0 +1,185 @@
+"""The pipeline's stages, each a function ``(run, tmp) -> manifest extras`` that writes its own files into
+``tmp`` and declares, beside it, the recipe sections it reads (``Stage.reads``; the stage key hashes
+them and those of every stage before it). The models come from the run's mode (``modes``); the LoRA
+baseline is its own module (``lora``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import dense_format, gift_format, gptq_lora_format, lora
+from .checkpoint import load_quantized, save_quantized
+from .data import eval_windows, training_examples
+from .evaluate import interval, window_nll, zero_shot
+from .integrity import write_sums
+from .layers import merge_to_dense, salient_layers
+from .modes import plain_saliency, quantize_with
+from .quantize import quantize_rtn_plain
+from .rundir import Run, Stage
+from .sizes import bits_per_weight, storage
+from .sources import load_tokenizer
+from .train import train, trainable_state
+
+log = logging.getLogger(__name__)
+
+
+def run_quantize(run: Run, tmp: Path) -> dict:
+    """GPTQ/RTN with salient columns, or the import of a GPTQ checkpoint (the mode's ``quantize``)."""
+    results = run.mode.quantize(run)
+    save_quantized(results, tmp / "quantized.safetensors")
+    errors = {n: {"error": float(qw.error), "error_salient": float(qw.error_salient)} for n, qw in results.items()
+              if qw.error is not None}
+    if errors:
+        log.info("%s", error_summary(errors))
+    return {"layers": len(results), "bits_per_weight": bits_per_weight(results), "gptq_error": errors}
+
+
+def error_summary(errors: dict[str, dict[str, float]], worst: int = 3) -> str:
+    """One line: GPTQ's summed loss, the share of the all-columns-quantized loss the salient columns avoid, and
+    the layers with the largest loss (where a bad calibration or grid shows first)."""
+    total = sum(e["error"] for e in errors.values())
+    avoided = sum(e["error_salient"] for e in errors.values())
+    top = sorted(errors, key=lambda n: -errors[n]["error"])[:worst]
+    return (f"GPTQ error: {total:.4g} over {len(errors)} layers; the salient columns avoid "
+            f"{avoided / max(total + avoided, 1e-30):.1%} of what quantizing them too would give; largest: "
+            + ", ".join(f"{n} {errors[n]['error']:.4g}" for n in top))
+
+
+def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
+    """The salient columns trained (noise, distillation and schedule from ``train``); ``trainable.safetensors``
+    holds them, ``salient_idx.safetensors`` the columns where this stage picked them (pre / fp)."""
+    r = run.recipe
+    model, tok, columns = run.mode.to_train(run)
+    if columns is not None:
+        save_file({n: i.contiguous() for n, i in columns.items()}, tmp / "salient_idx.safetensors")
+    t = r.train
+    if not t.enabled:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        return {"trained": False}
+    ids, labels = training_examples(r, tok)
+    teacher = run.load_fp()[0] if t.distill > 0 else None
+    work = run.dir / "train.work"
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device,
+                    key=run.key("train"))
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    return summary
+
+
+# one module a format, each ``write(model, tokenizer, results, out, recipe, fmt)``; dense last (it casts the model)
+WRITERS = {"gift": gift_format.write, "gptq_lora": gptq_lora_format.write, "dense": dense_format.write}
+
+
+def run_export(run: Run, tmp: Path) -> dict:
+    """The recovered model in each of ``export.formats``, every folder with its ``SHA256SUMS``, and the sizes."""
+    r = run.recipe
+    model, tok = run.mode.recovered(run, trained=True)
+    results = load_quantized(run.stage("quantize") / "quantized.safetensors") if run.mode.quantizes else {}
+    for name, qw in results.items():
+        qw.salient_weight = model.get_submodule(name).salient_weight.detach().clone()
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
+    out = {}
+    merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
+    for fmt, write in WRITERS.items():
+        if fmt in r.export.formats:
+            write(model, tok, results, tmp / fmt, r, run.fmt)
+    for fmt in r.export.formats:
+        write_sums(tmp / fmt)  # each folder checkable on its own after a copy (gift-quant verify FOLDER)
+    if results:
+        out["bits_per_weight_formula"] = bits_per_weight(results)
+        log.info("bits per weight of the quantized linears, METHOD section 7 formula: %.3f", out["bits_per_weight_formula"])
+    out["formats"] = {fmt: storage(tmp / fmt, shapes) for fmt in r.export.formats}
+    (tmp / "sizes.json").write_text(json.dumps(out, indent=2))
+    for fmt, st in out["formats"].items():
+        log.info("%-10s %8.1f MB on disk, %.3f bits per weight in the quantized linears", fmt, st["bytes"] / 1e6,
+                 st["linear_bits_per_weight"])
+    return out
+
+
+def scored_models(run: Run, tok) -> Iterator[tuple[str, Callable[[], torch.nn.Module]]]:
+    """``(label, build)`` of every model the report scores, in the report's order; each is built only when scored."""
+    r, m = run.recipe, run.mode
+    bits = f"W{r.quant.bits}" + ("" if r.quant.group_size == -1 else f" g{r.quant.group_size}")
+    if "fp" in r.eval.baselines:
+        yield "full precision", lambda: run.load_fp()[0]
+    if "rtn" in r.eval.baselines:
+        def rtn():
+            model = run.load_fp()[0]
+            quantize_rtn_plain(model, r.saliency, r.quant)
+            return model
+        yield f"RTN {bits}", rtn
+    if run.imported:
+        yield m.quant_label(r, bits), lambda: run.load_imported()[0]
+    if "gptq" in r.eval.baselines and r.quant.method == "gptq":
+        yield f"GPTQ {bits}", lambda: _plain_gptq(run, tok)
+    if "salient" in r.eval.baselines and m.quantizes:
+        yield f"{m.quant_label(r, bits)} + salient columns", lambda: m.recovered(run, trained=False)[0]
+    if r.train.enabled:
+        yield m.label.format(bits=bits), lambda: m.recovered(run, trained=True)[0]
+    if "lora" in run.order:
+        model, rank = lora.trained_model(run)
+        yield f"{m.quant_label(r, bits)} + LoRA r={rank}", lambda: model
+
+
+def _plain_gptq(run: Run, tok):
+    """The plain GPTQ baseline: the LoRA stage's quantization where it ran (quantized once), else quantized here."""
+    if "lora" in run.order and run.is_done("lora", full=False) and not run.imported:
+        return lora.plain_model(run)[0]
+    model = run.load_fp()[0]
+    quantize_with(run, model, tok, sal=plain_saliency(run.recipe.saliency))
+    return model
+
+
+def score(run: Run, tmp: Path, label: str, model, tok, windows: torch.Tensor) -> dict:
+    """Perplexity (with its interval) and the lm-eval tasks of ``model`` on the run's device; GIFT-SW layers are
+    merged into plain linears first (the same weights, without dequantizing them on every forward)."""
+    e = run.recipe.eval
+    merge_to_dense(model)
+    model.to(run.device).eval()
+    t0 = time.time()
+    nll = window_nll(model, windows, e.batch_size, desc=f"ppl {label}")
+    row = {"ppl": math.exp(float(nll.mean())), "ppl_ci95": interval(nll), "ppl_windows": len(nll)}
+    log.info("%s: perplexity %.3f (95%% interval %.3f-%.3f)", label, row["ppl"], *row["ppl_ci95"])
+    if e.tasks:
+        summary, raw = zero_shot(model, tok, e.tasks, e.limit, e.batch_size, e.num_fewshot)
+        row["tasks"] = summary
+        (tmp / "lm_eval").mkdir(exist_ok=True)
+        (tmp / "lm_eval" / f"{label.replace(' ', '_')}.json").write_text(json.dumps(raw, indent=2, default=str))
+        log.info("%s: mean acc %.4f", label, summary["mean_acc"])
+    row["eval_s"] = time.time() - t0
+    model.to("cpu")
+    return row
+
+
+def run_evaluate(run: Run, tmp: Path) -> dict:
+    """Every model of ``scored_models`` scored on the same windows and tasks; ``results.json`` holds the rows."""
+    r = run.recipe
+    tok = load_tokenizer(r.model.ref, r.model.trust_remote_code)  # each scored model is loaded where it is scored
+    windows = eval_windows(r, tok)
+    rows = {label: score(run, tmp, label, build(), tok, windows) for label, build in scored_models(run, tok)}
+    (tmp / "results.json").write_text(json.dumps(rows, indent=2))
+    return {"variants": list(rows)}
+
+
+def run_report(run: Run, tmp: Path) -> dict:
+    from .report import write_report
+
+    path = write_report([run.dir], tmp)
+    return {"report": path.name}
+
+
+QUANTIZE = Stage("quantize", ("calibration", "saliency", "quant"), run_quantize)
+TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train)
+EXPORT = Stage("export", ("export",), run_export)
+EVALUATE = Stage("evaluate", ("eval",), run_evaluate)
+REPORT = Stage("report", (), run_report)
+STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}
