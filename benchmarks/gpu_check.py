@@ -270,7 +270,7 @@ def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
     wall = time.time() - t0
     results = json.loads((run / "evaluate" / "results.json").read_text())
     manifests = {s: json.loads((run / s / "manifest.json").read_text())
-                 for s in ("quantize", "train", "lora", "export", "evaluate")}
+                 for s in ("quantize", "plain", "train", "lora", "export", "evaluate")}
     from gift_quant.sources import load_tokenizer
 
     windows = eval_windows(recipe, load_tokenizer(str(folder)))
@@ -290,6 +290,7 @@ def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
             "stage_s": {s: round(m["seconds"], 1) for s, m in manifests.items()},
             "stage_peak_gib": {s: round(m["peak_memory_bytes"] / GiB, 2) for s, m in manifests.items()},
             "ppl": {k: round(v["ppl"], 3) for k, v in results.items()},
+            "scored_from": {k: v["source"] for k, v in results.items()},
             "gift_export_ppl": gift_ppl, "gift_vs_report_ppl": gift_ppl / results[label]["ppl"],
             "gift_vs_dense_max_logit_diff": float((gift_logits - dense_logits).abs().max()),
             "logit_scale": float(dense_logits.abs().max())}

@@ -14,6 +14,7 @@ import torch
 from . import gptq_checkpoint
 from .calibrate import decoder_layers, target_linears
 from .gptq_checkpoint import GPTQCheckpoint
+from .gptq_lora_format import max_lora_rank, vllm_problem
 from .plan import Shape, meta_model, shape_of
 from .recipe import Recipe, RecipeError
 from .saliency import PRESETS, resolve_k
@@ -147,6 +148,22 @@ def model_shape(recipe: Recipe) -> Shape:
     return shape_of(model, recipe)
 
 
+def check_exports(recipe: Recipe, shape: Shape, ck: GPTQCheckpoint | None) -> None:
+    """What ``gptq4_lora`` needs that the recipe alone does not show: an imported checkpoint's own grid, and one
+    LoRA rank (the largest salient ``k``) within vLLM's ``--max-lora-rank``."""
+    if "gptq4_lora" not in recipe.export.formats:
+        return
+    q = recipe.quant
+    problem = vllm_problem(q.bits, q.group_size, q.sym, ck.desc_act if ck else q.act_order)
+    if problem:
+        raise RecipeError(f"export.formats names gptq4_lora (the checkpoint vLLM serves), but {problem}"
+                          + (f" (the GPTQ checkpoint {recipe.model.ref!r} has this grid)" if ck else ""))
+    try:
+        max_lora_rank(max((lin.k for lin in shape.linears), default=0))
+    except ValueError as e:
+        raise RecipeError(f"export.formats names gptq4_lora, but {e}") from None
+
+
 def check_texts(recipe: Recipe) -> None:
     """Every text the run reads there and long enough for one window of its field's length."""
     tok = load_tokenizer(recipe.model.ref, recipe.model.trust_remote_code)
@@ -176,5 +193,6 @@ def check_inputs(recipe: Recipe, trust_remote_code: bool = False) -> Checked:
     if ck is not None:
         check_import(recipe, ck)
     shape = model_shape(recipe)
+    check_exports(recipe, shape, ck)
     check_texts(recipe)
     return Checked(recipe, ck, shape)

@@ -77,36 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_any(ref: str):
-    """A model reference or an exported folder of any format: ``gift`` (our loader), ``gptq_lora``
-    (transformers + gptqmodel, then the PEFT adapter), ``dense`` or anything transformers loads."""
-    from .integrity import require_sums
-    from .sources import load_model
-    from .verify import is_gift_folder
-
-    folder = Path(ref)
-    if is_gift_folder(folder):
-        from .gift_format import load
-
-        return load(folder)  # checks the folder's SHA256SUMS itself
-    if folder.is_dir():
-        require_sums(folder)  # an export copied here checks against its own SHA256SUMS
-    if (folder / "adapter" / "adapter_config.json").exists():
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        base = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
-        return PeftModel.from_pretrained(base, folder / "adapter").eval(), AutoTokenizer.from_pretrained(folder)
-    return load_model(ref)
-
-
 def _eval(args) -> dict:
     from .data import nonoverlapping_windows
     from .evaluate import perplexity, zero_shot
+    from .exports import load
     from .layers import merge_to_dense
     from .sources import read_text, tokenize
 
-    model, tok = _load_any(args.model)
+    model, tok = load(args.model)
     merge_to_dense(model)  # a gift folder's layers as plain linears: no dequantization on every forward
     if args.device:
         model.to(args.device)

@@ -1,8 +1,8 @@
 """The paper's baseline (METHOD section 6): a PEFT LoRA on the plain quantized model, without salient
 columns, of the salient columns' trainable size, trained on the same data, steps and schedule as
-GIFT-SW, without noise. The stage writes the plain quantization (``base.safetensors``, which the GPTQ
-baseline of the report reuses, so a run quantizes plainly once) and a GPTQ v1 checkpoint with the
-trained adapter beside it (``export/``, ``export/adapter``).
+GIFT-SW, without noise. It trains on the plain stage's quantization (a run quantizes plainly once; an
+imported checkpoint is its own plain quantization) and writes a GPTQ v1 checkpoint with the trained
+adapter beside it (``export/``, ``export/adapter``): the artifact the report scores.
 """
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
-from .checkpoint import load_quantized, read_json, save_quantized
+from .checkpoint import load_quantized, read_json
 from .data import training_examples
 from .gptq_lora_format import export_gptq_lora
 from .rundir import Run, Stage
@@ -31,7 +29,6 @@ def run_lora(run: Run, tmp: Path) -> dict:
 
     r = run.recipe
     model, tok, base = run.mode.plain(run)  # the model holds the dense quantized weights
-    save_quantized(base, tmp / "base.safetensors")
     export_gptq_lora(model, tok, base, tmp / "export", fmt=run.fmt)
     salient = sum(qw.salient_idx.numel() * qw.codes.shape[0] for qw in load_quantized(
         run.stage("quantize") / "quantized.safetensors").values())
@@ -54,21 +51,14 @@ def run_lora(run: Run, tmp: Path) -> dict:
 STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora)
 
 
-def plain_model(run: Run):
-    """The model with the LoRA stage's plain quantization (no salient columns) in its linears."""
-    model, tok = run.load_fp()
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, qw in load_quantized(run.stage("lora") / "base.safetensors").items():
-            modules[name].weight.copy_(qw.effective_weight())
-    return model, tok
+def rank(run: Run) -> int:
+    """The rank the LoRA stage trained."""
+    return read_json(run.stage("lora") / "manifest.json")["rank"]
 
 
-def trained_model(run: Run):
-    """``(model, rank)``: the LoRA baseline for scoring, the plain quantized weights with the trained adapter
-    merged in."""
+def reconstructed(run: Run):
+    """The LoRA baseline rebuilt in memory where its export cannot load here: the plain quantized weights with
+    the trained adapter merged in."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(plain_model(run)[0], run.stage("lora") / "export" / "adapter").merge_and_unload()
-    rank = read_json(run.stage("lora") / "manifest.json")["rank"]
-    return model, rank
+    return PeftModel.from_pretrained(run.mode.plain(run)[0], run.stage("lora") / "export" / "adapter").merge_and_unload()

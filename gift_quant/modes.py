@@ -66,6 +66,18 @@ def full_precision_salient(run: Run, noise: str, trained: bool):
     return model, tok
 
 
+def plain_quantized(run: Run):
+    """``(model, tokenizer, layers)``: the full-precision model with the plain stage's quantization (no salient
+    columns) in its linears."""
+    model, tok = run.load_fp()
+    layers = load_quantized(run.stage("plain") / "base.safetensors")
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, qw in layers.items():
+            modules[name].weight.copy_(qw.effective_weight())
+    return model, tok, layers
+
+
 def score_columns(run: Run, model, tok) -> dict[str, torch.Tensor]:
     """pre / fp: salient columns scored from the full-precision model's own statistics (no quantization error)."""
     r = run.recipe
@@ -88,7 +100,16 @@ class Mode:
     quantizes = True  # False: nothing is quantized (no untrained-salient baseline, nothing to pack)
 
     def order(self, recipe: Recipe) -> list[str]:
-        return list(self.stages)
+        """The stages of this mode for ``recipe``: ``plain`` (the plain quantization, once a run) right after
+        ``quantize`` (first where nothing else is quantized) when a baseline needs it."""
+        order = list(self.stages)
+        if self.needs_plain(recipe):
+            order.insert(order.index("quantize") + 1 if "quantize" in order else 0, "plain")
+        return order
+
+    def needs_plain(self, recipe: Recipe) -> bool:
+        """Whether a baseline reads the plain quantization: the GPTQ row, or the LoRA baseline's base."""
+        return ("gptq" in recipe.eval.baselines and recipe.quant.method == "gptq") or "lora" in recipe.eval.baselines
 
     def to_train(self, run: Run) -> tuple:
         """``(model, tokenizer, columns)``: the model the train stage trains; ``columns``, the salient indices
@@ -115,7 +136,7 @@ class Post(Mode):
     label = "GIFT-SW {bits}"
 
     def order(self, recipe: Recipe) -> list[str]:
-        return [s for s in self.stages if s != "lora" or "lora" in recipe.eval.baselines]
+        return [s for s in super().order(recipe) if s != "lora" or "lora" in recipe.eval.baselines]
 
     def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         return quantize_with(run, *run.load_fp())
@@ -123,8 +144,7 @@ class Post(Mode):
     def plain(self, run: Run):
         """``(model, tokenizer, layers)``: the plain quantization (no salient columns) that the LoRA baseline
         trains on, its dense weights in the model."""
-        model, tok = run.load_fp()
-        return model, tok, quantize_with(run, model, tok, sal=plain_saliency(run.recipe.saliency))
+        return plain_quantized(run)
 
     def to_train(self, run: Run) -> tuple:
         return (*self.recovered(run, trained=False, noise=True), None)
@@ -218,6 +238,10 @@ class Imported(Post):
                 qw.salient_idx = select_salient(w, stats[name], r.saliency, r.quant, short)
                 qw.salient_weight = w[:, qw.salient_idx].clone()
         return layers
+
+    def needs_plain(self, recipe: Recipe) -> bool:
+        """The LoRA baseline trains on the imported checkpoint itself; only a GPTQ row quantizes plainly."""
+        return "gptq" in recipe.eval.baselines and recipe.quant.method == "gptq"
 
     def plain(self, run: Run):
         return run.load_imported()

@@ -203,9 +203,10 @@ class TrainSpec(_Section):
 
 
 class ExportSpec(_Section):
-    formats: list[Literal["dense", "gift", "gptq_lora"]] = Field(
+    formats: list[Literal["dense", "gift", "gptq_lora", "gptq4_lora"]] = Field(
         default_factory=lambda: ["dense", "gift", "gptq_lora"],
-        description="dense: effective weights; gift: codes + salient columns; gptq_lora: GPTQ v1 + PEFT adapter")
+        description="dense: effective weights; gift: codes + salient columns; gptq_lora: GPTQ v1 + PEFT adapter; "
+        "gptq4_lora: a symmetric 2-4 bit grid as a 4-bit GPTQ v1 checkpoint + one-rank adapter, what vLLM serves")
     dtype: Literal["float32", "bfloat16", "float16"] = "float16"
 
 
@@ -281,6 +282,16 @@ class Recipe(_Section):
                              f"nothing quantized to pack; use export.formats: [dense]")
         return self
 
+    @model_validator(mode="after")
+    def _vllm_export(self) -> "Recipe":
+        from .gptq_lora_format import vllm_problem
+
+        q = self.quant
+        problem = vllm_problem(q.bits, q.group_size, q.sym, q.act_order) if "gptq4_lora" in self.export.formats else None
+        if problem:
+            raise ValueError(f"export.formats names gptq4_lora (the checkpoint vLLM serves), but {problem}")
+        return self
+
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name))
 
@@ -302,7 +313,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key; check the spelling against the recipe schema (gift_quant/recipe.py)"
         elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
             msg = "expected a section: a mapping of its keys, one per line below it"
-        lines.append(f"  {path} = {_as_yaml(e.get('input'))}: {msg}")
+        if e["loc"]:
+            lines.append(f"  {path} = {_as_yaml(e.get('input'))}: {msg}")
+        else:  # a rule across sections: its message names the fields and their values
+            lines.append(f"  {msg}")
     return "\n".join(lines)
 
 

@@ -125,6 +125,18 @@ def _recovery_lines(rows: dict[str, dict]) -> list[str]:
     return out
 
 
+def _source_lines(rows: dict[str, dict]) -> list[str]:
+    """Where each scored model came from: the exported folders for what the run ships (loaded as a user loads
+    them), memory for the baselines, which are not shipped."""
+    shipped = [f"{label} {row['source']}" if row["source"].startswith("rebuilt") else f"{label} from `{row['source']}`"
+               for label, row in rows.items() if "source" in row and not row["source"].startswith("in memory")]
+    if not shipped:
+        return []
+    rest = [label for label, row in rows.items() if row.get("source", "").startswith("in memory")]
+    return ["", "Scored from what ships: " + "; ".join(shipped) + "."
+            + (f" In memory (not exported): {', '.join(rest)}." if rest else "")]
+
+
 def _ratio(metric: str, value: float | None) -> str:
     return f"{metric} {value:.1%}" if value is not None else f"{metric} n/a (no worse than full precision)"
 
@@ -196,9 +208,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         q = _json(d / "quantize" / "manifest.json")
         lines.append(f"- `{d.name}`: model `{recipe.get('model', {}).get('ref')}`, "
                      f"{q.get('bits_per_weight', float('nan')):.3f} bits per weight over the quantized linears")
-    lines += [""] + _tables(rows) + _recovery_lines(rows)
+    lines += [""] + _tables(rows) + _recovery_lines(rows) + _source_lines(rows)
     for d in map(Path, run_dirs):
-        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "train", "lora", "export", "evaluate")]
+        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "plain", "train", "lora", "export", "evaluate")]
         lines += ["", f"Stage wall times of `{d.name}` (s): "
                   + ", ".join(f"{s} {m['seconds']:.0f}" for s, m in stages if m)]
         sizes = _json(d / "export" / "manifest.json").get("formats", {})

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import dense_format, gift_format, gptq_lora_format, lora
-from .checkpoint import load_quantized, save_quantized
+from . import dense_format, exports, gift_format, gptq_lora_format, lora
+from .checkpoint import load_quantized, read_json, save_quantized
 from .data import eval_windows, training_examples
 from .evaluate import interval, window_nll, zero_shot
 from .integrity import write_sums
 from .layers import merge_to_dense, salient_layers
-from .modes import plain_saliency, quantize_with
+from .modes import plain_quantized, plain_saliency, quantize_with
 from .quantize import quantize_rtn_plain
 from .rundir import Run, Stage
 from .sizes import bits_per_weight, storage
@@ -54,6 +54,15 @@ def error_summary(errors: dict[str, dict[str, float]], worst: int = 3) -> str:
             + ", ".join(f"{n} {errors[n]['error']:.4g}" for n in top))
 
 
+def run_plain(run: Run, tmp: Path) -> dict:
+    """The plain quantization (the recipe's grid, no salient columns), once a run: the GPTQ row of the report and
+    the LoRA baseline's base read ``base.safetensors``."""
+    model, tok = run.load_fp()
+    base = quantize_with(run, model, tok, sal=plain_saliency(run.recipe.saliency))
+    save_quantized(base, tmp / "base.safetensors")
+    return {"layers": len(base), "bits_per_weight": bits_per_weight(base)}
+
+
 def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     """The salient columns trained (noise, distillation and schedule from ``train``); ``trainable.safetensors``
     holds them, ``salient_idx.safetensors`` the columns where this stage picked them (pre / fp)."""
@@ -76,7 +85,8 @@ def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
 
 
 # one module a format, each ``write(model, tokenizer, results, out, recipe, fmt)``; dense last (it casts the model)
-WRITERS = {"gift": gift_format.write, "gptq_lora": gptq_lora_format.write, "dense": dense_format.write}
+WRITERS = {"gift": gift_format.write, "gptq_lora": gptq_lora_format.write, "gptq4_lora": gptq_lora_format.write_vllm,
+           "dense": dense_format.write}
 
 
 def run_export(run: Run, tmp: Path) -> dict:
@@ -105,38 +115,71 @@ def run_export(run: Run, tmp: Path) -> dict:
     return out
 
 
-def scored_models(run: Run, tok) -> Iterator[tuple[str, Callable[[], torch.nn.Module]]]:
-    """``(label, build)`` of every model the report scores, in the report's order; each is built only when scored."""
+Scored = Callable[[], tuple[torch.nn.Module, str]]  # builds a model to score and says where it came from
+
+
+def scored_models(run: Run) -> Iterator[tuple[str, Scored]]:
+    """``(label, build)`` of every model the report scores, in the report's order; each is built only when scored.
+    A model the run exports is scored from its export, loaded as a user loads it; the others in memory."""
     r, m = run.recipe, run.mode
-    bits = f"W{r.quant.bits}" + ("" if r.quant.group_size == -1 else f" g{r.quant.group_size}")
+    bits = grid_label(r)
     if "fp" in r.eval.baselines:
-        yield "full precision", lambda: run.load_fp()[0]
+        yield "full precision", lambda: (run.load_fp()[0], IN_MEMORY)
     if "rtn" in r.eval.baselines:
         def rtn():
             model = run.load_fp()[0]
             quantize_rtn_plain(model, r.saliency, r.quant)
-            return model
+            return model, IN_MEMORY
         yield f"RTN {bits}", rtn
     if run.imported:
-        yield m.quant_label(r, bits), lambda: run.load_imported()[0]
+        yield m.quant_label(r, bits), lambda: (run.load_imported()[0], "model.ref (the imported checkpoint)")
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
-        yield f"GPTQ {bits}", lambda: _plain_gptq(run, tok)
+        yield f"GPTQ {bits}", lambda: (plain_quantized(run)[0], IN_MEMORY + ", the plain stage's quantization")
     if "salient" in r.eval.baselines and m.quantizes:
-        yield f"{m.quant_label(r, bits)} + salient columns", lambda: m.recovered(run, trained=False)[0]
+        yield f"{m.quant_label(r, bits)} + salient columns", lambda: (m.recovered(run, trained=False)[0], IN_MEMORY)
     if r.train.enabled:
-        yield m.label.format(bits=bits), lambda: m.recovered(run, trained=True)[0]
+        yield m.label.format(bits=bits), lambda: _exported(run)
     if "lora" in run.order:
-        model, rank = lora.trained_model(run)
-        yield f"{m.quant_label(r, bits)} + LoRA r={rank}", lambda: model
+        yield f"{m.quant_label(r, bits)} + LoRA r={lora.rank(run)}", lambda: _lora_exported(run)
 
 
-def _plain_gptq(run: Run, tok):
-    """The plain GPTQ baseline: the LoRA stage's quantization where it ran (quantized once), else quantized here."""
-    if "lora" in run.order and run.is_done("lora", full=False) and not run.imported:
-        return lora.plain_model(run)[0]
-    model = run.load_fp()[0]
-    quantize_with(run, model, tok, sal=plain_saliency(run.recipe.saliency))
-    return model
+def grid_label(recipe) -> str:
+    """The grid as the report's labels write it: W3, W3 g128."""
+    return f"W{recipe.quant.bits}" + ("" if recipe.quant.group_size == -1 else f" g{recipe.quant.group_size}")
+
+
+IN_MEMORY = "in memory (not exported)"
+PREFERRED = ("gift", "dense", "gptq_lora", "gptq4_lora")  # the exact packing first; GPTQ ones need gptqmodel here
+
+
+def _exported(run: Run) -> tuple[torch.nn.Module, str]:
+    """The recovered model from the first of its exports that loads here; rebuilt from the stage files only
+    where none does (the reason goes to the report)."""
+    dtype, why = getattr(torch, run.recipe.model.dtype), "no export format"
+    for fmt in (f for f in PREFERRED if f in run.recipe.export.formats):
+        try:
+            return exports.load(run.stage("export") / fmt, dtype, run.device)[0], f"export/{fmt}"
+        except Exception as e:  # noqa: BLE001 (only gptq_lora gets here: gptqmodel's kernels refuse what they lack)
+            if not fmt.startswith("gptq"):
+                raise
+            why = _not_loaded(f"export/{fmt}", e)
+    return run.mode.recovered(run, trained=True)[0], f"rebuilt in memory: {why}"
+
+
+def _lora_exported(run: Run) -> tuple[torch.nn.Module, str]:
+    """The LoRA baseline from its GPTQ + adapter export (transformers + gptqmodel + peft), else rebuilt."""
+    try:
+        dtype = getattr(torch, run.recipe.model.dtype)
+        return exports.load(run.stage("lora") / "export", dtype, run.device)[0], "lora/export"
+    except Exception as e:  # noqa: BLE001 (gptqmodel missing, or no kernel of it for this device and shape)
+        return lora.reconstructed(run), f"rebuilt in memory: {_not_loaded('lora/export', e)}"
+
+
+def _not_loaded(what: str, e: Exception) -> str:
+    line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    log.warning("%s does not load here (%s: %s); scoring the model rebuilt from the stage files", what,
+                type(e).__name__, line)
+    return f"{what} did not load here ({type(e).__name__}: {line})"
 
 
 def score(run: Run, tmp: Path, label: str, model, tok, windows: torch.Tensor) -> dict:
@@ -165,21 +208,33 @@ def run_evaluate(run: Run, tmp: Path) -> dict:
     r = run.recipe
     tok = load_tokenizer(r.model.ref, r.model.trust_remote_code)  # each scored model is loaded where it is scored
     windows = eval_windows(r, tok)
-    rows = {label: score(run, tmp, label, build(), tok, windows) for label, build in scored_models(run, tok)}
+    rows = {}
+    for label, build in scored_models(run):
+        model, source = build()
+        rows[label] = {**score(run, tmp, label, model, tok, windows), "source": source}
+        del model
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}
 
 
 def run_report(run: Run, tmp: Path) -> dict:
+    """``report.md`` with its plots, and the model card of every export (``export/<format>/README.md``)."""
+    from .card import write_cards
     from .report import write_report
 
     path = write_report([run.dir], tmp)
-    return {"report": path.name}
+    ranks = {}
+    vllm = run.stage("export") / "gptq4_lora" / "adapter" / "adapter_config.json"
+    if vllm.exists():
+        ranks["gptq4_lora"] = gptq_lora_format.max_lora_rank(read_json(vllm)["r"])
+    cards = write_cards(run.dir, run.mode.label.format(bits=grid_label(run.recipe)), ranks)
+    return {"report": path.name, "cards": cards}
 
 
 QUANTIZE = Stage("quantize", ("calibration", "saliency", "quant"), run_quantize)
+PLAIN = Stage("plain", ("calibration", "saliency", "quant"), run_plain)
 TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train)
 EXPORT = Stage("export", ("export",), run_export)
 EVALUATE = Stage("evaluate", ("eval",), run_evaluate)
 REPORT = Stage("report", (), run_report)
-STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}
+STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}

@@ -279,3 +279,84 @@ def test_lm_eval_command_scores_a_gift_folder(tmp_path):
     loaded, tok2 = gift_quant.load(tmp_path / "gift")
     ours, _ = zero_shot(loaded, tok2, ["gq_arc_easy"], limit=6, batch_size=2)
     assert got["acc,none"] == ours["gq_arc_easy"]["acc"] and got["acc_norm,none"] == ours["gq_arc_easy"]["acc_norm"]
+
+
+def vllm_accepts(folder) -> None:
+    """vLLM's load-time checks of a GPTQ + LoRA folder, as its source writes them (read at commit 00161ce):
+    ``GPTQMarlinConfig.TYPE_MAP`` holds (4, sym) and (8, sym) only, ``is_gptq_marlin_compatible`` needs
+    quant_method gptq and bits / group_size / sym / desc_act present, ``MARLIN_SUPPORTED_GROUP_SIZES`` is
+    [-1, 32, 64, 128]; ``PEFTHelper`` reads r, lora_alpha and target_modules (no rank_pattern), refuses
+    modules_to_save and DoRA, scales by lora_alpha / r, and ``validate_legal`` needs r <= --max-lora-rank,
+    one of ``MaxLoRARanks``."""
+    import json
+
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and all(qc.get(k) is not None for k in ("bits", "group_size", "sym", "desc_act"))
+    assert (qc["bits"], qc["sym"]) in {(4, True), (8, True)} and qc["group_size"] in (-1, 32, 64, 128)
+    assert qc["desc_act"] is False and qc.get("checkpoint_format", "gptq") == "gptq"
+    ac = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert not ac.get("rank_pattern") and not ac.get("alpha_pattern")  # vLLM would ignore them
+    assert not ac.get("modules_to_save") and not ac.get("use_dora") and ac["lora_alpha"] / ac["r"] == 1
+    assert ac["r"] <= 512  # the largest of MaxLoRARanks; vllm serve --max-lora-rank must be >= r
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (2, 32)])
+def test_gptq4_lora_holds_the_low_bit_grid_exactly_and_passes_vllms_checks(tmp_path, bits, group_size):
+    """A symmetric 2/3-bit grid written as a 4-bit symmetric GPTQ v1 checkpoint: the unpacked codes are the
+    low-bit codes shifted by 8 - zero, the scales are the same, and through transformers + gptqmodel + peft it
+    gives the logits of the gift export (salient columns of two sizes: the one-rank adapter is zero-padded)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, GPTQConfig
+
+    from gift_quant.gift_format import export_gift
+    from gift_quant.gptq_lora_format import write_vllm
+    from gift_quant.pack import unpack_rows
+    from gift_quant.recipe import parse_recipe
+
+    model, tok, _ = quantized_tiny()
+    wide = {"down_proj"}
+    results = rtn_with_columns(model, Grid(bits, group_size), lambda _i, m: torch.tensor(
+        [3, 40, 77, 90, 101, 120] if any(m is mod for n, mod in model.named_modules() if n.endswith(tuple(wide)))
+        else [3, 40, 77]))
+    for qw in results.values():
+        qw.salient_weight += 0.05
+    r = parse_recipe({"model": {"ref": "-"}, "quant": {"bits": bits, "group_size": group_size},
+                      "export": {"formats": ["gptq4_lora", "gift"]}}, "t")
+    write_vllm(model, tok, results, tmp_path / "v", r, "gptq")
+    export_gift(model, tok, results, tmp_path / "g", {})
+    vllm_accepts(tmp_path / "v")
+    lora = load_file(tmp_path / "v" / "adapter" / "adapter_model.safetensors")
+    a = lora["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]  # k = 3, padded to the rank 6
+    assert a.shape == (6, 128) and not a[3:].any() and torch.equal(a[:3].nonzero()[:, 1], torch.tensor([3, 40, 77]))
+
+    files = load_file(tmp_path / "v" / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj"
+    qw = results[name]
+    codes = unpack_rows(files[f"{name}.qweight"], 4, qw.codes.shape[1]).T
+    assert torch.equal(codes, qw.codes.long() - 2 ** (bits - 1) + 8)
+    assert torch.equal(files[f"{name}.scales"], qw.scale.T.to(torch.float16))
+    zeros = unpack_rows(files[f"{name}.qzeros"].T.contiguous(), 4, qw.codes.shape[0])
+    assert torch.equal(zeros, torch.full_like(zeros, 7))  # GPTQ v1 stores zero - 1
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gift = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "v", device_map="cpu", dtype=torch.float32,
+                                                    quantization_config=GPTQConfig(bits=4, backend="torch"))
+        served = PeftModel.from_pretrained(base, tmp_path / "v" / "adapter").eval()(ids).logits.float()
+    torch.testing.assert_close(served, gift, atol=2e-2, rtol=2e-2)
+
+
+def test_gptq4_lora_refuses_what_vllm_cannot_run():
+    from gift_quant.recipe import RecipeError, parse_recipe
+
+    def refused(quant, match):
+        with pytest.raises(RecipeError, match=match):
+            parse_recipe({"model": {"ref": "-"}, "quant": quant, "export": {"formats": ["gptq4_lora"]}}, "t")
+
+    refused({"sym": False}, r"gptq4_lora .* quant.sym = false: .*zero points .*set quant.sym: true")
+    refused({"group_size": 16}, r"quant.group_size = 16: vLLM's Marlin kernels take group sizes \[-1, 32, 64, 128\]")
+    refused({"bits": 8}, r"quant.bits = 8: gptq4_lora embeds 2-, 3- and 4-bit grids")
+    refused({"group_size": 128, "act_order": True, "dynamic_groups": False}, r"quant.act_order = true with groups")

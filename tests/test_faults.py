@@ -303,7 +303,8 @@ def test_an_export_copied_away_verifies_on_its_own(tiny_folder, tmp_path):
 
     from safetensors.torch import save_file
 
-    from gift_quant.cli import _load_any, main
+    from gift_quant.cli import main
+    from gift_quant.exports import load as load_export
     from gift_quant.integrity import SUMS
 
     out = tmp_path / "run"
@@ -324,7 +325,7 @@ def test_an_export_copied_away_verifies_on_its_own(tiny_folder, tmp_path):
     assert any("model.safetensors: sha256 differs" in p for p in verify(dense))
     assert main(["verify", str(dense)]) == 1
     with pytest.raises(CheckpointError, match=r"model.safetensors: sha256 differs .*gift-quant verify"):
-        _load_any(str(dense))
+        load_export(str(dense))
 
     weights.write_bytes(good)
     tensors = load_file(weights)

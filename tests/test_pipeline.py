@@ -1,15 +1,17 @@
 """The staged pipeline end to end on a tiny Llama (SmolLM2's tokenizer): stages, skip, resume, change detection."""
 import json
+import math
 
 import pytest
 import torch
 
 from gift_quant import pipeline
 from gift_quant.pipeline import recover
+from gift_quant.integrity import sha256
 from gift_quant.recipe import RecipeError
 from gift_quant.rundir import RunError
 
-from .conftest import crash_at, recipe
+from .conftest import crash_at, needs_gptqmodel, recipe
 
 
 def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, caplog):
@@ -29,11 +31,35 @@ def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, cap
     assert not list(out.glob(".*tmp*"))  # nothing half-written
     errors = json.loads((out / "quantize/manifest.json").read_text())["gptq_error"]  # GPTQ's loss per layer
     assert len(errors) == 2 * 7 and all(e["error"] > 0 and e["error_salient"] > 0 for e in errors.values())
+    # what the report scores is what ships: the GIFT-SW row is the gift export loaded anew, as a user loads it
+    from transformers import AutoModelForCausalLM
+
+    from gift_quant.data import eval_windows
+    from gift_quant.evaluate import window_nll
+    from gift_quant.layers import merge_to_dense
+    from gift_quant.sources import load_tokenizer
+
+    r = recipe(tiny_folder, out)
+    shipped = AutoModelForCausalLM.from_pretrained(out / "export/gift", dtype=torch.float32)
+    merge_to_dense(shipped)  # as the report scores every model: plain linears, the same weights
+    nll = window_nll(shipped, eval_windows(r, load_tokenizer(str(tiny_folder))), r.eval.batch_size)
+    assert results["GIFT-SW W3"]["source"] == "export/gift"
+    assert results["GIFT-SW W3"]["ppl"] == math.exp(float(nll.mean()))
+    assert results["GPTQ W3"]["source"].startswith("in memory") and "GIFT-SW W3 from `export/gift`" in text
+    row = results["GIFT-SW W3"]  # every export's model card holds the report's numbers for it
+    for fmt in ("dense", "gift", "gptq_lora"):
+        card = (out / "export" / fmt / "README.md").read_text()
+        assert card.startswith(f"---\nbase_model: \"{tiny_folder}\"") and "from_pretrained" in card
+        assert (f"| **GIFT-SW W3** | {row['ppl']:.3f} ({row['ppl_ci95'][0]:.2f}-{row['ppl_ci95'][1]:.2f}) | "
+                f"{row['tasks']['mean_acc']:.4f} ± {row['tasks']['mean_acc_stderr']:.3f} |") in card
+        assert f"{json.loads((out / 'export/sizes.json').read_text())['formats'][fmt]['linear_bits_per_weight']:.3f}" in card
+    cards = json.loads((out / "report/manifest.json").read_text())["cards"]
+    assert cards["export/gift/README.md"] == sha256(out / "export/gift/README.md")
 
     stamps = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("quantize", "train", "export", "evaluate")}
     with caplog.at_level("INFO", logger="gift_quant.pipeline"):
         recover(recipe(tiny_folder, out))
-    assert caplog.text.count("done, skipped") == 5
+    assert caplog.text.count("done, skipped") == 6  # quantize, plain (the GPTQ baseline), train, export, ...
     assert stamps == {s: (out / s / "manifest.json").stat().st_mtime_ns for s in stamps}
 
     with pytest.raises(RunError, match="stage 'train' .* different recipe.*--from train"):
@@ -142,7 +168,7 @@ def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
     from gift_quant.recipe import parse_recipe
 
     r = parse_recipe(data, "test")
-    assert pipeline.stages(r) == ["quantize", "train", "lora", "export", "evaluate", "report"]
+    assert pipeline.stages(r) == ["quantize", "plain", "train", "lora", "export", "evaluate", "report"]
     recover(r)
     out = tmp_path / "run"
     # tiny Llama: hidden 64, kv 32, MLP 128; salient k = 4 (down_proj 8) a layer, 2 blocks
@@ -155,7 +181,8 @@ def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
     assert set(results) == {"full precision", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3",
                             f"GPTQ W3 + LoRA r={rank}"}
     assert results[f"GPTQ W3 + LoRA r={rank}"]["ppl"] != results["GPTQ W3"]["ppl"]  # the adapter was trained
-    assert len(calls) == 2  # quantize stage and LoRA stage; evaluate reused the LoRA stage's plain GPTQ
+    assert len(calls) == 2  # the quantize and plain stages; the LoRA stage and evaluate reuse the plain one
+    assert results[f"GPTQ W3 + LoRA r={rank}"]["source"] == "lora/export"  # transformers + gptqmodel + peft
     assert json.loads((out / "lora/export/config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
     assert json.loads((out / "lora/export/adapter/adapter_config.json").read_text())["r"] == rank
     assert len((out / "lora/train_log.jsonl").read_text().splitlines()) == 4
@@ -181,3 +208,18 @@ def test_gptq_error_summary_names_the_worst_layers():
     line = error_summary(errors, worst=2)  # avoided 1 of 4.5 + 1 = 5.5
     assert line == ("GPTQ error: 4.5 over 3 layers; the salient columns avoid 18.2% of what quantizing them too "
                     "would give; largest: b.down_proj 3, a.q_proj 1")
+
+
+@needs_gptqmodel
+def test_the_vllm_export_is_what_the_report_scores(tiny_folder, tmp_path):
+    """export.formats: [gptq4_lora] alone: the GIFT-SW row is scored from that folder through transformers +
+    gptqmodel + peft, and the folder passes vLLM's checks."""
+    from .test_export import vllm_accepts
+
+    out = tmp_path / "run"
+    recover(recipe(tiny_folder, out, ["gptq4_lora"], steps=2))
+    results = json.loads((out / "evaluate/results.json").read_text())
+    assert results["GIFT-SW W3"]["source"] == "export/gptq4_lora"
+    vllm_accepts(out / "export/gptq4_lora")
+    adapter = json.loads((out / "export/gptq4_lora/adapter/adapter_config.json").read_text())
+    assert adapter["r"] == 8  # one rank, down_proj's k; the other projections' 4 columns zero-padded to it
