@@ -44,10 +44,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tree, where the package is not installed
 
-from gift_quant import devices  # noqa: E402
+from gift_quant import devices, kernels  # noqa: E402
 from gift_quant.devices import GiB  # noqa: E402
 from gift_quant.grid import Grid  # noqa: E402
-from gift_quant.layers import merge_to_dense, wrap_quantized  # noqa: E402
+from gift_quant.layers import merge_to_dense, salient_layers, wrap_quantized  # noqa: E402
 from gift_quant.plan import meta_model, plan_train, shape_of  # noqa: E402
 from gift_quant.quantize import quantize_model, rtn_with_columns, seeded_columns  # noqa: E402
 from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec, parse_recipe  # noqa: E402
@@ -193,11 +193,16 @@ def check_decode(device: torch.device, tiny: bool) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = 8 if tiny else 64
     model = quantized_model(cfg, device, dtype, 8 if tiny else 128, "none")
-    gift = _decode(model.eval(), device, cfg.vocab_size, tokens)
+    gift = _decode(model.eval(), device, cfg.vocab_size, tokens)  # through the packed kernels where they run
+    packed = [lin.base.packed(dtype) for lin in salient_layers(model).values()]
+    kernels.ENABLED = False
+    dequant = _decode(model, device, cfg.vocab_size, tokens)
+    kernels.ENABLED = True
     merge_to_dense(model)
     dense_tps = _decode(model.eval(), device, cfg.vocab_size, tokens)
-    return {"step": "greedy decode, batch 1", "gift_tokens_per_s": gift, "dense_tokens_per_s": dense_tps,
-            "ratio": gift / dense_tps}
+    return {"step": "greedy decode, batch 1", "gift_tokens_per_s": gift, "gift_dequant_tokens_per_s": dequant,
+            "dense_tokens_per_s": dense_tps, "ratio": gift / dense_tps,
+            "kernels": sorted({p.kind if p else "dequantize (no kernel)" for p in packed})}
 
 
 # ----------------------------------------------------------------------------- the whole product on the device

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grid import QuantizedWeight, nonsalient_mask
+from . import kernels
+from .kernels import Packed, pack
 from .noise import NoiseKind, draw, noise_step
 
 
@@ -34,6 +36,17 @@ class QuantBase(nn.Module):
         self.register_buffer("zero", qw.zero.float().clone())
         self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.long().clone())
         self.bits, self.group_size = qw.bits, qw.group_size
+        self._packed: tuple[tuple, Packed | None] = ((), None)  # (what it was packed from, the packed grid)
+
+    def packed(self, dtype: torch.dtype) -> Packed | None:
+        """The grid packed for a torch integer matmul with activations of ``dtype`` (None: no kernel takes it),
+        built on first use and again when the codes or grid parameters move or change."""
+        if not kernels.ENABLED:
+            return None
+        key = (self.codes.device, dtype, self.codes._version, self.scale._version, self.zero._version)
+        if self._packed[0] != key:
+            self._packed = (key, pack(self.codes, self.scale, self.zero, self.group_size, self.g_idx, dtype))
+        return self._packed[1]
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``scale * (codes - zero)`` in ``dtype``: a new tensor, and the only weight-sized one.
@@ -170,11 +183,23 @@ class SalientLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noisy = self.training and self.noise != "none" and self.noise_factor > 0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if noisy else None
-        y = _FrozenProduct.apply(x, self, seed)
+        y = self._packed_product(x) if seed is None else None
+        if y is None:
+            y = _FrozenProduct.apply(x, self, seed)
         y = y + x[..., self.salient_idx] @ self.salient_weight.to(x.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The frozen product through a packed integer kernel (``kernels``): for inference, where no gradient
+        flows to ``x`` and there is no noise (eval mode: training keeps the dequantized product, so its numbers
+        do not depend on which kernels a machine has); None where no kernel takes the grid."""
+        if self.training or not isinstance(self.base, QuantBase) or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        dtype = compute_dtype(x)
+        packed = self.base.packed(dtype)
+        return None if packed is None else packed(x.to(dtype))
 
     def extra_repr(self) -> str:
         kind = "quantized" if isinstance(self.base, QuantBase) else "dense"

@@ -201,6 +201,16 @@ def test_salient_linear_forward_backward_on_meta(seeded_anywhere, group_size, no
     assert layer.salient_weight.grad.shape == (48, 3) and layer.salient_weight.grad.device == META
 
 
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_inference_on_the_device_takes_the_dequantizing_path_where_no_kernel_runs(group_size):
+    """Eval mode tries torch's packed int8 / int4 kernels (``kernels``); on meta (no values to pack) the
+    dequantizing path runs, on the device. The CUDA kernels themselves run only in the GPU check."""
+    layer = on_meta(quantized_layer(group_size, "none")).eval()
+    with torch.no_grad():
+        y = layer(torch.randn(2, 5, 80, device=META))
+    assert y.device == META and y.shape == (2, 5, 48) and layer.base.packed(torch.float32) is None
+
+
 class _Recorder:
     """The dtypes ``base_weight`` was built in, and the weights themselves."""
 
