@@ -6,11 +6,12 @@ SmolLM2-135M-Instruct, RTN of every projection at ``bits`` with group 64 (gptqmo
 need SmolLM2's 576 inputs divisible by the group) and 16 salient columns a layer (48 for
 down_proj, `gift` metric from 8 C4 windows). Side by side, in this one process:
 
-* ``gift``: the native folder through ``AutoModelForCausalLM.from_pretrained`` (``import gift_quant``
-  registers the quantizer), its layers through torch's packed integer matmuls (``gift_quant.kernels``:
-  int8 per row, int4 in groups);
-* ``gift dequant``: the same folder with the kernels switched off (``kernels.ENABLED = False``): the
-  weight dequantized in plain torch in every forward, the fallback;
+* ``gift bf16``: the native folder through ``AutoModelForCausalLM.from_pretrained(..., dtype=bfloat16)``
+  (``import gift_quant`` registers the quantizer), its layers through torch's packed integer matmuls
+  (``gift_quant.kernels``: int8 per row, int4 in groups; fast for bfloat16 activations only);
+* ``gift bf16 dequant``: the same with the kernels switched off (``kernels.ENABLED = False``): the weight
+  dequantized in plain torch in every forward, the fallback; ``gift fp32``: loaded in float32 (the
+  kernels' float32 paths are slow, so it dequantizes);
 * ``gptq+lora``: transformers + gptqmodel (its default CPU kernel) + the PEFT adapter;
 * ``dense fp32`` / ``dense bf16``: the effective weights as a plain checkpoint, loaded in fp32 / bf16.
 
@@ -50,11 +51,11 @@ def load_format(fmt: str, folder: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    kernels.ENABLED = fmt != "gift dequant"
+    kernels.ENABLED = not fmt.endswith("dequant")
     if fmt == "gptq+lora":
         base = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
         return PeftModel.from_pretrained(base, folder / "adapter")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if fmt == "dense bf16" else torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if "bf16" in fmt else torch.float32)
 
 
 @torch.no_grad()
@@ -78,10 +79,10 @@ def prefill_ms(model, tokens: int, repeat: int = 3) -> float:
 
 
 def export_all(model, tok, results, tmp: Path, bits: int) -> dict[str, Path]:
-    folders = {f: tmp / f"w{bits}-{f.replace(' ', '_')}" for f in ("gift", "gift dequant", "gptq+lora", "dense fp32",
-                                                                     "dense bf16")}
-    export_gift(model, tok, results, folders["gift"], {})
-    folders["gift dequant"] = folders["gift"]
+    gift, dense = tmp / f"w{bits}-gift", tmp / f"w{bits}-dense"
+    folders = {"gift bf16": gift, "gift bf16 dequant": gift, "gift fp32": gift, "gptq+lora": tmp / f"w{bits}-gptq_lora",
+               "dense fp32": dense, "dense bf16": dense}
+    export_gift(model, tok, results, gift, {})
     export_gptq_lora(model, tok, results, folders["gptq+lora"])
     model.half().save_pretrained(folders["dense fp32"])  # fp16 on disk, loaded as fp32 / bf16
     tok.save_pretrained(folders["dense fp32"])
@@ -101,11 +102,11 @@ def layer_table(repeat: int = 20) -> None:
     for lin in dense.values():
         lin.weight.data.copy_(w)
     layers = {f"W3 {'row' if g == -1 else f'g{g}'} gift": SalientLinear.from_quantized(
-        rtn(w, Grid(3, g), torch.arange(128) * 32), None, "none", 4).eval() for g in (-1, 128)}
-    table("layer 4096 x 4096", "tokens", "ms (kernels)", "ms (dequant)", "ms fp32 linear", "ms bf16 linear",
-          "vs fp32 (kernels)")
+        rtn(w, Grid(3, g), torch.arange(128) * 32), None, "none", 4, torch.bfloat16).eval() for g in (-1, 128)}
+    table("layer 4096 x 4096, bf16 activations", "tokens", "ms (kernels)", "ms (dequant)", "ms fp32 linear",
+          "ms bf16 linear", "kernels vs fp32", "kernels vs bf16")
     for tokens in (1, 128):
-        x = torch.randn(tokens, 4096)
+        x = torch.randn(tokens, 4096).bfloat16()
         ref = {dt: _ms(lambda dt=dt, xd=x.to(dt): dense[dt](xd), repeat) for dt in dense}
         for name, lin in layers.items():
             fast = _ms(lambda lin=lin: lin(x), repeat)
@@ -113,7 +114,7 @@ def layer_table(repeat: int = 20) -> None:
             slow = _ms(lambda lin=lin: lin(x), repeat)
             kernels.ENABLED = True
             row(name, tokens, f"{fast:.2f}", f"{slow:.2f}", f"{ref[torch.float32]:.2f}", f"{ref[torch.bfloat16]:.2f}",
-                f"{ref[torch.float32] / fast:.2f}x")
+                f"{ref[torch.float32] / fast:.2f}x", f"{ref[torch.bfloat16] / fast:.2f}x")
 
 
 def _ms(fn, repeat: int) -> float:
@@ -158,7 +159,7 @@ def main() -> None:
     print(f"\nthreads: {torch.get_num_threads()}, group {args.group}, prompt {ids.shape[1]} tokens, {args.new_tokens} "
           f"new tokens, batch 1; prefill {args.prefill} tokens\n")
     # bits a forward reads per weight of the linears: the int8 / int4 kernel's, or the dense weight's
-    read = {"gift": 8 if args.group == -1 else 4, "dense fp32": 32, "dense bf16": 16}
+    read = {"gift bf16": 8 if args.group == -1 else 4, "dense fp32": 32, "dense bf16": 16}
     table("bits", "format", "MB on disk", "bits/weight in linears (files)", "formula (METHOD 7)", "load s",
           "decode tokens/s", "vs dense fp32", "memory-bound limit", "prefill ms", "vs dense fp32")
     dense = {b: (tps, pre) for b, f, *_, tps, pre in rows if f == "dense fp32"}

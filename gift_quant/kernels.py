@@ -2,7 +2,9 @@
 
 Dequantizing every weight on every forward (``QuantBase.weight``) reads the codes, writes a dense weight
 and reads it again: slower than the dense model it replaces. torch ships matmuls that read packed
-integers directly, and the grid maps onto them exactly:
+integers directly, and the grid maps onto them exactly (measured in ``benchmarks/RESULTS.md``: on the CPU they are fast for
+bfloat16 activations only, their float32 and float16 paths are slower than a dense matmul, so a model
+takes them when it runs in bfloat16):
 
 * a per-row grid: ``scale * (q - z)`` is an int8 weight ``q - z`` (``z`` is an integer; ``|q - z| < 16``)
   times a per-row scale: ``aten._weight_int8pack_mm``;
@@ -74,6 +76,8 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_siz
 def _unsupported(codes: torch.Tensor, zero: torch.Tensor, group_size: int, g_idx: torch.Tensor | None,
                  dtype: torch.dtype) -> str | None:
     out, n_in = codes.shape
+    if dtype != torch.bfloat16:  # torch's CPU kernels are reference loops in float32 / float16 (slower than dense)
+        return f"{dtype} activations: the packed kernels run fast in bfloat16 only (load the model in bfloat16)"
     if g_idx is not None:
         return "act-order groups (g_idx) have no packed kernel"
     if not bool((zero == zero.round()).all()):
@@ -86,8 +90,6 @@ def _unsupported(codes: torch.Tensor, zero: torch.Tensor, group_size: int, g_idx
         return "codes of more than 4 bits in groups have no packed kernel"
     if codes.device.type == "cpu" and out % 16:
         return f"{out} outputs: the CPU int4 kernel takes multiples of 16"
-    if codes.device.type != "cpu" and dtype != torch.bfloat16:
-        return f"{dtype} activations: the CUDA int4 kernel takes bfloat16"
     return None
 
 

@@ -71,6 +71,31 @@ class QuantBase(nn.Module):
         return w
 
 
+    def learn_scales(self) -> None:
+        """Make the grid's scales a trained parameter (the codes and zero points stay frozen)."""
+        scale = self._buffers.pop("scale")
+        self.scale = nn.Parameter(scale, requires_grad=True)
+
+    def scale_grad(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """``d loss / d scale`` from the gradient of the frozen weight ``grad_w`` (out, in) float32: the sum over
+        each row's group of ``grad_w * (codes - zero)`` (``W = scale * (codes - zero)``, noise independent of it).
+        Salient columns sit at the zero point and add nothing. ``grad_w`` is overwritten."""
+        out, n = self.codes.shape
+        dq = grad_w.mul_(self.codes.float().sub_(self.zero[:, self.g_idx] if self.g_idx is not None else
+                                                 self.zero if self.group_size == -1 else
+                                                 self.zero.repeat_interleave(self.group_size, 1)[:, :n]))
+        if self.g_idx is not None:
+            return torch.zeros_like(self.scale).index_add_(1, self.g_idx, dq)
+        if self.group_size == -1:
+            return dq.sum(1, keepdim=True)
+        g = self.group_size
+        whole = n // g
+        grad = dq[:, : whole * g].reshape(out, whole, g).sum(-1)
+        if whole * g < n:
+            grad = torch.cat([grad, dq[:, whole * g :].sum(1, keepdim=True)], 1)
+        return grad
+
+
 class DenseBase(nn.Module):
     """The original weight, frozen, with the salient columns zeroed (a copy: the weight given is not changed)."""
 
@@ -98,17 +123,25 @@ class _FrozenProduct(torch.autograd.Function):
     rebuilt in backward in that same dtype, so both passes use the very same noisy weight."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "SalientLinear", seed: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: "SalientLinear", seed: int, scale: torch.Tensor | None) -> torch.Tensor:
         dtype = compute_dtype(x)
         ctx.layer, ctx.seed, ctx.dtype, ctx.x_dtype = layer, seed, dtype, x.dtype
+        if scale is not None:  # learned scales: their gradient needs the input
+            ctx.save_for_backward(x)
         return F.linear(x.to(dtype), layer.base_weight(dtype, seed))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
-        return (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
+            grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
+            del w
+        if ctx.needs_input_grad[3]:  # d loss / d W = grad_out^T x, one weight-sized float32 tensor, then per group
+            x, = ctx.saved_tensors
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+            grad_scale = ctx.layer.base.scale_grad(grad_w)
+        return grad_x, None, None, grad_scale
 
 
 class SalientLinear(nn.Module):
@@ -185,7 +218,8 @@ class SalientLinear(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if noisy else None
         y = self._packed_product(x) if seed is None else None
         if y is None:
-            y = _FrozenProduct.apply(x, self, seed)
+            scale = self.base.scale if isinstance(self.base, QuantBase) and self.base.scale.requires_grad else None
+            y = _FrozenProduct.apply(x, self, seed, scale)
         y = y + x[..., self.salient_idx] @ self.salient_weight.to(x.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -195,7 +229,8 @@ class SalientLinear(nn.Module):
         """The frozen product through a packed integer kernel (``kernels``): for inference, where no gradient
         flows to ``x`` and there is no noise (eval mode: training keeps the dequantized product, so its numbers
         do not depend on which kernels a machine has); None where no kernel takes the grid."""
-        if self.training or not isinstance(self.base, QuantBase) or (torch.is_grad_enabled() and x.requires_grad):
+        if self.training or not isinstance(self.base, QuantBase) or (torch.is_grad_enabled() and (
+                x.requires_grad or self.base.scale.requires_grad)):
             return None
         dtype = compute_dtype(x)
         packed = self.base.packed(dtype)
@@ -226,6 +261,13 @@ def wrap_quantized(model: nn.Module, results: dict[str, QuantizedWeight], noise:
         return SalientLinear.from_quantized(qw.to(device) if device else qw, bias, noise, noise_bits, lin.weight.dtype)
 
     replace_linears(model, {name: (lambda lin, qw=qw: make(lin, qw)) for name, qw in results.items()})
+
+
+def learn_scales(model: nn.Module) -> None:
+    """Every quantized GIFT-SW layer's grid scales trained with its salient columns (E2E-QP): codes stay."""
+    for layer in salient_layers(model).values():
+        if isinstance(layer.base, QuantBase):
+            layer.base.learn_scales()
 
 
 def wrap_full_precision(model: nn.Module, salient: dict[str, torch.Tensor], noise: NoiseKind, noise_bits: int,

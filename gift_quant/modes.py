@@ -16,7 +16,7 @@ from .data import calibration_windows
 from .gptq import compensate
 from .gptq_checkpoint import GPTQCheckpoint
 from .grid import QuantizedWeight
-from .layers import merge_to_dense, wrap_full_precision, wrap_quantized
+from .layers import learn_scales, merge_to_dense, wrap_full_precision, wrap_quantized
 from .quantize import collect_stats, quantize_model, select_salient
 from .recipe import Recipe, SaliencySpec
 from .rundir import Run
@@ -43,12 +43,13 @@ def trained_columns(run: Run) -> dict[str, torch.Tensor]:
 
 
 def load_trained(model, run: Run) -> None:
-    """The train stage's trained salient columns copied into ``model``'s GIFT-SW layers."""
+    """What the train stage trained (salient columns; with ``train.learn_scales`` the grid scales, buffers of a
+    model built for inference) copied into ``model``'s GIFT-SW layers."""
     state = load_file(run.stage("train") / "trainable.safetensors")
-    params = dict(model.named_parameters())
+    tensors = model.state_dict()  # parameters and buffers, sharing their storage
     with torch.no_grad():
         for n, v in state.items():
-            params[n].copy_(v)
+            tensors[n].copy_(v)
 
 
 def noise_device(run: Run, noise: str) -> torch.device | None:
@@ -147,7 +148,10 @@ class Post(Mode):
         return plain_quantized(run)
 
     def to_train(self, run: Run) -> tuple:
-        return (*self.recovered(run, trained=False, noise=True), None)
+        model, tok = self.recovered(run, trained=False, noise=True)
+        if run.recipe.train.learn_scales:
+            learn_scales(model)
+        return model, tok, None
 
     def recovered(self, run: Run, trained: bool, noise: bool = False):
         t = run.recipe.train

@@ -200,6 +200,10 @@ class TrainSpec(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(1, ge=1)
+    learn_scales: bool = Field(False, description="also train the frozen grid's per-row / per-group scales (codes "
+                               "unchanged: EfficientQAT's E2E-QP); every export writes the trained scales")
+    scales_lr: float = Field(1e-5, gt=0, description="learning rate of the scales (EfficientQAT's E2E-QP: 1e-5 to "
+                             "2e-5 at 7B); the salient columns keep lr")
 
 
 class ExportSpec(_Section):
@@ -272,6 +276,14 @@ class Recipe(_Section):
         if "lora" in self.eval.baselines and (self.train.mode != "post" or not self.train.enabled):
             raise ValueError(f"eval.baselines names lora, which trains beside post-quantization GIFT-SW; it needs "
                              f"train.mode: post and train.enabled: true (got {self.train.mode}, {self.train.enabled})")
+        return self
+
+    @model_validator(mode="after")
+    def _learned_scales(self) -> "Recipe":
+        if self.train.learn_scales and self.train.mode != "post":
+            raise ValueError(f"train.learn_scales = true, but train.mode = {self.train.mode} trains on the "
+                             f"full-precision weights, which have no grid scales to learn; use train.mode: post or "
+                             f"set train.learn_scales: false")
         return self
 
     @model_validator(mode="after")

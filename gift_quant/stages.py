@@ -94,8 +94,10 @@ def run_export(run: Run, tmp: Path) -> dict:
     r = run.recipe
     model, tok = run.mode.recovered(run, trained=True)
     results = load_quantized(run.stage("quantize") / "quantized.safetensors") if run.mode.quantizes else {}
-    for name, qw in results.items():
-        qw.salient_weight = model.get_submodule(name).salient_weight.detach().clone()
+    for name, qw in results.items():  # what training changed: the salient columns, and learned scales
+        layer = model.get_submodule(name)
+        qw.salient_weight = layer.salient_weight.detach().clone()
+        qw.scale = layer.base.scale.detach().clone()
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
     out = {}
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results

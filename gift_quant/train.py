@@ -40,6 +40,9 @@ from .rundir import RunError
 log = logging.getLogger(__name__)
 
 
+SMALLEST_SCALE = torch.finfo(torch.float16).tiny  # the smallest scale an fp16 export still holds as positive
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the step and the checkpoint kept."""
 
@@ -192,6 +195,7 @@ class _Loop:
     opt: torch.optim.Optimizer
     sched: object
     params: list[nn.Parameter]
+    scales: list[nn.Parameter]  # learned grid scales (train.learn_scales), kept positive after every step
     teacher: nn.Module | None
     ids: torch.Tensor
     labels: torch.Tensor
@@ -234,13 +238,16 @@ def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: 
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scales = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("base.scale")]
+    rest = [p for p in params if all(p is not q for q in scales)]
+    groups = [{"params": rest}] + ([{"params": scales, "lr": spec.scales_lr, "weight_decay": 0.0}] if scales else [])
+    opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
                           num_training_steps=spec.steps)
     model, opt, sched = accelerator.prepare(model, opt, sched)
     if teacher is not None:
         teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
-    return _Loop(accelerator, model, opt, sched, params, teacher, ids, labels, spec, seed, Path(out_dir))
+    return _Loop(accelerator, model, opt, sched, params, scales, teacher, ids, labels, spec, seed, Path(out_dir))
 
 
 def _resume(loop: _Loop, key: str) -> int:
@@ -287,6 +294,9 @@ def _step(loop: _Loop, step: int) -> float:
     if spec.max_grad_norm is not None:
         acc.clip_grad_norm_(loop.params, spec.max_grad_norm)
     loop.opt.step()
+    with torch.no_grad():  # a step can push a small scale through zero; a grid's step stays positive (as fp16)
+        for scale in loop.scales:
+            scale.clamp_(min=SMALLEST_SCALE)
     loop.sched.step()
     loop.opt.zero_grad(set_to_none=True)
     devices.synchronize(acc.device)  # the optimizer's kernels belong to this step's time

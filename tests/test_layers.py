@@ -123,3 +123,31 @@ def test_wrap_and_merge_round_trip():
     merge_to_dense(model)
     assert isinstance(model[0], nn.Linear)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group,g_idx,n_in", [(-1, False, 96), (32, False, 96), (32, False, 80), (32, True, 96)])
+def test_learned_scales_get_the_gradient_of_scale_times_codes_minus_zero(group, g_idx, n_in):
+    """The frozen product's scale gradient (built from grad_out^T x in backward) equals autograd's through
+    ``W = scale * (codes - zero)`` written out plainly; the input's gradient is unchanged by it."""
+    from gift_quant.grid import expand_groups
+    from gift_quant.layers import SalientLinear
+
+    g = torch.Generator().manual_seed(3)
+    qw = rtn(torch.randn(40, n_in, generator=g), Grid(3, group), torch.tensor([2, 50, 77]))
+    if g_idx:
+        qw.g_idx = torch.randperm(n_in, generator=g) % qw.scale.shape[1]
+    layer = SalientLinear.from_quantized(qw, torch.randn(40, generator=g), "none", 4).train()
+    layer.base.learn_scales()
+    x = torch.randn(3, 5, n_in, generator=g, requires_grad=True)
+    r = torch.randn(3, 5, 40, generator=g)
+    (layer(x) * r).sum().backward()
+
+    scale = qw.scale.clone().requires_grad_(True)
+    dq = qw.codes.float() - expand_groups(qw.zero, group, n_in, qw.g_idx)
+    w = expand_groups(scale, group, n_in, qw.g_idx) * dq
+    w = torch.cat([w[:, :2], layer.salient_weight[:, :1].detach(), w[:, 3:50], layer.salient_weight[:, 1:2].detach(),
+                   w[:, 51:77], layer.salient_weight[:, 2:3].detach(), w[:, 78:]], 1)
+    x2 = x.detach().clone().requires_grad_(True)
+    ((x2 @ w.T + layer.bias) * r).sum().backward()
+    torch.testing.assert_close(layer.base.scale.grad, scale.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)

@@ -223,3 +223,44 @@ def test_the_vllm_export_is_what_the_report_scores(tiny_folder, tmp_path):
     vllm_accepts(out / "export/gptq4_lora")
     adapter = json.loads((out / "export/gptq4_lora/adapter/adapter_config.json").read_text())
     assert adapter["r"] == 8  # one rank, down_proj's k; the other projections' 4 columns zero-padded to it
+
+
+def test_learned_scales_change_the_exported_scales_and_nothing_else(tiny_folder, tmp_path):
+    """train.learn_scales: the gift export's codes and salient indices are the quantize stage's, bit for bit; its
+    scales are the trained ones, and the folder loaded anew gives the trained model's logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from gift_quant.checkpoint import load_quantized
+    from gift_quant.layers import merge_to_dense
+    from gift_quant.pack import to_gptq
+
+    out = tmp_path / "run"
+    r = recipe(tiny_folder, out, ["gift", "dense"], learn_scales=True, scales_lr=1e-2)  # large: some reach the floor
+    recover(r)
+    before = load_quantized(out / "quantize/quantized.safetensors")
+    trained = load_file(out / "train/trainable.safetensors")
+    shipped = load_file(out / "export/gift/model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    plain = to_gptq(before[name])
+    assert torch.equal(shipped[f"{name}.qweight"], plain["qweight"]) and torch.equal(shipped[f"{name}.g_idx"], plain["g_idx"])
+    assert torch.equal(shipped[f"{name}.salient_idx"].long(), before[name].salient_idx)
+    assert not torch.equal(shipped[f"{name}.scales"], plain["scales"])  # trained
+    assert torch.equal(shipped[f"{name}.scales"], trained[f"{name}.base.scale"].T.to(torch.float16))
+    assert all((t > 0).all() for n, t in trained.items() if n.endswith("base.scale"))  # kept positive
+
+    from gift_quant.pipeline import open_run
+
+    run = open_run(r)
+    model = run.mode.recovered(run, trained=True)[0]
+    merge_to_dense(model)
+    gift = AutoModelForCausalLM.from_pretrained(out / "export/gift", dtype=torch.float32)
+    merge_to_dense(gift)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gift(ids).logits, model(ids).logits, atol=2e-2, rtol=2e-2)  # fp16 in the file
+
+
+def test_learned_scales_are_refused_without_a_grid(tiny_folder, tmp_path):
+    with pytest.raises(RecipeError, match=r"train.learn_scales = true, but train.mode = pre .*no grid scales"):
+        recipe(tiny_folder, tmp_path, mode="pre", learn_scales=True)
