@@ -32,11 +32,6 @@ def quantize_with(run: Run, model, tok, sal: SaliencySpec | None = None,
                           c.true_sequential, salient, run.device)
 
 
-def plain_saliency(sal: SaliencySpec) -> SaliencySpec:
-    """The same targets without salient columns (the plain GPTQ / RTN baselines)."""
-    return sal.model_copy(update={"k": 0, "k_overrides": {}})
-
-
 def trained_columns(run: Run) -> dict[str, torch.Tensor]:
     """The salient column indices the train stage trained (pre / fp pick them there)."""
     return load_file(run.stage("train") / "salient_idx.safetensors")

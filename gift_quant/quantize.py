@@ -123,7 +123,7 @@ def quantize_with_stats(
 def quantize_rtn_plain(model: nn.Module, sal: SaliencySpec, quant: QuantSpec) -> dict[str, QuantizedWeight]:
     """Round-to-nearest of every targeted linear, no salient columns: needs no calibration data."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in sal.targets]
-    return quantize_with_stats(model, dict.fromkeys(names), sal.model_copy(update={"k": 0, "k_overrides": {}}),
+    return quantize_with_stats(model, dict.fromkeys(names), sal.plain(),
                                quant.model_copy(update={"method": "rtn"}))
 
 

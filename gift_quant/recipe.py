@@ -136,6 +136,10 @@ class SaliencySpec(_Section):
     def k_for(self, module_name: str) -> int | float:
         return self.k_overrides.get(module_name, self.k)
 
+    def plain(self) -> "SaliencySpec":
+        """The same targets without salient columns (the plain GPTQ / RTN baselines)."""
+        return self.model_copy(update={"k": 0, "k_overrides": {}})
+
 
 class QuantSpec(_Section):
     method: Literal["gptq", "rtn"] = "gptq"

@@ -22,7 +22,7 @@ from .data import eval_windows, training_examples
 from .evaluate import interval, window_nll, zero_shot
 from .integrity import write_sums
 from .layers import merge_to_dense, salient_layers
-from .modes import plain_quantized, plain_saliency, quantize_with
+from .modes import plain_quantized, quantize_with
 from .quantize import quantize_rtn_plain
 from .rundir import Run, Stage
 from .sizes import bits_per_weight, storage
@@ -58,7 +58,7 @@ def run_plain(run: Run, tmp: Path) -> dict:
     """The plain quantization (the recipe's grid, no salient columns), once a run: the GPTQ row of the report and
     the LoRA baseline's base read ``base.safetensors``."""
     model, tok = run.load_fp()
-    base = quantize_with(run, model, tok, sal=plain_saliency(run.recipe.saliency))
+    base = quantize_with(run, model, tok, sal=run.recipe.saliency.plain())
     save_quantized(base, tmp / "base.safetensors")
     return {"layers": len(base), "bits_per_weight": bits_per_weight(base)}
 
