@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import QuantizedWeight, nonsalient_mask
 from . import kernels
+from .grid import QuantizedWeight, expand_groups, nonsalient_mask
 from .kernels import Packed, pack
 from .noise import NoiseKind, draw, noise_step
+from .pack import static_g_idx
 
 
 class QuantBase(nn.Module):
@@ -80,20 +81,11 @@ class QuantBase(nn.Module):
         """``d loss / d scale`` from the gradient of the frozen weight ``grad_w`` (out, in) float32: the sum over
         each row's group of ``grad_w * (codes - zero)`` (``W = scale * (codes - zero)``, noise independent of it).
         Salient columns sit at the zero point and add nothing. ``grad_w`` is overwritten."""
-        out, n = self.codes.shape
-        dq = grad_w.mul_(self.codes.float().sub_(self.zero[:, self.g_idx] if self.g_idx is not None else
-                                                 self.zero if self.group_size == -1 else
-                                                 self.zero.repeat_interleave(self.group_size, 1)[:, :n]))
-        if self.g_idx is not None:
-            return torch.zeros_like(self.scale).index_add_(1, self.g_idx, dq)
-        if self.group_size == -1:
-            return dq.sum(1, keepdim=True)
-        g = self.group_size
-        whole = n // g
-        grad = dq[:, : whole * g].reshape(out, whole, g).sum(-1)
-        if whole * g < n:
-            grad = torch.cat([grad, dq[:, whole * g :].sum(1, keepdim=True)], 1)
-        return grad
+        n = self.codes.shape[1]
+        dq = grad_w.mul_(self.codes.float().sub_(expand_groups(self.zero, self.group_size, n, self.g_idx)))
+        groups = self.g_idx if self.g_idx is not None else static_g_idx(n, self.group_size, self.scale.shape[1],
+                                                                        dq.device)
+        return torch.zeros_like(self.scale).index_add_(1, groups, dq)
 
 
 class DenseBase(nn.Module):
