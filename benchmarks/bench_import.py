@@ -17,34 +17,19 @@ perplexity of every model each report scores (20 Wikipedia windows of 512 tokens
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import DEMO, recover
 
 from gift_quant.data import calibration_windows, eval_windows
 from gift_quant.recipe import load_recipe
 from gift_quant.sources import load_tokenizer, resolve_model
 
-DEMO = "smollm2-135m-instruct-w3"
 COMMON = ["eval.tasks=[]", "export.formats=[gift]"]
-
-
-def gift_quant(work: Path, name: str, sets: list[str]) -> dict:
-    """One ``recover`` run: its report's perplexities and its stages' wall times."""
-    out = work / name
-    cmd = [sys.executable, "-m", "gift_quant.cli", "recover", DEMO, "-q", "--set", f"name={name}",
-           "--set", f"output_dir={out}", *[a for s in COMMON + sets for a in ("--set", s)]]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
-    rows = json.loads((out / "evaluate" / "results.json").read_text())
-    seconds = {s: json.loads((out / s / "manifest.json").read_text())["seconds"]
-               for s in ("quantize", "train", "evaluate")}
-    return {"ppl": {k: v["ppl"] for k, v in rows.items()}, "seconds": seconds}
 
 
 def main() -> None:
@@ -83,9 +68,9 @@ def main() -> None:
             "quantized here": [*own, "saliency.metric=gift", "eval.baselines=[salient]"],
         }
         for run, sets in runs.items():
-            r = gift_quant(work, f"{ckpt.name}-{run.replace(' ', '_').replace('+', 'and')}", sets)
-            s = r["seconds"]
-            for model, ppl in r["ppl"].items():
+            r = recover(work, f"{ckpt.name}-{run.replace(' ', '_').replace('+', 'and')}", COMMON + sets)
+            s = {stage: r["stages"][stage]["seconds"] for stage in ("quantize", "train", "evaluate")}
+            for model, ppl in ((k, v["ppl"]) for k, v in r["rows"].items()):
                 print(f"| {label} | {run} | {model} | {ppl:.2f} | {s['quantize']:.0f} | {s['train']:.0f} | "
                       f"{s['evaluate']:.0f} |", flush=True)
 

@@ -9,10 +9,13 @@ that need it: a child that must import gptqmodel before torch (it patches torch)
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 WINDOW = 512
+DEMO = "smollm2-135m-instruct-w3"  # the embedded recipe the product-driven benchmarks start from
 
 
 def calibration(tok, n: int, seed: int = 0):
@@ -55,6 +58,24 @@ def run_child(cmd: list[str], **kwargs) -> tuple[dict | None, subprocess.Complet
         cmd = [sys.executable, *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return result(done.stdout), done
+
+
+def recover(work: Path, name: str, sets: list[str], quantized: Path | None = None, env: dict | None = None) -> dict:
+    """One ``gift-quant recover`` run of the demo recipe with ``--set`` overrides, in ``work/name`` (a finished run
+    there is read, not rerun; an unfinished one resumes). ``quantized``: a run folder whose ``quantize`` stage is
+    copied in first, so the run skips it (used only where its recipe key matches; a mismatch fails the run by
+    name). Returns the report's rows by label and every stage's manifest."""
+    out = work / name
+    if quantized is not None and not (out / "quantize").exists():
+        shutil.copytree(quantized / "quantize", out / "quantize")
+    if not (out / "report" / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "gift_quant.cli", "recover", DEMO, "-q", "--set", f"name={name}",
+               "--set", f"output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
+    stages = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/manifest.json")}
+    return {"rows": json.loads((out / "evaluate" / "results.json").read_text()), "stages": stages}
 
 
 def table(*headers: str) -> None:

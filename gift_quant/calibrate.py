@@ -171,7 +171,7 @@ def _stop_after(block: nn.Module, linears: dict[str, nn.Linear]) -> list:
     return hooks
 
 
-class _Inputs:
+class BlockInputs:
     """Block inputs of all calibration batches: on ``device`` when ``resident``, else in (pinned) CPU memory."""
 
     def __init__(self, device: torch.device, resident: bool):
@@ -201,7 +201,7 @@ def inputs_fit(n_bytes: int, device: torch.device, block_bytes: int, memory: int
     return 2 * n_bytes <= (memory - block_bytes) // 2
 
 
-def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inputs: _Inputs,
+def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inputs: BlockInputs,
              outputs: bool = True) -> tuple[dict[str, InputStats], list]:
     """One pass of all batches through ``block``: input statistics of ``linears`` and the block outputs
     (``outputs=False``: none, and each forward stops once the last of ``linears`` has run)."""
@@ -220,7 +220,8 @@ def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inp
     return stats, results
 
 
-def _input_groups(block: nn.Module, batch: tuple, linears: dict[str, nn.Linear], inputs: _Inputs) -> list[list[str]]:
+def _input_groups(block: nn.Module, batch: tuple, linears: dict[str, nn.Linear],
+                  inputs: BlockInputs) -> list[list[str]]:
     """Layers grouped by the very tensor they read (q/k/v, o, gate/up, down for Llama), in the order of
     ``linears``, from one forward of one batch that records identities only (no statistics: a Hessian of
     every layer at once would be the stage's peak at 7B)."""
@@ -277,7 +278,7 @@ def run_blocks(
     captured = block_inputs(model, windows, batch_size)
     n_bytes = sum(h.numel() * h.element_size() for h, _ in captured)
     block_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
-    inputs = _Inputs(device, inputs_fit(n_bytes, device, block_bytes) if resident is None else resident)
+    inputs = BlockInputs(device, inputs_fit(n_bytes, device, block_bytes) if resident is None else resident)
     if device != home:
         log.info("calibration on %s, block by block; block inputs (%.2f GiB) %s", device, n_bytes / 2**30,
                  "on the device" if inputs.resident else "in pinned CPU memory")

@@ -51,7 +51,9 @@ def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes:
              *([f"- stored as a 4-bit symmetric GPTQ checkpoint (what vLLM's Marlin kernels run): the {grid} grid's "
                 "codes shifted into the 4-bit container, the same weights"] if fmt == "gptq4_lora" else []),
              f"- recipe: train.mode {recipe['train']['mode']}, {recipe['train']['steps']} steps, noise "
-             f"{recipe['train']['noise']}, distillation {recipe['train']['distill']}", "",
+             f"{recipe['train']['noise']}, distillation {recipe['train']['distill']}, training text "
+             f"{recipe['train']['data']}, block-wise reconstruction "
+             f"{'on' if recipe['reconstruct']['enabled'] else 'off'}", "",
              "| model | perplexity (95% interval) | mean accuracy ± standard error |", "|---|---|---|"]
     for name, row in rows.items():
         tasks = row.get("tasks") or {}

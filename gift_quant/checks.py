@@ -16,7 +16,7 @@ from .calibrate import decoder_layers, target_linears
 from .gptq_checkpoint import GPTQCheckpoint
 from .gptq_lora_format import max_lora_rank, vllm_problem
 from .plan import Shape, meta_model, shape_of
-from .recipe import Recipe, RecipeError
+from .recipe import GENERATED, Recipe, RecipeError
 from .saliency import PRESETS, resolve_k
 from .sources import (
     SourceError,
@@ -66,8 +66,9 @@ def adopt_checkpoint(recipe: Recipe, ck: GPTQCheckpoint | None) -> Recipe:
 
 def check_import(recipe: Recipe, ck: GPTQCheckpoint) -> None:
     """What an imported GPTQ checkpoint allows, from its config and headers only: post-quantization training;
-    without ``model.full_precision`` no metric that needs ``D``, no full-precision, RTN or GPTQ baseline and no
-    distillation; targets equal to the quantized projections; a full-precision model of the same shapes."""
+    without ``model.full_precision`` no metric that needs ``D``, no full-precision, RTN or GPTQ baseline, no
+    distillation and no reconstruction; targets equal to the quantized projections; a full-precision model of the
+    same shapes."""
     if recipe.train.mode != "post":
         raise RecipeError(f"train.mode = {recipe.train.mode}: {recipe.model.ref!r} is already quantized; an imported "
                           f"GPTQ checkpoint trains after quantization, train.mode: post")
@@ -97,6 +98,9 @@ def _check_without_full_precision(recipe: Recipe) -> None:
     if recipe.train.distill > 0:
         raise RecipeError(f"train.distill = {recipe.train.distill}: distillation needs the full-precision model "
                           f"as teacher; set model.full_precision or train.distill: 0")
+    if recipe.reconstruct.enabled:
+        raise RecipeError("reconstruct.enabled = true: reconstruction trains each block against the full-precision "
+                          "block; set model.full_precision or reconstruct.enabled: false")
 
 
 def _check_same_model(recipe: Recipe, ck: GPTQCheckpoint) -> None:
@@ -169,7 +173,7 @@ def check_texts(recipe: Recipe) -> None:
     tok = load_tokenizer(recipe.model.ref, recipe.model.trust_remote_code)
     t, c, e = recipe.train, recipe.calibration, recipe.eval
     texts = [("calibration.data", c.data, c.seq_len + 1)]
-    if t.enabled and t.data_format == "text":
+    if t.enabled and t.data_format == "text" and t.data != GENERATED:
         texts.append(("train.data", t.data, t.seq_len))
     texts.append(("eval.ppl_data", e.ppl_data, e.ppl_seq_len))
     for field, ref, need in texts:

@@ -3,14 +3,18 @@
 Reading a text (files, packages, hub data sets) is ``sources``' job; this module only cuts the
 tokens: random windows for calibration (seeded, so a rerun calibrates on the same tokens),
 consecutive windows for perplexity and plain-text training, and chat conversations through the
-tokenizer's template with labels on the assistant turns only.
+tokenizer's template with labels on the assistant turns only; text the model generated (``generate``) is
+cut into windows like plain text.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file
 
+from .recipe import GENERATED
 from .sources import SourceError, read_records, read_text, tokenize
 
 if TYPE_CHECKING:
@@ -77,8 +81,15 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
 
 
-def training_examples(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def training_examples(recipe: Recipe, tokenizer, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, labels)`` of the training text; ``train.data: generated`` reads the generate stage of ``run_dir``
+    and cuts each sampled sequence into windows (never across two sequences)."""
     t = recipe.train
+    if t.data == GENERATED:
+        sequences = load_file(Path(run_dir) / "generate" / "tokens.safetensors")["ids"]
+        whole = sequences.shape[1] // t.seq_len * t.seq_len
+        ids = sequences[:, :whole].reshape(-1, t.seq_len)
+        return ids, ids.clone()
     if t.data_format == "chat":
         return chat_examples(tokenizer, read_records(t.data, "messages"), t.seq_len)
     return text_examples(tokenize(tokenizer, read_text(t.data)), t.seq_len)

@@ -1,6 +1,6 @@
 """The paper's baseline (METHOD section 6): a PEFT LoRA on the plain quantized model, without salient
 columns, of the salient columns' trainable size, trained on the same data, steps and schedule as
-GIFT-SW, without noise. It trains on the plain stage's quantization (a run quantizes plainly once; an
+GIFT-SW (its distillation included), without noise. It trains on the plain stage's quantization (a run quantizes plainly once; an
 imported checkpoint is its own plain quantization) and writes a GPTQ v1 checkpoint with the trained
 adapter beside it (``export/``, ``export/adapter``): the artifact the report scores.
 """
@@ -13,8 +13,9 @@ from pathlib import Path
 from .checkpoint import load_quantized, read_json
 from .data import training_examples
 from .gptq_lora_format import export_gptq_lora
+from .modes import teacher
 from .rundir import Run, Stage
-from .train import train
+from .train import check_resumable, train
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ def run_lora(run: Run, tmp: Path) -> dict:
         p.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                              target_modules=r.saliency.targets))
-    ids, labels = training_examples(r, tok)
+    ids, labels = training_examples(r, tok, run.dir)
     work = run.dir / "lora.work"
-    spec = r.train.model_copy(update={"noise": "none", "distill": 0.0})
-    summary = train(model, ids, labels, spec, work, seed=r.seed, device=run.device, key=run.key("lora"))
+    spec = r.train.model_copy(update={"noise": "none"})
+    summary = train(model, ids, labels, spec, work, seed=r.seed, teacher=teacher(run, len(ids)), device=run.device,
+                    key=run.key("lora"))
     model.save_pretrained(tmp / "export" / "adapter")
     shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -48,7 +50,7 @@ def run_lora(run: Run, tmp: Path) -> dict:
     return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
 
 
-STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora)
+STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora, check_resumable)
 
 
 def rank(run: Run) -> int:

@@ -13,12 +13,13 @@ from safetensors.torch import load_file
 from . import gptq_checkpoint
 from .checkpoint import load_quantized
 from .data import calibration_windows
+from .distill import TopKTeacher
 from .gptq import compensate
 from .gptq_checkpoint import GPTQCheckpoint
 from .grid import QuantizedWeight
 from .layers import learn_scales, merge_to_dense, wrap_full_precision, wrap_quantized
 from .quantize import collect_stats, quantize_model, select_salient
-from .recipe import Recipe, SaliencySpec
+from .recipe import GENERATED, Recipe, SaliencySpec
 from .rundir import Run
 
 
@@ -45,6 +46,24 @@ def load_trained(model, run: Run) -> None:
     with torch.no_grad():
         for n, v in state.items():
             tensors[n].copy_(v)
+
+
+def quantized_layers(run: Run, reconstructed: bool = True) -> dict[str, QuantizedWeight]:
+    """The quantized layers the train stage starts from: the reconstruct stage's where it ran (unless
+    ``reconstructed`` is False), else the quantize stage's."""
+    stage = "reconstruct" if reconstructed and "reconstruct" in run.order else "quantize"
+    return load_quantized(run.stage(stage) / "quantized.safetensors")
+
+
+def teacher(run: Run, n_windows: int) -> torch.nn.Module | TopKTeacher | None:
+    """What distillation compares with (``train.distill``): the teacher stage's top-k cache where it ran, else the
+    full-precision model; None without distillation."""
+    t = run.recipe.train
+    if t.distill == 0:
+        return None
+    if "teacher" in run.order:
+        return TopKTeacher(load_file(run.stage("teacher") / "teacher.safetensors"), n_windows, t.distill_temperature)
+    return run.load_fp()[0]
 
 
 def noise_device(run: Run, noise: str) -> torch.device | None:
@@ -87,9 +106,10 @@ class Mode:
     """One of the paper's training settings: the order of its stages, the model its training starts from, the
     model it quantizes, the model it evaluates and exports, and its name in the report.
 
-    ``recovered(run, trained, noise)`` is the model with GIFT-SW layers, salient columns trained or not;
-    ``noise`` sets up the recipe's training noise (its grid search costs time, so export and evaluation
-    skip it)."""
+    ``recovered(run, trained, noise, reconstructed)`` is the model with GIFT-SW layers, salient columns trained
+    or not; ``noise`` sets up the recipe's training noise (its grid search costs time, so export and evaluation
+    skip it); ``reconstructed=False``: untrained, the quantize stage's layers even where a reconstruct stage
+    followed it (the report's untrained row)."""
 
     stages: tuple[str, ...] = ()
     label = ""  # the trained model's row in the report ({bits}: e.g. W3 g128)
@@ -97,10 +117,17 @@ class Mode:
 
     def order(self, recipe: Recipe) -> list[str]:
         """The stages of this mode for ``recipe``: ``plain`` (the plain quantization, once a run) right after
-        ``quantize`` (first where nothing else is quantized) when a baseline needs it."""
+        ``quantize`` (first where nothing else is quantized) when a baseline needs it; ``generate`` (the training
+        text sampled from the model) before ``train`` with ``train.data: generated``; ``teacher`` (the cached
+        top-k of the teacher) right before ``train`` with ``train.distill_topk``."""
         order = list(self.stages)
         if self.needs_plain(recipe):
             order.insert(order.index("quantize") + 1 if "quantize" in order else 0, "plain")
+        t = recipe.train
+        if t.enabled and t.data == GENERATED:
+            order.insert(order.index("train"), "generate")
+        if t.enabled and t.distill > 0 and t.distill_topk is not None:
+            order.insert(order.index("train"), "teacher")
         return order
 
     def needs_plain(self, recipe: Recipe) -> bool:
@@ -120,7 +147,7 @@ class Mode:
         """The plain quantization's name in the report (``bits``: e.g. W3 g128)."""
         return f"{recipe.quant.method.upper()} {bits}"
 
-    def recovered(self, run: Run, trained: bool, noise: bool = False):
+    def recovered(self, run: Run, trained: bool, noise: bool = False, reconstructed: bool = True):
         raise NotImplementedError
 
 
@@ -128,11 +155,12 @@ class Post(Mode):
     """Quantize (salient columns scored on the full-precision model), then train the salient columns with noise
     on the frozen quantized weights; with ``lora`` in ``eval.baselines`` the LoRA baseline trains beside it."""
 
-    stages = ("quantize", "train", "lora", "export", "evaluate", "report")
+    stages = ("quantize", "reconstruct", "train", "lora", "export", "evaluate", "report")
     label = "GIFT-SW {bits}"
 
     def order(self, recipe: Recipe) -> list[str]:
-        return [s for s in super().order(recipe) if s != "lora" or "lora" in recipe.eval.baselines]
+        wanted = {"lora": "lora" in recipe.eval.baselines, "reconstruct": recipe.reconstruct.enabled}
+        return [s for s in super().order(recipe) if wanted.get(s, True)]
 
     def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         return quantize_with(run, *run.load_fp())
@@ -148,11 +176,11 @@ class Post(Mode):
             learn_scales(model)
         return model, tok, None
 
-    def recovered(self, run: Run, trained: bool, noise: bool = False):
+    def recovered(self, run: Run, trained: bool, noise: bool = False, reconstructed: bool = True):
         t = run.recipe.train
         kind = t.noise if noise else "none"
         model, tok = run.load_fp()
-        results = load_quantized(run.stage("quantize") / "quantized.safetensors")
+        results = quantized_layers(run, reconstructed)
         wrap_quantized(model, results, kind, t.noise_bits, noise_device(run, kind))
         if trained:
             load_trained(model, run)
@@ -174,7 +202,7 @@ class Pre(Mode):
         merge_to_dense(model)  # the full-precision model with its trained columns
         return quantize_with(run, model, tok, salient=trained_columns(run))
 
-    def recovered(self, run: Run, trained: bool, noise: bool = False):
+    def recovered(self, run: Run, trained: bool, noise: bool = False, reconstructed: bool = True):
         """Trained: the quantize stage's result (it quantized the trained model); untrained: the
         full-precision model quantized with the same columns."""
         t = run.recipe.train
@@ -196,7 +224,7 @@ class FullPrecision(Mode):
     def to_train(self, run: Run) -> tuple:
         return _full_precision_to_train(run)
 
-    def recovered(self, run: Run, trained: bool, noise: bool = False):
+    def recovered(self, run: Run, trained: bool, noise: bool = False, reconstructed: bool = True):
         return full_precision_salient(run, run.recipe.train.noise if noise else "none", trained)
 
 

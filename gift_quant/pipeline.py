@@ -1,12 +1,13 @@
 """``gift-quant recover``: the staged pipeline of a recipe.
 
-    quantize -> train -> [lora] -> export -> evaluate -> report      (train.mode: post; modes has pre / fp)
+    quantize -> [reconstruct] -> train -> [lora] -> export -> evaluate -> report   (train.mode: post; modes has pre / fp)
 
 Each stage (``stages``, ``lora``) writes into ``<run>/<stage>/`` through a temporary folder renamed when
 complete, with a ``manifest.json`` holding the hash of the recipe sections it depends on, package
 versions and its wall time (``rundir``). A rerun skips stages whose manifest matches; a stage whose
 inputs changed is reported, not silently reused (``--from STAGE`` redoes it and everything after). An
-interrupted training resumes from its last checkpoint in ``<run>/train.work/``. This module is the
+interrupted training (or reconstruction) resumes from its last checkpoint in ``<run>/train.work/``
+(``reconstruct.work/``). This module is the
 order alone: inputs checked (``checks``), the plan, the lock, the loop.
 """
 from __future__ import annotations
@@ -30,7 +31,6 @@ from .modes import mode_for
 from .recipe import Recipe, RecipeError
 from .rundir import Run, atomic_dir
 from .stages import STAGES
-from .train import check_resumable
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,13 @@ def _prepare(run: Run, from_stage: str | None) -> None:
     if from_stage is not None:
         for name in order[order.index(from_stage):]:
             shutil.rmtree(run.stage(name), ignore_errors=True)
-        for stage in TRAINING:
-            if stage in order and order.index(from_stage) <= order.index(stage):
-                shutil.rmtree(run.dir / f"{stage}.work", ignore_errors=True)
+            shutil.rmtree(run.dir / f"{name}.work", ignore_errors=True)
     rundir.remove_leftovers(run.dir)
     for name in order:
         run.is_done(name)
-    for stage in TRAINING:
-        if stage in order and not run.is_done(stage, full=False):
-            check_resumable(run.dir / f"{stage}.work", run.key(stage))
+    for stage in run.stages:
+        if stage.check_work is not None and not run.is_done(stage.name, full=False):
+            stage.check_work(run.dir / f"{stage.name}.work", run.key(stage.name))
     tmp = run.dir / "recipe.json.tmp"
     tmp.write_text(json.dumps(run.recipe.model_dump(mode="json"), indent=2))
     tmp.replace(run.dir / "recipe.json")

@@ -42,7 +42,7 @@ import torch
 
 from .calibrate import inputs_fit
 from .devices import GiB, capacity
-from .recipe import Recipe, RecipeError
+from .recipe import GENERATED, Recipe, RecipeError
 from .saliency import resolve_k
 
 CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
@@ -171,6 +171,23 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
             "GPTQ or one batch forward, the larger": max(gptq, forward)}
 
 
+def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
+    """One block with GIFT-SW layers, the block inputs, targets and quantized inputs (where they fit), one batch's
+    forward and backward, the salient columns' AdamW state."""
+    cal, rec, p = recipe.calibration, recipe.reconstruct, _BYTES[recipe.model.dtype]
+    b, s, h = rec.batch_size, cal.seq_len, shape.hidden
+    inputs = 4 * cal.n_samples * s * h * p
+    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
+    salient = sum(lin.k * lin.n_out for lin in shape.linears)
+    per_block = b * s * (8 * h + 4 * shape.kv + 5 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    return {"block weights (full precision and codes)": shape.block_params * (p + 1),
+            "block inputs, targets and quantized inputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
+                inputs if fits else 4 * b * s * h * p,
+            "one batch forward and backward": per_block,
+            "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p,
+            "salient weights, gradients, AdamW moments (float32)": 16 * salient}
+
+
 def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
     g = recipe.quant.group_size
     codes = sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks
@@ -196,9 +213,24 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, 
            "activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else ""): acts,
            "logits and loss": b * s * shape.vocab * (c + 12),
            "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * c}
-    if t.distill > 0:
+    if t.distill > 0 and t.distill_topk is not None:  # the cache of the windows read, on the CPU; one batch's here
+        out["distillation teacher (top-k cache, one batch)"] = b * s * t.distill_topk * 8
+    elif t.distill > 0:
         out["distillation teacher"] = shape.params * (2 if c == 2 else p) + b * s * shape.vocab * (c + 4)
     return out
+
+
+def plan_generate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    g, p = recipe.generate, _BYTES[recipe.model.dtype]
+    return {"model": shape.params * p, "key-value cache": 2 * g.batch_size * g.seq_len * shape.kv * shape.blocks * p,
+            "one step's forward and logits": _forward(shape, g.batch_size, 1, p, device) + g.batch_size * shape.vocab * 8}
+
+
+def plan_teacher(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    t, p = recipe.train, _BYTES[recipe.model.dtype]
+    b, s = t.micro_batch_size, t.seq_len
+    return {"model": shape.params * p, "one batch forward": _forward(shape, b, s, p, device),
+            "logits and their log-softmax (float32)": b * s * shape.vocab * (p + 8)}
 
 
 def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
@@ -211,6 +243,9 @@ def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
 
 
 _KNOBS = {"quantize": "calibration.batch_size (one batch's forward) or calibration.seq_len",
+          "teacher": "train.micro_batch_size or train.seq_len",
+          "generate": "generate.batch_size or generate.seq_len",
+          "reconstruct": "reconstruct.batch_size or calibration.n_samples (the block inputs held)",
           "train": "train.gradient_checkpointing: true, a smaller train.micro_batch_size (raise train.grad_accum to "
                    "keep the batch), train.seq_len, or train.distill: 0 (no teacher)",
           "evaluate": "eval.batch_size"}
@@ -224,6 +259,12 @@ def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None, memor
     cap = capacity(device) if memory is None else memory
     usable = cap - (CUDA_RESERVE if device.type == "cuda" else 0)
     parts = {"quantize": plan_quantize(shape, recipe, device, cap), "evaluate": plan_evaluate(shape, recipe, device)}
+    if recipe.reconstruct.enabled:
+        parts["reconstruct"] = plan_reconstruct(shape, recipe, device, cap)
+    if recipe.train.enabled and recipe.train.data == GENERATED:
+        parts["generate"] = plan_generate(shape, recipe, device)
+    if recipe.train.enabled and recipe.train.distill > 0 and recipe.train.distill_topk is not None:
+        parts["teacher"] = plan_teacher(shape, recipe, device)
     if recipe.train.enabled:
         parts["train"] = plan_train(shape, recipe, device)
     if recipe.train.mode == "fp":
@@ -231,7 +272,7 @@ def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None, memor
     stages = {}
     for name, p in parts.items():
         total = sum(p.values())
-        if device.type == "cpu" and name == "quantize":  # the whole model waits in the same memory
+        if device.type == "cpu" and name in ("quantize", "reconstruct"):  # the whole model waits in the same memory
             p["model on the CPU"] = shape.params * _BYTES[recipe.model.dtype]
             total = sum(p.values())
         stages[name] = {"bytes": total, "fits": total <= usable, "parts": p}

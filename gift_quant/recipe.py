@@ -175,6 +175,38 @@ class QuantSpec(_Section):
         return Grid(self.bits, self.group_size, self.sym, self.sym_step, self.clip_min, self.clip_steps)
 
 
+class ReconstructSpec(_Section):
+    """Block-wise reconstruction after quantization (EfficientQAT's Block-AP, on the salient columns): each decoder
+    block's salient columns (and with ``learn_scales`` its grid scales) trained so that the quantized block's
+    output matches the full-precision block's on the calibration windows (mean squared error)."""
+
+    enabled: bool = False
+    inputs: Literal["quantized", "fp"] = Field(
+        "quantized", description="what block i reads while it is trained: the outputs of the reconstructed quantized "
+        "blocks before it (the errors it must undo at inference) or of the full-precision ones")
+    epochs: int = Field(2, ge=1, description="passes over the calibration windows per block")
+    batch_size: int = Field(4, ge=1, description="calibration windows per step")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the salient columns (cosine to 0 per block)")
+    learn_scales: bool = Field(False, description="also train the grid's per-row / per-group scales (codes unchanged)")
+    scales_lr: float = Field(1e-5, gt=0, description="learning rate of the scales")
+    noise: Literal["gaussian", "uniform", "none"] = Field("none", description="noise on the frozen quantized weights "
+                                                         "while a block trains (GIFT-SW's, on the train noise grid)")
+    noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise")
+
+
+GENERATED = "generated"  # train.data: text sampled from the full-precision model
+
+
+class GenerateSpec(_Section):
+    """Training text sampled from the full-precision model (``train.data: generated``; LLM-QAT)."""
+
+    tokens: int = Field(300_000, ge=1, description="tokens to sample, in sequences of seq_len")
+    seq_len: int = Field(2048, ge=8, description="tokens a sequence; training cuts each into train.seq_len windows")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (1: the model's own distribution)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1: off)")
+    batch_size: int = Field(16, ge=1, description="sequences sampled at once")
+
+
 class TrainSpec(_Section):
     """GIFT-SW fine-tuning of the salient columns (METHOD sections 3 and 4)."""
 
@@ -194,11 +226,15 @@ class TrainSpec(_Section):
     seq_len: int = Field(2048, ge=8)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    data: str = C4
+    data: str = Field(C4, description="training text (a file, package path or hub data set), or generated: "
+                      "sampled from the full-precision model (the generate section)")
     data_format: Literal["text", "chat"] = Field("text", description="text: packed windows; chat: "
                                                  "jsonl of {messages: [...]}, loss on assistant turns")
     distill: float = Field(0.0, ge=0, description="weight of KL(teacher || student) added to the label loss")
     distill_temperature: float = Field(1.0, gt=0)
+    distill_topk: int | None = Field(None, ge=1, description="cache the teacher's k most likely tokens of every "
+                                     "position once (the teacher stage) instead of running it beside every step; "
+                                     "null: the full teacher")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it")
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
@@ -240,6 +276,8 @@ class Recipe(_Section):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     saliency: SaliencySpec = Field(default_factory=SaliencySpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
+    reconstruct: ReconstructSpec = Field(default_factory=ReconstructSpec)
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -288,6 +326,35 @@ class Recipe(_Section):
             raise ValueError(f"train.learn_scales = true, but train.mode = {self.train.mode} trains on the "
                              f"full-precision weights, which have no grid scales to learn; use train.mode: post or "
                              f"set train.learn_scales: false")
+        return self
+
+    @model_validator(mode="after")
+    def _reconstruct(self) -> "Recipe":
+        if self.reconstruct.enabled and self.train.mode != "post":
+            raise ValueError(f"reconstruct.enabled = true, but train.mode = {self.train.mode} has no quantized model "
+                             f"before training to reconstruct; use train.mode: post or set reconstruct.enabled: false")
+        return self
+
+    @model_validator(mode="after")
+    def _topk_teacher(self) -> "Recipe":
+        if self.train.distill_topk is not None and self.train.distill == 0:
+            raise ValueError(f"train.distill_topk = {self.train.distill_topk} caches a teacher, but train.distill = 0 "
+                             f"uses none; set train.distill (e.g. 1.0) or drop train.distill_topk")
+        return self
+
+    @model_validator(mode="after")
+    def _generated(self) -> "Recipe":
+        t = self.train
+        if t.data == GENERATED and t.data_format != "text":
+            raise ValueError(f"train.data = generated samples plain text, but train.data_format = {t.data_format}; "
+                             f"set train.data_format: text")
+        if t.data == GENERATED and t.seq_len > self.generate.seq_len:
+            raise ValueError(f"train.seq_len = {t.seq_len} is longer than a generated sequence (generate.seq_len = "
+                             f"{self.generate.seq_len}); set generate.seq_len: {t.seq_len} or a shorter train.seq_len")
+        changed = [k for k, v in self.generate if v != GenerateSpec.model_fields[k].default]  # a dump parses back
+        if t.data != GENERATED and changed:
+            raise ValueError(f"generate.{changed[0]} is set, but train.data = {t.data!r} reads a text; set "
+                             f"train.data: generated or drop the generate section")
         return self
 
     @model_validator(mode="after")

@@ -75,9 +75,12 @@ def lock(folder: Path):
 
 def remove_leftovers(folder: Path) -> None:
     """Temporary folders of a killed run (stages, training checkpoints) are removed; complete ones never."""
-    for tmp in [*folder.glob(".*.tmp-*"), *folder.glob("*.work/checkpoints/.tmp-*")]:
+    for tmp in [*folder.glob(".*.tmp-*"), *folder.glob("*.work/checkpoints/.tmp-*"), *folder.glob("*.work/.*.tmp")]:
         log.info("removing %s, left by an interrupted run", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:
@@ -90,17 +93,63 @@ def versions() -> dict[str, str]:
 
 
 
+# A stage that resumes mid-way (reconstruct: one file a block; generate: one a batch) keeps each finished piece in
+# ``<run>/<stage>.work/`` as a safetensors file holding the stage key in its metadata, written under a temporary name
+# and renamed. Training checkpoints are accelerate's folders instead (``train``).
+
+
+def save_piece(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta: str) -> None:
+    """One finished piece of a stage's work, whole or not at all."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"key": key, **meta})
+    os.replace(tmp, path)
+
+
+def load_piece(path: Path, key: str, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A finished piece's tensors and metadata; None where there is none. One of another recipe is refused."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        _check_piece(path, meta.get("key", ""), key, stage)
+        return {n: f.get_tensor(n) for n in f.keys()}, meta
+
+
+def _check_piece(path: Path, saved: str, key: str, stage: str) -> None:
+    if saved != key:
+        raise RunError(f"{path} was written from a different recipe (the {stage} section or an earlier stage's); "
+                       f"rerun with --from {stage} to start the stage again")
+
+
+def piece_checker(stage: str) -> Callable[[Path, str], None]:
+    """``Stage.check_work`` of a stage that keeps pieces: every piece in its work folder has the stage key."""
+    def check(folder: Path, key: str) -> None:
+        from safetensors import safe_open
+
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                _check_piece(path, (f.metadata() or {}).get("key", ""), key, stage)
+    return check
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline: ``run(run, tmp, **kwargs) -> manifest extras`` writes its files into ``tmp``
-    (renamed into ``<run>/<name>/`` when it returns); ``reads``: the recipe sections it reads itself."""
+    (renamed into ``<run>/<name>/`` when it returns); ``reads``: the recipe sections it reads itself;
+    ``check_work(folder, key)``: for a stage that resumes from ``<run>/<name>.work/``, refuses a folder another
+    recipe left (called before any stage runs)."""
 
     name: str
     reads: tuple[str, ...]
     run: Callable[..., dict]
+    check_work: Callable[[Path, str], None] | None = None
 
 
-SECTIONS = ("model", "calibration", "saliency", "quant", "seed", "train", "export", "eval")
+SECTIONS = ("model", "calibration", "saliency", "quant", "reconstruct", "generate", "seed", "train", "export", "eval")
 
 
 class Run:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,16 +19,19 @@ from safetensors.torch import save_file
 
 from . import dense_format, exports, gift_format, gptq_lora_format, lora
 from .checkpoint import load_quantized, read_json, save_quantized
-from .data import eval_windows, training_examples
+from .data import calibration_windows, eval_windows, training_examples
+from .distill import teacher_topk
 from .evaluate import interval, window_nll, zero_shot
+from .generate import generate_texts
 from .integrity import write_sums
 from .layers import merge_to_dense, salient_layers
-from .modes import plain_quantized, quantize_with
+from .modes import plain_quantized, quantize_with, quantized_layers, teacher
 from .quantize import quantize_rtn_plain
-from .rundir import Run, Stage
+from .reconstruct import reconstruct_model
+from .rundir import Run, Stage, piece_checker
 from .sizes import bits_per_weight, storage
 from .sources import load_tokenizer
-from .train import train, trainable_state
+from .train import check_resumable, train, trainable_state, windows_read
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,52 @@ def run_plain(run: Run, tmp: Path) -> dict:
     return {"layers": len(base), "bits_per_weight": bits_per_weight(base)}
 
 
+def run_reconstruct(run: Run, tmp: Path) -> dict:
+    """Each decoder block's salient columns (and scales) trained against the full-precision block
+    (``reconstruct``); ``quantized.safetensors`` holds the quantize stage's layers with what it trained."""
+    r = run.recipe
+    model, tok = run.load_fp()
+    results = load_quantized(run.stage("quantize") / "quantized.safetensors")
+    losses = reconstruct_model(model, calibration_windows(r, tok), results, r.reconstruct, run.dir / "reconstruct.work",
+                               run.key("reconstruct"), r.seed, run.device)
+    save_quantized(results, tmp / "quantized.safetensors")
+    before, after = (sum(b[k] for b in losses) for k in ("before", "after"))
+    log.info("reconstruction: summed block loss %.4g -> %.4g (%.1f%% of it left)", before, after,
+             100 * after / max(before, 1e-30))
+    return {"blocks": losses, "loss_before": before, "loss_after": after}
+
+
+def run_generate(run: Run, tmp: Path) -> dict:
+    """``tokens.safetensors``: the training text sampled from the full-precision model (``generate``), and
+    ``samples.txt``, its first sequences decoded for a reader."""
+    r = run.recipe
+    model, tok = run.load_fp()
+    model.to(run.device)
+    t0 = time.time()
+    ids = generate_texts(model, tok, r.generate, r.seed, run.dir / "generate.work", run.key("generate"))
+    save_file({"ids": ids}, tmp / "tokens.safetensors")
+    (tmp / "samples.txt").write_text("\n\n----\n\n".join(tok.decode(s) for s in ids[:3]))
+    rate = ids.numel() / max(time.time() - t0, 1e-9)
+    log.info("generated %d sequences of %d tokens (%.0f tokens/s)", *ids.shape, rate)
+    return {"sequences": ids.shape[0], "tokens": ids.numel(), "tokens_per_s": rate}
+
+
+def run_teacher(run: Run, tmp: Path) -> dict:
+    """``teacher.safetensors``: the full-precision model's top ``train.distill_topk`` log-probabilities and token ids
+    at every position of the training windows the train stage's steps will read (``distill``), once."""
+    r, t = run.recipe, run.recipe.train
+    model, tok = run.load_fp()
+    model.to(run.device)
+    ids, _ = training_examples(r, tok, run.dir)
+    windows = windows_read(len(ids), t, int(os.environ.get("WORLD_SIZE", "1")), r.seed)
+    cache = teacher_topk(model, ids[windows], t.distill_topk, t.distill_temperature, t.micro_batch_size,
+                         run.dir / "teacher.work", run.key("teacher"))
+    save_file({**cache, "windows": windows}, tmp / "teacher.safetensors")
+    size = sum(v.numel() * v.element_size() for v in cache.values())
+    log.info("teacher: top-%d of %d windows cached (%.1f MB)", t.distill_topk, len(windows), size / 1e6)
+    return {"windows": len(windows), "of": len(ids), "k": t.distill_topk, "bytes": size}
+
+
 def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     """The salient columns trained (noise, distillation and schedule from ``train``); ``trainable.safetensors``
     holds them, ``salient_idx.safetensors`` the columns where this stage picked them (pre / fp)."""
@@ -74,11 +124,10 @@ def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     if not t.enabled:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         return {"trained": False}
-    ids, labels = training_examples(r, tok)
-    teacher = run.load_fp()[0] if t.distill > 0 else None
+    ids, labels = training_examples(r, tok, run.dir)
     work = run.dir / "train.work"
-    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher, on_step=on_step, device=run.device,
-                    key=run.key("train"))
+    summary = train(model, ids, labels, t, work, seed=r.seed, teacher=teacher(run, len(ids)), on_step=on_step,
+                    device=run.device, key=run.key("train"))
     save_file(trainable_state(model), tmp / "trainable.safetensors")
     shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
     return summary
@@ -93,7 +142,7 @@ def run_export(run: Run, tmp: Path) -> dict:
     """The recovered model in each of ``export.formats``, every folder with its ``SHA256SUMS``, and the sizes."""
     r = run.recipe
     model, tok = run.mode.recovered(run, trained=True)
-    results = load_quantized(run.stage("quantize") / "quantized.safetensors") if run.mode.quantizes else {}
+    results = quantized_layers(run) if run.mode.quantizes else {}
     for name, qw in results.items():  # what training changed: the salient columns, and learned scales
         layer = model.get_submodule(name)
         qw.salient_weight = layer.salient_weight.detach().clone()
@@ -138,7 +187,11 @@ def scored_models(run: Run) -> Iterator[tuple[str, Scored]]:
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
         yield f"GPTQ {bits}", lambda: (plain_quantized(run)[0], IN_MEMORY + ", the plain stage's quantization")
     if "salient" in r.eval.baselines and m.quantizes:
-        yield f"{m.quant_label(r, bits)} + salient columns", lambda: (m.recovered(run, trained=False)[0], IN_MEMORY)
+        yield f"{m.quant_label(r, bits)} + salient columns", lambda: (
+            m.recovered(run, trained=False, reconstructed=False)[0], IN_MEMORY)
+    if "reconstruct" in run.order:
+        yield f"{m.quant_label(r, bits)} + salient columns reconstructed", lambda: (
+            m.recovered(run, trained=False)[0], IN_MEMORY)
     if r.train.enabled:
         yield m.label.format(bits=bits), lambda: _exported(run)
     if "lora" in run.order:
@@ -235,8 +288,12 @@ def run_report(run: Run, tmp: Path) -> dict:
 
 QUANTIZE = Stage("quantize", ("calibration", "saliency", "quant"), run_quantize)
 PLAIN = Stage("plain", ("calibration", "saliency", "quant"), run_plain)
-TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train)
+RECONSTRUCT = Stage("reconstruct", ("calibration", "saliency", "quant", "reconstruct"), run_reconstruct,
+                    piece_checker("reconstruct"))
+GENERATE = Stage("generate", ("generate",), run_generate, piece_checker("generate"))
+TEACHER = Stage("teacher", ("train",), run_teacher, piece_checker("teacher"))
+TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train, check_resumable)
 EXPORT = Stage("export", ("export",), run_export)
 EVALUATE = Stage("evaluate", ("eval",), run_evaluate)
 REPORT = Stage("report", (), run_report)
-STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}
+STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, RECONSTRUCT, GENERATE, TEACHER, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}

@@ -28,11 +28,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import devices
+from .distill import FullTeacher, TopKTeacher
 from .layers import salient_layers
 from .recipe import TrainSpec
 from .rundir import RunError
@@ -55,6 +55,13 @@ def batch_indices(n: int, step: int, micro: int, spec: TrainSpec, rank: int, wor
         epoch, i = divmod(pos, n)
         idx.append(int(_epoch_order(n, seed, epoch)[i]))
     return torch.tensor(idx)
+
+
+def windows_read(n: int, spec: TrainSpec, world: int, seed: int) -> torch.Tensor:
+    """The examples (of ``n``) that ``spec.steps`` steps on ``world`` processes read, sorted (each once)."""
+    read = [batch_indices(n, step, micro, spec, rank, world, seed)
+            for step in range(spec.steps) for micro in range(spec.grad_accum) for rank in range(world)]
+    return torch.cat(read).unique()
 
 
 def examples_per_step(spec: TrainSpec, world: int) -> int:
@@ -177,14 +184,6 @@ def noise_factor(spec: TrainSpec, step: int) -> float:
     return 1.0 if spec.noise_schedule == "constant" else max(0.0, 1.0 - step / spec.steps)
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` per token, averaged over the tokens that carry a label."""
-    keep = labels[:, 1:] != -100
-    s = F.log_softmax(student[:, :-1][keep].float() / temperature, -1)
-    t = F.log_softmax(teacher[:, :-1][keep].float() / temperature, -1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-
-
 @dataclass
 class _Loop:
     """What one training run holds between steps: the prepared model, optimizer and schedule, the data, where
@@ -196,7 +195,7 @@ class _Loop:
     sched: object
     params: list[nn.Parameter]
     scales: list[nn.Parameter]  # learned grid scales (train.learn_scales), kept positive after every step
-    teacher: nn.Module | None
+    teacher: FullTeacher | TopKTeacher | None
     ids: torch.Tensor
     labels: torch.Tensor
     spec: TrainSpec
@@ -216,8 +215,8 @@ class _Loop:
         return self.accelerator.num_processes
 
 
-def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: int, teacher: nn.Module | None,
-           device: torch.device | None) -> _Loop:
+def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: int,
+           teacher: nn.Module | TopKTeacher | None, device: torch.device | None) -> _Loop:
     """Accelerate (bf16 autocast where asked or on a GPU that has it; gloo DDP on CPUs), AdamW over what requires
     grad, the schedule, the teacher on the same device."""
     from accelerate import Accelerator
@@ -245,8 +244,9 @@ def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: 
     sched = get_scheduler(spec.schedule, opt, num_warmup_steps=math.ceil(spec.warmup_ratio * spec.steps),
                           num_training_steps=spec.steps)
     model, opt, sched = accelerator.prepare(model, opt, sched)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None).eval()
+    if isinstance(teacher, nn.Module):
+        teacher = FullTeacher(teacher.to(accelerator.device, dtype=torch.bfloat16 if bf16 else None),
+                              spec.distill_temperature)
     return _Loop(accelerator, model, opt, sched, params, scales, teacher, ids, labels, spec, seed, Path(out_dir))
 
 
@@ -280,9 +280,7 @@ def _step(loop: _Loop, step: int) -> float:
             out = loop.model(input_ids=x, labels=y, use_cache=False)
             loss = out.loss
             if loop.teacher is not None and spec.distill > 0:
-                with torch.no_grad():
-                    t_logits = loop.teacher(input_ids=x, use_cache=False).logits
-                loss = loss + spec.distill * distill_loss(out.logits, t_logits, y, spec.distill_temperature)
+                loss = loss + spec.distill * loop.teacher.loss(out.logits, x, idx, y)
             acc.backward(loss / spec.grad_accum)
         step_loss += loss.item() / spec.grad_accum
     losses = acc.gather(torch.tensor([step_loss], device=acc.device))
@@ -323,7 +321,7 @@ def train(
     spec: TrainSpec,
     out_dir: Path,
     seed: int = 0,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TopKTeacher | None = None,
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
     key: str = "",
@@ -332,8 +330,8 @@ def train(
     """Train the parameters of ``model`` that require grad; return timing and loss summary.
 
     ``device``: where to train (default: the GPU when there is one); under ``accelerate launch`` each
-    process takes the GPU accelerate gives it. The teacher goes to the same device, in bfloat16 when
-    training in bf16. ``key`` identifies what the model was built from; checkpoints of another key are
+    process takes the GPU accelerate gives it. ``teacher``: a model (run beside every step; it goes to the same
+    device, in bfloat16 when training in bf16) or the cached top-k of one (``distill.TopKTeacher``). ``key`` identifies what the model was built from; checkpoints of another key are
     refused on resume. ``checkpoints=False`` writes none (a benchmark's throwaway steps: at 7B the trainable
     state is GBs)."""
     loop = _setup(model, ids, labels, spec, out_dir, seed, teacher, device)

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gift_quant import gptq as gptq_mod
 from gift_quant import noise as noise_mod
 from gift_quant import pack as pack_mod
-from gift_quant.calibrate import InputStats, _Inputs
+from gift_quant.calibrate import BlockInputs, InputStats
 from gift_quant.grid import Grid, rtn
 from gift_quant.layers import SalientLinear, merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from gift_quant.noise import draw, noise_step
@@ -143,7 +143,7 @@ def test_spilled_block_inputs_are_copied_once_into_pinned_memory(monkeypatch):
     with fake_cuda():
         h = torch.randn(2, 8, 16, device="cuda")
         with _Ops() as ops:
-            kept = _Inputs(torch.device("cuda"), resident=False).keep(h)
+            kept = BlockInputs(torch.device("cuda"), resident=False).keep(h)
     copies = [n for n in ops.names if n.split(".")[0] in ("_to_copy", "copy_", "_pin_memory", "clone")]
     assert kept.device.type == "cpu" and len(copies) == 1, ops.names
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from gift_quant import pipeline
-from gift_quant.pipeline import recover
 from gift_quant.integrity import sha256
+from gift_quant.pipeline import recover
 from gift_quant.recipe import RecipeError
 from gift_quant.rundir import RunError
 
-from .conftest import crash_at, needs_gptqmodel, recipe
+from .conftest import crash_at, needs_gptqmodel, recipe, tweak
 
 
 def test_recover_end_to_end_skip_and_change_detection(tiny_folder, tmp_path, caplog):
@@ -264,3 +264,40 @@ def test_learned_scales_change_the_exported_scales_and_nothing_else(tiny_folder,
 def test_learned_scales_are_refused_without_a_grid(tiny_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"train.learn_scales = true, but train.mode = pre .*no grid scales"):
         recipe(tiny_folder, tmp_path, mode="pre", learn_scales=True)
+
+
+def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder, tmp_path):
+    """reconstruct.enabled with learned scales, training without them: the stage runs between quantize and train; its
+    layers keep the quantize stage's codes and indices and carry new salient columns and scales; training starts
+    from them, the gift export ships its scales, and the report scores the reconstructed model beside the
+    untrained one."""
+    from safetensors.torch import load_file
+
+    from gift_quant.checkpoint import load_quantized
+
+    out = tmp_path / "run"
+    r = tweak(recipe(tiny_folder, out, ["gift"]), **{"reconstruct.enabled": True, "reconstruct.learn_scales": True,
+                                                      "reconstruct.scales_lr": 1e-3, "reconstruct.lr": 1e-3})
+    order = pipeline.stages(r)
+    assert order.index("quantize") < order.index("reconstruct") == order.index("train") - 1
+    recover(r)
+    before = load_quantized(out / "quantize/quantized.safetensors")
+    after = load_quantized(out / "reconstruct/quantized.safetensors")
+    for name, qw in before.items():
+        assert torch.equal(after[name].codes, qw.codes) and torch.equal(after[name].salient_idx, qw.salient_idx)
+        assert not torch.equal(after[name].scale, qw.scale)
+    manifest = json.loads((out / "reconstruct/manifest.json").read_text())
+    assert len(manifest["blocks"]) == 2 and all(b["after"] < b["before"] for b in manifest["blocks"])
+    name = "model.layers.0.self_attn.q_proj"
+    shipped = load_file(out / "export/gift/model.safetensors")
+    assert torch.equal(shipped[f"{name}.scales"], after[name].scale.T.to(torch.float16))
+    log = [json.loads(line) for line in (out / "train/train_log.jsonl").read_text().splitlines()]
+    assert log  # trained on top
+    results = json.loads((out / "evaluate/results.json").read_text())
+    plain, rec = results["GPTQ W3 + salient columns"]["ppl"], results["GPTQ W3 + salient columns reconstructed"]["ppl"]
+    assert plain != rec and "GIFT-SW W3" in results
+
+
+def test_reconstruct_is_refused_where_nothing_is_quantized_before_training(tiny_folder, tmp_path):
+    with pytest.raises(RecipeError, match=r"reconstruct.enabled = true, but train.mode = pre has no quantized model"):
+        tweak(recipe(tiny_folder, tmp_path, mode="pre"), **{"reconstruct.enabled": True})

@@ -14,6 +14,7 @@ from gift_quant.plan import (
     meta_model,
     model_config,
     plan,
+    plan_reconstruct,
     plan_train,
     shape_of,
     shipped_configs,
@@ -51,6 +52,20 @@ def test_llama2_7b_training_plan_by_hand():
     assert parts["activations (gradient checkpointing)"] == L * s * h * 2 + 3 * per_block
     assert parts["logits and loss"] == s * V * 14
     assert sum(parts.values()) <= 20e9  # the 24 GB card's goal, as planned
+
+
+def test_llama2_7b_reconstruct_plan_by_hand():
+    """One block in bf16 and its codes, four sets of block inputs (128 x 2048 x 4096 bf16: 2 GiB each), one batch's
+    forward and backward, the block's salient columns in float32 with AdamW; the whole stage fits a 24 GiB card."""
+    r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["reconstruct.enabled=true", "model.dtype=bfloat16"])
+    parts = plan_reconstruct(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"), memory=24 * GiB)
+    h, i, s, n, b = 4096, 11008, 2048, r.calibration.n_samples, r.reconstruct.batch_size
+    block = 4 * h * h + 3 * h * i + 2 * h
+    assert parts["block weights (full precision and codes)"] == 3 * block
+    assert parts["block inputs, targets and quantized inputs"] == 4 * n * s * h * 2 == 8 * GiB
+    assert parts["one batch forward and backward"] == b * s * (12 * h + 5 * i) * 2
+    assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * 128 * (5 * h + 2 * i)
+    assert sum(parts.values()) <= 22 * GiB
 
 
 def test_plan_against_a_measured_peak_on_the_cpu():

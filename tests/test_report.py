@@ -120,7 +120,8 @@ def test_model_card_front_matter_and_serving_command():
 
     recipe = {"name": "m", "model": {"ref": "org/base"}, "quant": {"bits": 3, "group_size": 128, "sym": True,
               "method": "gptq"}, "saliency": {"k": 128, "metric": "owq", "k_overrides": {}},
-              "train": {"mode": "post", "steps": 300, "noise": "none", "distill": 1.0}}
+              "train": {"mode": "post", "steps": 300, "noise": "none", "distill": 1.0, "data": "c4.txt"},
+              "reconstruct": {"enabled": True}}
     rows = {"full precision": {"ppl": 5.47, "ppl_ci95": [5.3, 5.6]}, "GIFT-SW W3 g128": {"ppl": 5.9, "ppl_ci95": [5.7, 6.1],
             "source": "export/gift"}}
     card = model_card("gptq4_lora", recipe, rows, "GIFT-SW W3 g128", {"linear_bits_per_weight": 4.25, "bytes": 4e9},
@@ -128,4 +129,5 @@ def test_model_card_front_matter_and_serving_command():
     assert card.startswith('---\nbase_model: "org/base"\nlicense: "llama2"\n')
     assert "| **GIFT-SW W3 g128** | 5.900 (5.70-6.10) | - |" in card and "| full precision | 5.470 (5.30-5.60) | - |" in card
     assert "vllm serve . --enable-lora --lora-modules salient=./adapter --max-lora-rank 128" in card
+    assert "training text c4.txt, block-wise reconstruction on" in card
     assert "license" not in model_card("gift", recipe, rows, "GIFT-SW W3 g128", {}, {}).split("---")[1]

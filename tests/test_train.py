@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from gift_quant.data import chat_examples
-from gift_quant.train import batch_indices, distill_loss
+from gift_quant.distill import distill_loss
+from gift_quant.train import batch_indices
 
 from .conftest import crash_at
 from .train_worker import build, run

@@ -1,0 +1,154 @@
+"""Block-wise reconstruction: each decoder block's salient columns trained against the full-precision block.
+
+After quantization, block ``i`` with GIFT-SW layers on its codes is trained alone to reproduce what the
+full-precision block gives on the calibration windows (EfficientQAT's Block-AP, with the salient columns,
+and optionally the grid's scales, as what learns; the codes stay):
+
+    loss_i = mean( (block_i^q(x_i) - block_i(x_i^fp))^2 ),   x_i^fp the full-precision model's input to block i
+
+``x_i`` is ``x_i^fp`` (``inputs: fp``) or the output of the reconstructed quantized blocks before it
+(``inputs: quantized``): then block i also learns to undo what the blocks before it left, which is what it
+meets at inference. The end-to-end train stage starts from the result. Why a separate stage: its loss
+reaches every block directly, one block's forward and backward on the device at a time (the quantize
+stage's footprint), on text the run already has.
+
+A block's trained tensors and its loss before and after go to ``reconstruct.work/block-<i>.safetensors``
+(``rundir.save_piece``: renamed into place, with the stage key) as soon as it is done; a rerun loads the
+finished blocks, recomputes their outputs (one forward each) and trains from the first unfinished one, so
+a kill redoes at most one block and the result equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import send_to_device
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import BlockInputs, block_inputs, decoder_layers, inputs_fit
+from .checkpoint import CheckpointError
+from .grid import QuantizedWeight
+from .layers import learn_scales, merge_to_dense, salient_layers, wrap_quantized
+from .recipe import ReconstructSpec
+from .rundir import load_piece, save_piece
+from .train import SMALLEST_SCALE
+
+log = logging.getLogger(__name__)
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a block's output against the full-precision block's, in float32."""
+    return F.mse_loss(out.float(), target.float())
+
+
+def _out(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _outputs(block: nn.Module, batches: list, inputs: BlockInputs) -> list[torch.Tensor]:
+    """The block's output for every batch, kept where ``inputs`` keeps them."""
+    with torch.no_grad():
+        return [inputs.keep(_out(block(inputs.use(h), **kw))) for h, kw in batches]
+
+
+def _mean_loss(block: nn.Module, batches: list, targets: list, inputs: BlockInputs) -> float:
+    with torch.no_grad():
+        losses = [block_loss(_out(block(inputs.use(h), **kw)), inputs.use(t)) for (h, kw), t in zip(batches, targets)]
+    return float(torch.stack(losses).mean())
+
+
+def train_block(block: nn.Module, batches: list, targets: list, spec: ReconstructSpec, inputs: BlockInputs,
+                seed: int) -> None:
+    """``spec.epochs`` passes over the batches in a seeded order; AdamW on the salient columns (and the scales),
+    cosine to 0; scales kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
+    without touching the run's random state."""
+    layers = salient_layers(block).values()
+    groups = [{"params": [m.salient_weight for m in layers], "lr": spec.lr}]
+    scales = [m.base.scale for m in layers if spec.learn_scales]
+    if scales:
+        groups.append({"params": scales, "lr": spec.scales_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    steps = spec.epochs * len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+    order = torch.Generator().manual_seed(seed)
+    cuda = [inputs.device] if inputs.device.type == "cuda" else []
+    block.train()
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for j in [j for _ in range(spec.epochs) for j in torch.randperm(len(batches), generator=order).tolist()]:
+            h, kw = batches[j]
+            block_loss(_out(block(inputs.use(h), **kw)), inputs.use(targets[j])).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            with torch.no_grad():
+                for s in scales:
+                    s.clamp_(min=SMALLEST_SCALE)
+    block.eval()
+
+
+def _trained(block: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in block.named_parameters() if p.requires_grad}
+
+
+def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str, QuantizedWeight],
+                      spec: ReconstructSpec, work: Path, key: str, seed: int,
+                      device: torch.device | str | None = None) -> list[dict[str, float]]:
+    """Reconstruct every decoder block of the full-precision ``model`` in turn (see the module docstring);
+    ``results`` (the quantize stage's layers by module name) get the trained salient columns and scales. The
+    model ends with the reconstructed blocks merged into dense linears. Returns each block's loss before and
+    after."""
+    work.mkdir(parents=True, exist_ok=True)
+    layers = decoder_layers(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    names = {m: n for n, m in model.named_modules()}
+    captured = block_inputs(model, windows, spec.batch_size)
+    n_bytes = sum(h.numel() * h.element_size() for h, _ in captured)
+    block_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
+    inputs = BlockInputs(device, inputs_fit(2 * n_bytes, device, block_bytes))  # inputs, targets, quantized ones
+    fp = [(inputs.keep(h), send_to_device(kw, device)) for h, kw in captured]
+    quant = fp
+    del captured
+    losses = []
+    for i, block in enumerate(tqdm(layers, desc="reconstruct", unit="block")):
+        block.to(device)
+        targets = _outputs(block, fp, inputs)
+        prefix = names[block] + "."
+        mine = {n.removeprefix(prefix): qw for n, qw in results.items() if n.startswith(prefix)}
+        wrap_quantized(block, mine, spec.noise, spec.noise_bits, device)
+        block.eval()  # new layers are built in training mode: no noise outside train_block
+        if spec.learn_scales:
+            learn_scales(block)
+        train_on = quant if spec.inputs == "quantized" else fp
+        path = work / f"block-{i:03d}.safetensors"
+        done = load_piece(path, key, "reconstruct")
+        if done is None:
+            before = _mean_loss(block, train_on, targets, inputs)
+            train_block(block, train_on, targets, spec, inputs, seed * 1000003 + i)
+            loss = {"before": before, "after": _mean_loss(block, train_on, targets, inputs)}
+            save_piece(path, _trained(block), key, losses=json.dumps(loss))
+        else:
+            unknown = block.load_state_dict(done[0], strict=False).unexpected_keys
+            if unknown:
+                raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in block {i}; rerun with --from reconstruct")
+            loss = json.loads(done[1]["losses"])
+        losses.append(loss)
+        log.info("block %d: reconstruction loss %.4g -> %.4g", i, loss["before"], loss["after"])
+        for name, layer in salient_layers(block).items():
+            qw = mine[name]
+            qw.salient_weight = layer.salient_weight.detach().cpu().clone()
+            qw.scale = layer.base.scale.detach().cpu().clone()
+        if spec.inputs == "quantized":
+            quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant, inputs), quant)]
+        fp = [(t, kw) for t, (_, kw) in zip(targets, fp)]
+        if spec.inputs == "fp":
+            quant = fp
+        merge_to_dense(block)
+        block.to(home)
+    return losses
