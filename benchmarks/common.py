@@ -63,10 +63,9 @@ def run_child(cmd: list[str], **kwargs) -> tuple[dict | None, subprocess.Complet
 def recover(work: Path, name: str, sets: list[str], quantized: Path | None = None, env: dict | None = None) -> dict:
     """One ``gift-quant recover`` run of the demo recipe with ``--set`` overrides, in ``work/name`` (a finished run
     there is read, not rerun; an unfinished one resumes). ``quantized``: a run folder whose ``quantize`` stage is
-    copied in first, so the run skips it (used only where its recipe key matches; a mismatch fails the run by
-    name). Returns the report's rows by label and every stage's manifest."""
+    copied in first where it is the one this run would compute (its recipe key), so the run skips it. Returns the report's rows by label and every stage's manifest."""
     out = work / name
-    if quantized is not None and not (out / "quantize").exists():
+    if quantized is not None and not (out / "quantize").exists() and _same_quantize(quantized, sets, out):
         shutil.copytree(quantized / "quantize", out / "quantize")
     if not (out / "report" / "manifest.json").exists():
         cmd = [sys.executable, "-m", "gift_quant.cli", "recover", DEMO, "-q", "--set", f"name={name}",
@@ -76,6 +75,15 @@ def recover(work: Path, name: str, sets: list[str], quantized: Path | None = Non
             raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
     stages = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/manifest.json")}
     return {"rows": json.loads((out / "evaluate" / "results.json").read_text()), "stages": stages}
+
+
+def _same_quantize(quantized: Path, sets: list[str], out: Path) -> bool:
+    """Whether the demo recipe with ``sets`` would compute the quantize stage that ``quantized`` holds."""
+    from gift_quant.pipeline import open_run
+    from gift_quant.recipe import load_recipe
+
+    run = open_run(load_recipe(DEMO, [*sets, f"output_dir={out}"]))
+    return json.loads((quantized / "quantize" / "manifest.json").read_text())["key"] == run.key("quantize")
 
 
 def table(*headers: str) -> None:

@@ -277,7 +277,8 @@ def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder,
 
     out = tmp_path / "run"
     r = tweak(recipe(tiny_folder, out, ["gift"]), **{"reconstruct.enabled": True, "reconstruct.learn_scales": True,
-                                                      "reconstruct.scales_lr": 1e-3, "reconstruct.lr": 1e-3})
+                                                      "reconstruct.scales_lr": 1e-3, "reconstruct.lr": 1e-3,
+                                                      "eval.tasks": [], "eval.baselines": ["gptq", "salient"]})
     order = pipeline.stages(r)
     assert order.index("quantize") < order.index("reconstruct") == order.index("train") - 1
     recover(r)
