@@ -153,7 +153,8 @@ def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> li
     return captured
 
 
-def _block_out(out: torch.Tensor | tuple) -> torch.Tensor:
+def block_output(out: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states of a decoder block's output (a tuple in some transformers versions and models)."""
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -211,7 +212,7 @@ def _measure(block: nn.Module, batches: list, linears: dict[str, nn.Linear], inp
     try:
         for h, kw in batches:
             try:
-                results.append(inputs.keep(_block_out(block(inputs.use(h), **kw))))
+                results.append(inputs.keep(block_output(block(inputs.use(h), **kw))))
             except _Stop:
                 pass
     finally:
@@ -302,6 +303,6 @@ def run_blocks(
             stats, outputs = _measure(block, batches, linears, inputs)
             on_block(i, linears, stats)
         if sequential:
-            outputs = [inputs.keep(_block_out(block(inputs.use(h), **kw))) for h, kw in batches]
+            outputs = [inputs.keep(block_output(block(inputs.use(h), **kw))) for h, kw in batches]
         batches = [(o, kw) for o, (_, kw) in zip(outputs, batches)]
         block.to(home)

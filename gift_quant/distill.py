@@ -12,7 +12,6 @@ information), so it pulls toward the same minimum. Both at temperature ``T``, sc
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -22,10 +21,9 @@ from tqdm.auto import tqdm
 
 from .rundir import load_piece, save_piece
 
-log = logging.getLogger(__name__)
 
-
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
     """``T^2 * KL(teacher || student)`` per token, averaged over the tokens that carry a label."""
     keep = labels[:, 1:] != -100
     s = F.log_softmax(student[:, :-1][keep].float() / temperature, -1)
@@ -78,7 +76,8 @@ class FullTeacher:
     def __init__(self, model: nn.Module, temperature: float):
         self.model, self.temperature = model.eval(), temperature
 
-    def loss(self, student: torch.Tensor, x: torch.Tensor, _windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, student: torch.Tensor, x: torch.Tensor, _windows: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher = self.model(input_ids=x, use_cache=False).logits
         return distill_loss(student, teacher, labels, self.temperature)
@@ -93,7 +92,8 @@ class TopKTeacher:
         self.rows = torch.full((n_windows,), -1, dtype=torch.long)
         self.rows[cache["windows"].long()] = torch.arange(len(cache["windows"]))
 
-    def loss(self, student: torch.Tensor, _x: torch.Tensor, windows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, student: torch.Tensor, _x: torch.Tensor, windows: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         rows = self.rows[windows.cpu()]
         if (rows < 0).any():
             raise RuntimeError(f"training windows {windows[rows < 0].tolist()} are not in the teacher cache (the "

@@ -11,7 +11,6 @@ into resumed parts; each finished batch waits in ``generate.work/`` (``rundir.sa
 """
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from tqdm.auto import tqdm
 
 from .recipe import GenerateSpec
 from .rundir import load_piece, save_piece
-
-log = logging.getLogger(__name__)
 
 
 def first_tokens(vocab_size: int, special: list[int], n: int, seed: int) -> torch.Tensor:
@@ -34,29 +31,27 @@ def first_tokens(vocab_size: int, special: list[int], n: int, seed: int) -> torc
 
 
 @torch.no_grad()
-def sample_batch(model: nn.Module, first: torch.Tensor, seq_len: int, spec: GenerateSpec, seed: int,
-                 eos: list[int]) -> torch.Tensor:
-    """One batch of sequences continued from ``first`` to ``seq_len`` tokens by sampling."""
+def sample_batch(model: nn.Module, first: torch.Tensor, spec: GenerateSpec, seed: int, eos: list[int]) -> torch.Tensor:
+    """One batch of sequences continued from ``first`` to ``spec.seq_len`` tokens by sampling."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                              max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                              max_new_tokens=spec.seq_len - 1, min_new_tokens=spec.seq_len - 1,
                               eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         out = model.generate(first.to(device), attention_mask=torch.ones_like(first, device=device),
                              generation_config=config)
-    return out[:, :seq_len].cpu()
+    return out[:, :spec.seq_len].cpu()
 
 
 def generate_texts(model: nn.Module, tokenizer, spec: GenerateSpec, seed: int, work: Path, key: str) -> torch.Tensor:
     """``ceil(spec.tokens / spec.seq_len)`` sequences of ``spec.seq_len`` tokens, ``(n, seq_len)``; batches already
     in ``work`` (of this ``key``) are reused."""
     work.mkdir(parents=True, exist_ok=True)
-    seq_len = spec.seq_len
-    n = math.ceil(spec.tokens / seq_len)
+    n = math.ceil(spec.tokens / spec.seq_len)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = model.get_output_embeddings().out_features
     model.eval()
@@ -65,9 +60,9 @@ def generate_texts(model: nn.Module, tokenizer, spec: GenerateSpec, seed: int, w
         size = min(spec.batch_size, n - j * spec.batch_size)
         path = work / f"batch-{j:05d}.safetensors"
         done = load_piece(path, key, "generate")
-        if done is None or done[0]["ids"].shape != (size, seq_len):
+        if done is None:
             s = seed * 1000003 + j
-            ids = sample_batch(model, first_tokens(vocab, tokenizer.all_special_ids, size, s), seq_len, spec, s, eos)
+            ids = sample_batch(model, first_tokens(vocab, tokenizer.all_special_ids, size, s), spec, s, eos)
             save_piece(path, {"ids": ids.contiguous()}, key)
             done = ({"ids": ids}, {})
         out.append(done[0]["ids"])

@@ -30,13 +30,13 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import BlockInputs, block_inputs, decoder_layers, inputs_fit
+from .calibrate import BlockInputs, block_inputs, block_output, decoder_layers, inputs_fit
 from .checkpoint import CheckpointError
 from .grid import QuantizedWeight
 from .layers import learn_scales, merge_to_dense, salient_layers, wrap_quantized
 from .recipe import ReconstructSpec
 from .rundir import load_piece, save_piece
-from .train import SMALLEST_SCALE
+from .train import SMALLEST_SCALE, trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,16 @@ def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out.float(), target.float())
 
 
-def _out(out: torch.Tensor | tuple) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _outputs(block: nn.Module, batches: list, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's output for every batch, kept where ``inputs`` keeps them."""
     with torch.no_grad():
-        return [inputs.keep(_out(block(inputs.use(h), **kw))) for h, kw in batches]
+        return [inputs.keep(block_output(block(inputs.use(h), **kw))) for h, kw in batches]
 
 
 def _mean_loss(block: nn.Module, batches: list, targets: list, inputs: BlockInputs) -> float:
     with torch.no_grad():
-        losses = [block_loss(_out(block(inputs.use(h), **kw)), inputs.use(t)) for (h, kw), t in zip(batches, targets)]
+        losses = [block_loss(block_output(block(inputs.use(h), **kw)), inputs.use(t))
+                  for (h, kw), t in zip(batches, targets)]
     return float(torch.stack(losses).mean())
 
 
@@ -82,7 +79,7 @@ def train_block(block: nn.Module, batches: list, targets: list, spec: Reconstruc
         torch.manual_seed(seed)
         for j in [j for _ in range(spec.epochs) for j in torch.randperm(len(batches), generator=order).tolist()]:
             h, kw = batches[j]
-            block_loss(_out(block(inputs.use(h), **kw)), inputs.use(targets[j])).backward()
+            block_loss(block_output(block(inputs.use(h), **kw)), inputs.use(targets[j])).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -90,10 +87,6 @@ def train_block(block: nn.Module, batches: list, targets: list, spec: Reconstruc
                 for s in scales:
                     s.clamp_(min=SMALLEST_SCALE)
     block.eval()
-
-
-def _trained(block: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in block.named_parameters() if p.requires_grad}
 
 
 def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str, QuantizedWeight],
@@ -111,7 +104,7 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
     captured = block_inputs(model, windows, spec.batch_size)
     n_bytes = sum(h.numel() * h.element_size() for h, _ in captured)
     block_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
-    inputs = BlockInputs(device, inputs_fit(2 * n_bytes, device, block_bytes))  # inputs, targets, quantized ones
+    inputs = BlockInputs(device, inputs_fit(2 * n_bytes, device, block_bytes))  # 4 sets: fp and quantized, in and out
     fp = [(inputs.keep(h), send_to_device(kw, device)) for h, kw in captured]
     quant = fp
     del captured
@@ -132,11 +125,12 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
             before = _mean_loss(block, train_on, targets, inputs)
             train_block(block, train_on, targets, spec, inputs, seed * 1000003 + i)
             loss = {"before": before, "after": _mean_loss(block, train_on, targets, inputs)}
-            save_piece(path, _trained(block), key, losses=json.dumps(loss))
+            save_piece(path, trainable_state(block), key, losses=json.dumps(loss))
         else:
             unknown = block.load_state_dict(done[0], strict=False).unexpected_keys
             if unknown:
-                raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in block {i}; rerun with --from reconstruct")
+                raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in block {i}; rerun with "
+                                      f"--from reconstruct")
             loss = json.loads(done[1]["losses"])
         losses.append(loss)
         log.info("block %d: reconstruction loss %.4g -> %.4g", i, loss["before"], loss["after"])
@@ -144,11 +138,9 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
             qw = mine[name]
             qw.salient_weight = layer.salient_weight.detach().cpu().clone()
             qw.scale = layer.base.scale.detach().cpu().clone()
-        if spec.inputs == "quantized":
-            quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant, inputs), quant)]
         fp = [(t, kw) for t, (_, kw) in zip(targets, fp)]
-        if spec.inputs == "fp":
-            quant = fp
+        quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant, inputs), quant)] if spec.inputs == "quantized" \
+            else fp
         merge_to_dense(block)
         block.to(home)
     return losses

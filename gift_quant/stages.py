@@ -296,4 +296,5 @@ TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train,
 EXPORT = Stage("export", ("export",), run_export)
 EVALUATE = Stage("evaluate", ("eval",), run_evaluate)
 REPORT = Stage("report", (), run_report)
-STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, RECONSTRUCT, GENERATE, TEACHER, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT)}
+STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, RECONSTRUCT, GENERATE, TEACHER, TRAIN, lora.STAGE,
+                                                 EXPORT, EVALUATE, REPORT)}

@@ -35,7 +35,7 @@ def test_a_nucleus_of_one_token_is_greedy_decoding():
     model = tiny_llama(vocab=64)
     first = generate.first_tokens(64, SPECIAL, 3, seed=5)
     spec = GenerateSpec(top_p=1e-9, seq_len=12)
-    assert torch.equal(generate.sample_batch(model, first, 12, spec, 0, [EOS]), _greedy(model, first, 12))
+    assert torch.equal(generate.sample_batch(model, first, spec, 0, [EOS]), _greedy(model, first, 12))
 
 
 def test_first_tokens_are_uniform_over_the_ordinary_vocabulary():
