@@ -1,13 +1,14 @@
 """``gift-quant recover``: the staged pipeline of a recipe.
 
-    quantize -> [reconstruct] -> train -> [lora] -> export -> evaluate -> report   (train.mode: post; modes has pre / fp)
+    quantize -> [plain] -> [reconstruct] -> [generate] -> [teacher] -> train -> [lora] -> export -> evaluate -> report
+    (train.mode: post; ``modes`` has pre / fp and when each bracketed stage runs)
 
 Each stage (``stages``, ``lora``) writes into ``<run>/<stage>/`` through a temporary folder renamed when
 complete, with a ``manifest.json`` holding the hash of the recipe sections it depends on, package
 versions and its wall time (``rundir``). A rerun skips stages whose manifest matches; a stage whose
 inputs changed is reported, not silently reused (``--from STAGE`` redoes it and everything after). An
-interrupted training (or reconstruction) resumes from its last checkpoint in ``<run>/train.work/``
-(``reconstruct.work/``). This module is the
+interrupted training resumes from its last checkpoint in ``<run>/train.work/``, and reconstruction, generation
+and the teacher cache from their last finished piece in ``<run>/<stage>.work/``. This module is the
 order alone: inputs checked (``checks``), the plan, the lock, the loop.
 """
 from __future__ import annotations
