@@ -75,6 +75,7 @@ def test_a_window_missing_from_the_cache_is_refused_by_name():
         TopKTeacher(cache, 8, 1.0).loss(torch.zeros(2, 4, 5), None, torch.tensor([4, 2]), torch.ones(2, 4, dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_the_teacher_stage_caches_what_the_train_and_lora_stages_read(tiny_folder, tmp_path):
     import json
 

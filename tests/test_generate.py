@@ -70,6 +70,7 @@ def test_same_seed_same_text_and_batches_reused_after_a_kill(tmp_path, monkeypat
     assert len(resumed) == 2  # the first batch was kept
 
 
+@pytest.mark.slow
 def test_the_pipeline_trains_gift_sw_and_lora_on_generated_text(tiny_folder, tmp_path):
     from gift_quant import pipeline
     from gift_quant.data import training_examples
