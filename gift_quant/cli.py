@@ -13,7 +13,8 @@ from . import __version__, devices, pipeline
 from .checkpoint import CheckpointError
 from .devices import DeviceError
 from .evaluate import PAPER_TASKS
-from .recipe import EvalSpec, RecipeError, load_recipe
+from .recipe import EvalSpec, RecipeError
+from .recipe_file import load_recipe
 from .rundir import RunError
 from .sources import SourceError
 from .stages import STAGES
@@ -177,13 +178,13 @@ def _run(args) -> tuple[int, dict | None]:
         else:
             recipe = load_recipe(args.recipe, args.set + ([f"device={args.device}"] if args.device else []))
             if args.command == "plan":
-                from .plan import format_plan, plan
+                from .plan import format_plan
 
                 if args.capacity is None:
                     device, memory = devices.resolve(recipe.device), None
                 else:
                     device, memory = devices.named(recipe.device), devices.parse_bytes(args.capacity)
-                result = plan(pipeline.planned_recipe(recipe), device, memory=memory)
+                result = pipeline.plan_recipe(recipe, device, memory)
                 print(format_plan(result), file=sys.stderr)
             elif args.command == "quantize":
                 result = pipeline.quantize(recipe, args.trust_remote_code)

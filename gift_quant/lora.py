@@ -14,6 +14,7 @@ from .checkpoint import load_quantized, read_json
 from .data import training_examples
 from .gptq_lora_format import export_gptq_lora
 from .modes import teacher
+from .recipe import Recipe
 from .rundir import Run, Stage
 from .train import check_resumable, train
 
@@ -50,7 +51,11 @@ def run_lora(run: Run, tmp: Path) -> dict:
     return {"rank": rank, "trainable": trainable, "salient": salient, **summary}
 
 
-STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora, check_resumable)
+def _wanted(recipe: Recipe, _mode) -> bool:
+    return "lora" in recipe.eval.baselines
+
+
+STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora, check_resumable, _wanted)
 
 
 def rank(run: Run) -> int:

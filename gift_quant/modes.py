@@ -1,7 +1,7 @@
 """The paper's training settings (``train.mode``) and the models each builds.
 
-A mode says in which order its stages run, which model its training starts from, which model it
-quantizes, and which model it evaluates and exports; the stages ask the run's mode (chosen once, in
+A mode says which model its training starts from, which model it quantizes, and which model it
+evaluates and exports (the order of its stages is ``stages.ORDER``); the stages ask the run's mode (chosen once, in
 ``pipeline``) and never dispatch on the recipe themselves. Every builder returns ``(model, tokenizer)``
 and writes nothing: the stage that calls it saves what belongs to it.
 """
@@ -19,7 +19,7 @@ from .gptq_checkpoint import GPTQCheckpoint
 from .grid import QuantizedWeight
 from .layers import learn_scales, merge_to_dense, wrap_full_precision, wrap_quantized
 from .quantize import collect_stats, quantize_model, select_salient
-from .recipe import GENERATED, Recipe, SaliencySpec
+from .recipe import Recipe, SaliencySpec
 from .rundir import Run
 
 
@@ -103,32 +103,16 @@ def score_columns(run: Run, model, tok) -> dict[str, torch.Tensor]:
 
 
 class Mode:
-    """One of the paper's training settings: the order of its stages, the model its training starts from, the
-    model it quantizes, the model it evaluates and exports, and its name in the report.
+    """One of the paper's training settings: the model its training starts from, the model it quantizes, the model
+    it evaluates and exports, and its name in the report (its stages and their order: ``stages.ORDER``).
 
     ``recovered(run, trained, noise, reconstructed)`` is the model with GIFT-SW layers, salient columns trained
     or not; ``noise`` sets up the recipe's training noise (its grid search costs time, so export and evaluation
     skip it); ``reconstructed=False``: untrained, the quantize stage's layers even where a reconstruct stage
     followed it (the report's untrained row)."""
 
-    stages: tuple[str, ...] = ()
     label = ""  # the trained model's row in the report ({bits}: e.g. W3 g128)
     quantizes = True  # False: nothing is quantized (no untrained-salient baseline, nothing to pack)
-
-    def order(self, recipe: Recipe) -> list[str]:
-        """The stages of this mode for ``recipe``: ``plain`` (the plain quantization, once a run) right after
-        ``quantize`` (first where nothing else is quantized) when a baseline needs it; ``generate`` (the training
-        text sampled from the model) before ``train`` with ``train.data: generated``; ``teacher`` (the cached
-        top-k of the teacher) right before ``train`` with ``train.distill_topk``."""
-        order = list(self.stages)
-        if self.needs_plain(recipe):
-            order.insert(order.index("quantize") + 1 if "quantize" in order else 0, "plain")
-        t = recipe.train
-        if t.enabled and t.data == GENERATED:
-            order.insert(order.index("train"), "generate")
-        if t.enabled and t.distill > 0 and t.distill_topk is not None:
-            order.insert(order.index("train"), "teacher")
-        return order
 
     def needs_plain(self, recipe: Recipe) -> bool:
         """Whether a baseline reads the plain quantization: the GPTQ row, or the LoRA baseline's base."""
@@ -155,12 +139,7 @@ class Post(Mode):
     """Quantize (salient columns scored on the full-precision model), then train the salient columns with noise
     on the frozen quantized weights; with ``lora`` in ``eval.baselines`` the LoRA baseline trains beside it."""
 
-    stages = ("quantize", "reconstruct", "train", "lora", "export", "evaluate", "report")
     label = "GIFT-SW {bits}"
-
-    def order(self, recipe: Recipe) -> list[str]:
-        wanted = {"lora": "lora" in recipe.eval.baselines, "reconstruct": recipe.reconstruct.enabled}
-        return [s for s in super().order(recipe) if wanted.get(s, True)]
 
     def quantize(self, run: Run) -> dict[str, QuantizedWeight]:
         return quantize_with(run, *run.load_fp())
@@ -191,7 +170,6 @@ class Pre(Mode):
     """Train the salient columns with noise on the full-precision weights, then quantize with exactly those
     columns kept (their trained values are what GPTQ keeps)."""
 
-    stages = ("train", "quantize", "export", "evaluate", "report")
     label = "Pre-GIFT-SW {bits}"
 
     def to_train(self, run: Run) -> tuple:
@@ -217,7 +195,6 @@ class Pre(Mode):
 class FullPrecision(Mode):
     """Full-precision GIFT-SW: nothing is quantized; the salient columns train with noise on the dense weights."""
 
-    stages = ("train", "export", "evaluate", "report")
     label = "GIFT-SW full precision"
     quantizes = False
 

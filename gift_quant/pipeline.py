@@ -1,7 +1,7 @@
 """``gift-quant recover``: the staged pipeline of a recipe.
 
     quantize -> [plain] -> [reconstruct] -> [generate] -> [teacher] -> train -> [lora] -> export -> evaluate -> report
-    (train.mode: post; ``modes`` has pre / fp and when each bracketed stage runs)
+    (train.mode: post; ``stages.ORDER`` has pre / fp, each ``Stage.wanted`` when a bracketed one runs)
 
 Each stage (``stages``, ``lora``) writes into ``<run>/<stage>/`` through a temporary folder renamed when
 complete, with a ``manifest.json`` holding the hash of the recipe sections it depends on, package
@@ -22,16 +22,18 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
+
 from . import devices, rundir
 from .checks import adopt_checkpoint, check_inputs, imported_checkpoint
 from .data import eval_windows
 from .evaluate import perplexity
 from .integrity import file_hashes
 from .layers import merge_to_dense
-from .modes import mode_for
+from .modes import Mode, mode_for
 from .recipe import Recipe, RecipeError
-from .rundir import Run, atomic_dir
-from .stages import STAGES
+from .rundir import Run, Stage, atomic_dir
+from .stages import ORDER, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,23 @@ TRAINING = ("train", "lora")  # the stages that run on every process of a multi-
 
 
 def stages(recipe: Recipe) -> list[str]:
-    """Stage order of the recipe's training mode (see ``modes.Mode``)."""
-    return mode_for(recipe, imported_checkpoint(recipe)).order(recipe)
+    """The names of the stages a run of ``recipe`` has, in order."""
+    return [s.name for s in run_stages(recipe, mode_for(recipe, imported_checkpoint(recipe)))]
 
 
-def planned_recipe(recipe: Recipe) -> Recipe:
-    """The recipe as the plan sees it: an imported checkpoint's grid adopted."""
-    return adopt_checkpoint(recipe, imported_checkpoint(recipe))
+def run_stages(recipe: Recipe, mode: Mode) -> list[Stage]:
+    """The stages a run of ``recipe`` has: those of its ``train.mode`` (``stages.ORDER``) that the recipe wants."""
+    return [s for s in ORDER[recipe.train.mode] if s.wanted(recipe, mode)]
+
+
+def plan_recipe(recipe: Recipe, device: torch.device, memory: int | None = None) -> dict:
+    """The memory plan of a run of ``recipe`` on ``device`` (``gift-quant plan``; ``memory``: its capacity where the
+    device is not on this machine), an imported checkpoint's grid adopted. Nothing loads."""
+    from .plan import plan
+
+    imported = imported_checkpoint(recipe)
+    recipe = adopt_checkpoint(recipe, imported)
+    return plan(recipe, device, run_stages(recipe, mode_for(recipe, imported)), memory=memory)
 
 
 def open_run(recipe: Recipe, trust_remote_code: bool = False) -> Run:
@@ -53,7 +65,7 @@ def open_run(recipe: Recipe, trust_remote_code: bool = False) -> Run:
     checks found."""
     checked = check_inputs(recipe, trust_remote_code)
     mode = mode_for(checked.recipe, checked.imported)
-    run = Run(checked.recipe, [STAGES[s] for s in mode.order(checked.recipe)], mode,
+    run = Run(checked.recipe, run_stages(checked.recipe, mode), mode,
               devices.resolve(checked.recipe.device), checked.imported, checked.shape)
     _check_plan(run)
     return run
@@ -109,7 +121,7 @@ def _check_plan(run: Run) -> None:
     """Log the memory plan and refuse, before anything loads, a run that does not fit its device."""
     from .plan import check_fits, format_plan, plan
 
-    result = plan(run.recipe, run.device, run.shape)
+    result = plan(run.recipe, run.device, run.stages, run.shape)
     log.info("%s", format_plan(result))
     check_fits(result)
 

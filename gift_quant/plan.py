@@ -27,6 +27,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   own dtype on the CPU) plus its logits.
 * evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * 8``
   (capped at 1 GiB as ``perplexity`` caps them).
+* reconstruct, generate and teacher: see their functions.
+* On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block.
 * On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
   a block are added (no fused kernel there).
 """
@@ -37,13 +39,17 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .calibrate import inputs_fit
 from .devices import GiB, capacity
-from .recipe import GENERATED, Recipe, RecipeError
+from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
+
+if TYPE_CHECKING:
+    from .rundir import Stage
 
 CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -149,13 +155,18 @@ def _attention(shape: Shape, b: int, s: int, c: int, device: torch.device) -> in
     return 0 if device.type == "cuda" else b * shape.heads * s * s * c
 
 
+# Each stage's plan, ``plan_<stage>(shape, recipe, device, memory) -> {part: bytes}``, is its ``Stage.plan``;
+# ``memory`` is the device's capacity, which decides where block inputs wait (the others do not need it).
+
+
 def _forward(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
     """One batch's forward through one block without gradients: ``b * s * (4h + 2kv + 3i) * c`` and attention."""
     return b * s * (4 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate) * c + _attention(shape, b, s, c, device)
 
 
 def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
-    """``memory``: the device's capacity in bytes (default: measured), which decides where block inputs wait."""
+    """``memory``: the device's capacity in bytes (default: measured), which decides where block inputs wait. On
+    the CPU the whole model waits in the same memory."""
     cal, p = recipe.calibration, _BYTES[recipe.model.dtype]
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
     inputs = 2 * cal.n_samples * s * h * p
@@ -168,7 +179,12 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else batch,
             "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
-            "GPTQ or one batch forward, the larger": max(gptq, forward)}
+            "GPTQ or one batch forward, the larger": max(gptq, forward), **_model_on_cpu(shape, recipe, device)}
+
+
+def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    """A block-by-block stage's whole model, where it waits on the device itself (the CPU)."""
+    return {"model on the CPU": shape.params * _BYTES[recipe.model.dtype]} if device.type == "cpu" else {}
 
 
 def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
@@ -185,7 +201,7 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
                 inputs if fits else 4 * b * s * h * p,
             "one batch forward and backward": per_block,
             "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p,
-            "salient weights, gradients, AdamW moments (float32)": 16 * salient}
+            "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_model_on_cpu(shape, recipe, device)}
 
 
 def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
@@ -196,8 +212,11 @@ def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
     return {"codes (uint8)": codes, "grid scales and zeros": shape.blocks * (8 * groups + extra)}
 
 
-def plan_train(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
+    """Nothing where ``train.enabled`` is false (the stage only saves the untrained columns)."""
     t, p = recipe.train, _BYTES[recipe.model.dtype]
+    if not t.enabled:
+        return {}
     c = _compute_bytes(recipe, device)
     b, s, h, L = t.micro_batch_size, t.seq_len, shape.hidden, shape.blocks
     if t.mode == "post":
@@ -220,20 +239,20 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, 
     return out
 
 
-def plan_generate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def plan_generate(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     g, p = recipe.generate, _BYTES[recipe.model.dtype]
     return {"model": shape.params * p, "key-value cache": 2 * g.batch_size * g.seq_len * shape.kv * shape.blocks * p,
             "one step's forward and logits": _forward(shape, g.batch_size, 1, p, device) + g.batch_size * shape.vocab * 8}
 
 
-def plan_teacher(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def plan_teacher(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     t, p = recipe.train, _BYTES[recipe.model.dtype]
     b, s = t.micro_batch_size, t.seq_len
     return {"model": shape.params * p, "one batch forward": _forward(shape, b, s, p, device),
             "logits and their log-softmax (float32)": b * s * shape.vocab * (p + 8)}
 
 
-def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     e, p = recipe.eval, _BYTES[recipe.model.dtype]
     s = e.ppl_seq_len
     b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
@@ -242,42 +261,22 @@ def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
             "logits": b * s * shape.vocab * 8}
 
 
-_KNOBS = {"quantize": "calibration.batch_size (one batch's forward) or calibration.seq_len",
-          "teacher": "train.micro_batch_size or train.seq_len",
-          "generate": "generate.batch_size or generate.seq_len",
-          "reconstruct": "reconstruct.batch_size or calibration.n_samples (the block inputs held)",
-          "train": "train.gradient_checkpointing: true, a smaller train.micro_batch_size (raise train.grad_accum to "
-                   "keep the batch), train.seq_len, or train.distill: 0 (no teacher)",
-          "evaluate": "eval.batch_size"}
-
-
-def plan(recipe: Recipe, device: torch.device, shape: Shape | None = None, memory: int | None = None) -> dict:
-    """Expected peak bytes per stage on ``device`` (with their parts) and whether each fits in ``memory``
-    bytes (default: the device's own capacity; given, the device need not be on this machine, as
-    ``accelerate estimate-memory`` plans without the hardware)."""
+def plan(recipe: Recipe, device: torch.device, stages: list[Stage], shape: Shape | None = None,
+         memory: int | None = None) -> dict:
+    """Expected peak bytes of each of ``stages`` that has a plan on ``device`` (with their parts) and whether each
+    fits in ``memory`` bytes (default: the device's own capacity; given, the device need not be on this machine,
+    as ``accelerate estimate-memory`` plans without the hardware)."""
     shape = shape or shape_of(meta_model(model_config(recipe), recipe.model.trust_remote_code), recipe)
     cap = capacity(device) if memory is None else memory
     usable = cap - (CUDA_RESERVE if device.type == "cuda" else 0)
-    parts = {"quantize": plan_quantize(shape, recipe, device, cap), "evaluate": plan_evaluate(shape, recipe, device)}
-    if recipe.reconstruct.enabled:
-        parts["reconstruct"] = plan_reconstruct(shape, recipe, device, cap)
-    if recipe.train.enabled and recipe.train.data == GENERATED:
-        parts["generate"] = plan_generate(shape, recipe, device)
-    if recipe.train.enabled and recipe.train.distill > 0 and recipe.train.distill_topk is not None:
-        parts["teacher"] = plan_teacher(shape, recipe, device)
-    if recipe.train.enabled:
-        parts["train"] = plan_train(shape, recipe, device)
-    if recipe.train.mode == "fp":
-        parts.pop("quantize")
-    stages = {}
-    for name, p in parts.items():
-        total = sum(p.values())
-        if device.type == "cpu" and name in ("quantize", "reconstruct"):  # the whole model waits in the same memory
-            p["model on the CPU"] = shape.params * _BYTES[recipe.model.dtype]
-            total = sum(p.values())
-        stages[name] = {"bytes": total, "fits": total <= usable, "parts": p}
+    planned = {}
+    for stage in stages:
+        parts = stage.plan(shape, recipe, device, cap) if stage.plan is not None else {}
+        if parts:  # a stage with nothing to hold (train with train.enabled: false) is not listed
+            total = sum(parts.values())
+            planned[stage.name] = {"bytes": total, "fits": total <= usable, "parts": parts, "knob": stage.knob}
     return {"device": str(device), "capacity_bytes": cap, "usable_bytes": usable, "params": shape.params,
-            "stages": stages}
+            "stages": planned}
 
 
 def format_plan(result: dict) -> str:
@@ -295,7 +294,7 @@ def check_fits(result: dict) -> None:
     bad = {n: st for n, st in result["stages"].items() if not st["fits"]}
     if bad:
         lines = [f"stage {n} needs about {st['bytes'] / GiB:.1f} GiB on {result['device']}, "
-                 f"{result['usable_bytes'] / GiB:.1f} GiB usable; lower it with {_KNOBS[n]} "
+                 f"{result['usable_bytes'] / GiB:.1f} GiB usable; lower it with {st['knob']} "
                  f"(or pick another device: --device)" for n, st in bad.items()]
         raise RecipeError("the run does not fit (gift-quant plan RECIPE shows the arithmetic):\n  " + "\n  ".join(lines)
                           + "\n" + format_plan(result))

@@ -210,9 +210,9 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
                      f"{q.get('bits_per_weight', float('nan')):.3f} bits per weight over the quantized linears")
     lines += [""] + _tables(rows) + _recovery_lines(rows) + _source_lines(rows)
     for d in map(Path, run_dirs):
-        stages = [(s, _json(d / s / "manifest.json")) for s in ("quantize", "plain", "train", "lora", "export", "evaluate")]
-        lines += ["", f"Stage wall times of `{d.name}` (s): "
-                  + ", ".join(f"{s} {m['seconds']:.0f}" for s, m in stages if m)]
+        done = sorted((p for p in d.glob("*/manifest.json") if p.parent.name != "report"), key=lambda p: p.stat().st_mtime)
+        lines += ["", f"Stage wall times of `{d.name}` (s, in the order they finished): "
+                  + ", ".join(f"{p.parent.name} {_json(p)['seconds']:.0f}" for p in done)]
         sizes = _json(d / "export" / "manifest.json").get("formats", {})
         if sizes:
             lines.append("Export sizes: " + ", ".join(f"`{k}` {v['bytes'] / 1e6:.1f} MB "

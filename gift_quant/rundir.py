@@ -136,20 +136,31 @@ def piece_checker(stage: str) -> Callable[[Path, str], None]:
     return check
 
 
+def _always(_recipe: Recipe, _mode) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the pipeline: ``run(run, tmp, **kwargs) -> manifest extras`` writes its files into ``tmp``
-    (renamed into ``<run>/<name>/`` when it returns); ``reads``: the recipe sections it reads itself;
-    ``check_work(folder, key)``: for a stage that resumes from ``<run>/<name>.work/``, refuses a folder another
-    recipe left (called before any stage runs)."""
+    """One stage of the pipeline, all it declares in one place:
+
+    - ``run(run, tmp, **kwargs) -> manifest extras`` writes its files into ``tmp`` (renamed into
+      ``<run>/<name>/`` when it returns);
+    - ``reads``: the recipe sections it reads itself (its key hashes them and those of the stages before it);
+    - ``wanted(recipe, mode)``: whether a run of that recipe in that ``modes.Mode`` has the stage at all
+      (``stages.ORDER`` says where it goes);
+    - ``check_work(folder, key)``: for a stage that resumes from ``<run>/<name>.work/``, refuses a folder another
+      recipe left (called before any stage runs);
+    - ``plan(shape, recipe, device, capacity) -> {part: bytes}``: its expected peak memory (``plan.py``), and
+      ``knob``, the recipe fields that lower it, for the refusal of a run that does not fit."""
 
     name: str
     reads: tuple[str, ...]
     run: Callable[..., dict]
     check_work: Callable[[Path, str], None] | None = None
-
-
-SECTIONS = ("model", "calibration", "saliency", "quant", "reconstruct", "generate", "seed", "train", "export", "eval")
+    wanted: Callable[[Recipe, object], bool] = _always
+    plan: Callable[[Shape, Recipe, torch.device, int], dict[str, int]] | None = None
+    knob: str = ""
 
 
 class Run:
@@ -182,7 +193,7 @@ class Run:
         """Recipe sections stage ``name`` depends on: its own and those of the stages before it."""
         upto = self.order.index(name) + 1
         used = {"model", "seed"}.union(*(s.reads for s in self.stages[:upto]))
-        return tuple(sec for sec in SECTIONS if sec in used)
+        return tuple(sec for sec in type(self.recipe).model_fields if sec in used)  # the schema's order
 
     def key(self, name: str) -> str:
         """The hash stage ``name``'s manifest (and its training checkpoints) hold."""

@@ -25,8 +25,10 @@ from .evaluate import interval, window_nll, zero_shot
 from .generate import generate_texts
 from .integrity import write_sums
 from .layers import merge_to_dense, salient_layers
-from .modes import plain_quantized, quantize_with, quantized_layers, teacher
+from .modes import Mode, plain_quantized, quantize_with, quantized_layers, teacher
+from .plan import plan_evaluate, plan_generate, plan_quantize, plan_reconstruct, plan_teacher, plan_train
 from .quantize import quantize_rtn_plain
+from .recipe import GENERATED, Recipe
 from .reconstruct import reconstruct_model
 from .rundir import Run, Stage, piece_checker
 from .sizes import bits_per_weight, storage
@@ -286,15 +288,43 @@ def run_report(run: Run, tmp: Path) -> dict:
     return {"report": path.name, "cards": cards}
 
 
-QUANTIZE = Stage("quantize", ("calibration", "saliency", "quant"), run_quantize)
-PLAIN = Stage("plain", ("calibration", "saliency", "quant"), run_plain)
+def _plain_wanted(recipe: Recipe, mode: Mode) -> bool:  # the plain quantization, once a run, where a baseline reads it
+    return mode.needs_plain(recipe)
+
+
+def _generate_wanted(recipe: Recipe, _mode: Mode) -> bool:  # the training text sampled from the model
+    return recipe.train.enabled and recipe.train.data == GENERATED
+
+
+def _teacher_wanted(recipe: Recipe, _mode: Mode) -> bool:  # the teacher's top-k, cached before training
+    t = recipe.train
+    return t.enabled and t.distill > 0 and t.distill_topk is not None
+
+
+def _reconstruct_wanted(recipe: Recipe, _mode: Mode) -> bool:
+    return recipe.reconstruct.enabled
+
+
+QUANTIZE = Stage("quantize", ("calibration", "saliency", "quant"), run_quantize, plan=plan_quantize,
+                 knob="calibration.batch_size (one batch's forward) or calibration.seq_len")
+PLAIN = Stage("plain", ("calibration", "saliency", "quant"), run_plain, wanted=_plain_wanted)
 RECONSTRUCT = Stage("reconstruct", ("calibration", "saliency", "quant", "reconstruct"), run_reconstruct,
-                    piece_checker("reconstruct"))
-GENERATE = Stage("generate", ("generate",), run_generate, piece_checker("generate"))
-TEACHER = Stage("teacher", ("train",), run_teacher, piece_checker("teacher"))
-TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train, check_resumable)
+                    piece_checker("reconstruct"), _reconstruct_wanted, plan_reconstruct,
+                    "reconstruct.batch_size or calibration.n_samples (the block inputs held)")
+GENERATE = Stage("generate", ("generate",), run_generate, piece_checker("generate"), _generate_wanted, plan_generate,
+                 "generate.batch_size or generate.seq_len")
+TEACHER = Stage("teacher", ("train",), run_teacher, piece_checker("teacher"), _teacher_wanted, plan_teacher,
+                "train.micro_batch_size or train.seq_len")
+TRAIN = Stage("train", ("calibration", "saliency", "quant", "train"), run_train, check_resumable, plan=plan_train,
+              knob="train.gradient_checkpointing: true, a smaller train.micro_batch_size (raise train.grad_accum to "
+                   "keep the batch), train.seq_len, or train.distill: 0 (no teacher)")
 EXPORT = Stage("export", ("export",), run_export)
-EVALUATE = Stage("evaluate", ("eval",), run_evaluate)
+EVALUATE = Stage("evaluate", ("eval",), run_evaluate, plan=plan_evaluate, knob="eval.batch_size")
 REPORT = Stage("report", (), run_report)
-STAGES: dict[str, Stage] = {s.name: s for s in (QUANTIZE, PLAIN, RECONSTRUCT, GENERATE, TEACHER, TRAIN, lora.STAGE,
-                                                 EXPORT, EVALUATE, REPORT)}
+# every stage a train.mode may have, in order (the order stage keys depend on); a run has those its recipe wants
+ORDER: dict[str, tuple[Stage, ...]] = {
+    "post": (QUANTIZE, PLAIN, RECONSTRUCT, GENERATE, TEACHER, TRAIN, lora.STAGE, EXPORT, EVALUATE, REPORT),
+    "pre": (GENERATE, TEACHER, TRAIN, QUANTIZE, PLAIN, EXPORT, EVALUATE, REPORT),
+    "fp": (PLAIN, GENERATE, TEACHER, TRAIN, EXPORT, EVALUATE, REPORT),
+}
+STAGES: dict[str, Stage] = {s.name: s for order in ORDER.values() for s in order}

@@ -55,7 +55,7 @@ def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
         "eval": {"ppl_seq_len": 64, "ppl_max_windows": 4, "batch_size": 2, "tasks": ["gq_piqa"], "limit": 2},
         "export": {"formats": list(formats)},
     }
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     return parse_recipe(data, "test")
 
@@ -63,7 +63,7 @@ def recipe(folder, out, formats=("dense", "gift", "gptq_lora"), **train):
 def tweak(r, **changes):
     """``r`` with fields changed by dotted path (``tweak(r, **{"saliency.metric": "quik"})``), validated again;
     fields left unset stay unset (an imported checkpoint's grid is taken where the recipe does not set one)."""
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     data = r.model_dump(mode="json", exclude_unset=True)
     for path, value in changes.items():

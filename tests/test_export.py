@@ -313,7 +313,7 @@ def test_gptq4_lora_holds_the_low_bit_grid_exactly_and_passes_vllms_checks(tmp_p
     from gift_quant.gift_format import export_gift
     from gift_quant.gptq_lora_format import write_vllm
     from gift_quant.pack import unpack_rows
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     model, tok, _ = quantized_tiny()
     wide = {"down_proj"}
@@ -350,7 +350,8 @@ def test_gptq4_lora_holds_the_low_bit_grid_exactly_and_passes_vllms_checks(tmp_p
 
 
 def test_gptq4_lora_refuses_what_vllm_cannot_run():
-    from gift_quant.recipe import RecipeError, parse_recipe
+    from gift_quant.recipe import RecipeError
+    from gift_quant.recipe_file import parse_recipe
 
     def refused(quant, match):
         with pytest.raises(RecipeError, match=match):

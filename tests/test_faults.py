@@ -31,7 +31,7 @@ def recipe(*args, **kwargs):
     """The tiny recipe, evaluated by perplexity of GIFT-SW only (faults are about stages, not scores)."""
     data = full_recipe(*args, **kwargs).model_dump(mode="json")
     data["eval"].update(tasks=[], baselines=[])
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     return parse_recipe(data, "test")
 
@@ -68,11 +68,11 @@ def test_recipe_and_override_errors_name_the_place(tmp_path):
     assert main(["recover", str(good), "--set", "quant.bits=[3"]) == 2
     for data, field in [({"name": "../../x"}, "name"), ({"output_dir": "runs/{nme}"}, "output_dir"),
                         ({"calibration": {"n_samples": True}}, "n_samples")]:
-        from gift_quant.recipe import parse_recipe
+        from gift_quant.recipe_file import parse_recipe
 
         with pytest.raises(RecipeError, match=field):
             parse_recipe({"model": {"ref": "x"}, **data})
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     # the field's dotted path, the value as YAML writes it, the kind in words: no class names, no section dumps
     for data, line in [({"calibration": {"n_samples": True, "seq_len": 64}},

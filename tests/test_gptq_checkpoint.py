@@ -253,7 +253,7 @@ def test_import_recipes_are_checked_before_any_weights_load(checkpoints, fp_fold
     with pytest.raises(RecipeError, match="reconstruct.enabled = true: reconstruction trains each block against"):
         pipeline.recover(imported(saliency=quik, reconstruct=base.reconstruct.model_copy(update={"enabled": True}),
                                   eval=base.eval.model_copy(update={"baselines": ["salient"]})))
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     data = base.model_dump(mode="json")
     data["quant"] = {"bits": 4}

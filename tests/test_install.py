@@ -29,7 +29,7 @@ import json, gift_quant
 from pathlib import Path
 from gift_quant.evaluate import offline_tasks
 from gift_quant.plan import shipped_configs
-from gift_quant.recipe import load_recipe
+from gift_quant.recipe_file import load_recipe
 tasks = offline_tasks(Path("filled"))
 print(json.dumps({"file": gift_quant.__file__, "recipe": load_recipe("smollm2-135m-instruct-w3").name,
                   "tasks": sorted(p.name for p in tasks.glob("gq_*.yaml")), "configs": len(shipped_configs())}))

@@ -149,6 +149,33 @@ def test_pre_and_full_precision_modes(tiny_folder, tmp_path, mode):
         assert (out / "train/manifest.json").stat().st_mtime_ns < (out / "quantize/manifest.json").stat().st_mtime_ns
 
 
+@pytest.mark.parametrize("mode, every, fewest", [
+    # every optional stage wanted / none wanted (written out by hand: the orders the stage keys depend on)
+    ("post", ["quantize", "plain", "reconstruct", "generate", "teacher", "train", "lora", "export", "evaluate", "report"],
+     ["quantize", "train", "export", "evaluate", "report"]),
+    ("pre", ["generate", "teacher", "train", "quantize", "plain", "export", "evaluate", "report"],
+     ["train", "quantize", "export", "evaluate", "report"]),
+    ("fp", ["plain", "generate", "teacher", "train", "export", "evaluate", "report"],
+     ["train", "export", "evaluate", "report"]),
+])
+def test_stage_order_of_each_mode_and_its_plan(tiny_folder, tmp_path, mode, every, fewest):
+    """A stage is in a run where its recipe wants it, at the mode's place for it; the plan covers exactly the
+    run's stages that hold memory of their own (train with train.enabled: false holds none)."""
+    base = tweak(recipe(tiny_folder, tmp_path / "run", ["dense"]), **{"train.mode": mode})
+    wants = {"train.data": "generated", "generate.seq_len": 64, "train.distill": 1.0, "train.distill_topk": 4,
+             "eval.baselines": ["fp", "gptq"] + (["lora"] if mode == "post" else [])}
+    if mode == "post":
+        wants["reconstruct.enabled"] = True
+    full = tweak(base, **wants)
+    assert pipeline.stages(full) == every
+    assert pipeline.stages(tweak(base, **{"eval.baselines": ["fp"]})) == fewest
+    planned = pipeline.plan_recipe(full, torch.device("cpu"))["stages"]
+    assert list(planned) == [s for s in every if s in ("quantize", "reconstruct", "generate", "teacher", "train",
+                                                        "evaluate")]
+    assert all(st["knob"] and st["bytes"] == sum(st["parts"].values()) for st in planned.values())
+    assert "train" not in pipeline.plan_recipe(tweak(base, **{"train.enabled": False}), torch.device("cpu"))["stages"]
+
+
 def test_fp_mode_refuses_packed_exports(tiny_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"train.mode=fp .*export.formats: \[dense\]"):
         recipe(tiny_folder, tmp_path, mode="fp")
@@ -165,7 +192,7 @@ def test_lora_baseline_stage(tiny_folder, tmp_path, monkeypatch):
     r = recipe(tiny_folder, tmp_path / "run", ["dense"])
     data = r.model_dump(mode="json")
     data["eval"]["baselines"] = ["fp", "gptq", "salient", "lora"]
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
 
     r = parse_recipe(data, "test")
     assert pipeline.stages(r) == ["quantize", "plain", "train", "lora", "export", "evaluate", "report"]
@@ -194,7 +221,7 @@ def test_the_shipped_demo_recipe_passes_its_input_checks(smollm2):
     check before the weights load passes (the smollm2 fixture has converted the GGUF once)."""
     from gift_quant.checks import check_inputs
     from gift_quant.modes import Post, mode_for
-    from gift_quant.recipe import load_recipe
+    from gift_quant.recipe_file import load_recipe
 
     checked = check_inputs(load_recipe("smollm2-135m-instruct-w3"))
     assert checked.imported is None and type(mode_for(checked.recipe, checked.imported)) is Post

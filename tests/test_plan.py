@@ -9,17 +9,18 @@ import torch
 
 from gift_quant import plan as plan_mod
 from gift_quant.devices import DeviceError, GiB, resolve
+from gift_quant.pipeline import plan_recipe
 from gift_quant.plan import (
     check_fits,
     meta_model,
     model_config,
-    plan,
     plan_reconstruct,
     plan_train,
     shape_of,
     shipped_configs,
 )
-from gift_quant.recipe import RecipeError, load_recipe, parse_recipe
+from gift_quant.recipe import RecipeError
+from gift_quant.recipe_file import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -77,7 +78,7 @@ sys.path.insert(0, "benchmarks")
 from gpu_check import config, quantized_model
 from gift_quant import devices
 from gift_quant.plan import meta_model, plan_train, shape_of
-from gift_quant.recipe import parse_recipe
+from gift_quant.recipe_file import parse_recipe
 from gift_quant.train import train
 ckpt = CKPT
 cfg = config(True, hidden_size=256, intermediate_size=704, num_hidden_layers=4, vocab_size=8192)
@@ -105,7 +106,7 @@ print(json.dumps([sum(parts.values()) - before, used.added]))
 def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):
     monkeypatch.setattr(plan_mod, "capacity", lambda _d: 8 * GiB)
     r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1", "train.distill=1.0"])
-    result = plan(r, torch.device("cpu"))
+    result = plan_recipe(r, torch.device("cpu"))
     assert not result["stages"]["train"]["fits"]
     assert "distillation teacher" in result["stages"]["train"]["parts"]
     with pytest.raises(RecipeError, match=r"stage train needs about .* GiB on cpu, 8.0 GiB usable; .*"

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from gift_quant.recipe import RecipeError, load_recipe, parse_recipe
+from gift_quant.recipe import RecipeError
+from gift_quant.recipe_file import load_recipe, parse_recipe
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 BASE = {"model": {"ref": "org/model"}}

@@ -67,6 +67,21 @@ def test_report_of_two_runs_prefixes_labels(tmp_path):
     assert float(rows["b: GIFT-SW W3"][0]) == 12.0 and float(rows["a: GIFT-SW W3"][0]) == 15.0
 
 
+def test_stage_times_name_every_finished_stage_in_the_order_it_finished(tmp_path):
+    import os
+
+    run = fixture_run(tmp_path, "a", [10.0, 30.0, 15.0], [0.6, 0.4, 0.55])
+    for i, (stage, seconds) in enumerate([("quantize", 12.0), ("reconstruct", 300.4), ("teacher", 20.0),
+                                          ("train", 99.6)]):  # a new stage is listed without the report knowing it
+        m = run / stage / "manifest.json"
+        m.parent.mkdir(exist_ok=True)
+        m.write_text(json.dumps({"seconds": seconds}))
+        os.utime(m, (1000 + i, 1000 + i))
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert ("Stage wall times of `a` (s, in the order they finished): quantize 12, reconstruct 300, teacher 20, "
+            "train 100") in (tmp_path / "rep/report.md").read_text()
+
+
 def test_report_of_a_run_without_results_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
