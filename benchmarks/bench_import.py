@@ -26,7 +26,7 @@ import torch
 from common import DEMO, recover
 
 from gift_quant.data import calibration_windows, eval_windows
-from gift_quant.recipe import load_recipe
+from gift_quant.recipe_file import load_recipe
 from gift_quant.sources import load_tokenizer, resolve_model
 
 COMMON = ["eval.tasks=[]", "export.formats=[gift]"]

@@ -3,8 +3,10 @@
     python benchmarks/bench_recovery.py [--variants today reconstruct ...] [--work DIR] [--jobs 2] [--tasks]
 
 Every variant is one ``gift-quant recover`` run of the embedded SmolLM2 recipe with ``--set`` overrides (the
-table names them), so what is measured is what ships. The first variant quantizes and the others copy its
-``quantize`` stage (all copy that of ``--quantized`` where given) (same calibration, saliency and grid) and redo everything after it. Runs in ``--work`` are
+table names them, on top of ``FAST``: GIFT-SW without distillation, as the issue found it), so what is measured is
+what ships. A variant copies every finished stage of the runs in ``--work``
+(and ``--reuse``) that computed the one it needs (the stage's key: the same sections of the recipe up to it) and
+does only the rest. Runs in ``--work`` are
 kept: a rerun reads the finished ones and resumes the rest, so the table can grow across sessions. ``--jobs``
 runs that many variants at once, each on one thread. Perplexity on the recipe's 20 Wikipedia windows of 512
 tokens (the report's 95% interval beside it); ``--tasks`` also scores the six tasks (40 items each).
@@ -20,10 +22,14 @@ from pathlib import Path
 
 from common import recover, row, table
 
-FAST = ["export.formats=[gift]", "eval.baselines=[salient]"]
+# every variant starts from GIFT-SW as issue 26 found it: no distillation (the recipe's default since), the table
+# says what each addition buys on top of that; later --set entries override earlier ones
+FAST = ["export.formats=[gift]", "train.distill=0", "train.distill_topk=null"]
 RECONSTRUCT = ["reconstruct.enabled=true", "reconstruct.inputs=fp", "reconstruct.epochs=6", "reconstruct.lr=1e-3"]
 TOPK = ["train.distill=1.0", "train.distill_topk=32"]
+NOISE = ["train.noise=gaussian"]  # the paper's: gaussian at the 4-bit step
 GENERATED = ["train.data=generated", "generate.seq_len=256", "generate.tokens=61440"]  # what 60 steps x 4 x 256 read
+G128 = ["saliency.k=8", "saliency.k_overrides={down_proj: 24}", "quant.group_size=128"]  # the second point, 3.44 bits
 VARIANTS: dict[str, list[str]] = {
     "today": [],
     "reconstruct (fp inputs)": RECONSTRUCT,
@@ -33,15 +39,26 @@ VARIANTS: dict[str, list[str]] = {
     "distill (full teacher)": ["train.distill=1.0"],
     "distill (top-32 cache)": TOPK,
     "generated text": GENERATED,
-    "noise (paper's)": ["train.noise=gaussian"],
+    "noise (paper's)": NOISE,
+    "noise, uniform at the 3-bit step": ["train.noise=uniform", "train.noise_bits=3"],
+    "noise, annealed to 0": [*NOISE, "train.noise_schedule=linear"],
+    "reconstruct + noise": [*RECONSTRUCT, *NOISE],
+    "reconstruct with noise": [*RECONSTRUCT, "reconstruct.noise=gaussian"],
+    "top-32 distill + noise": [*TOPK, *NOISE],
     "reconstruct + top-32 distill": [*RECONSTRUCT, *TOPK],
     "reconstruct + top-32 distill, seed 1": ["seed=1", *RECONSTRUCT, *TOPK],  # quantizes again: seed draws calibration
+    "reconstruct + top-32 distill + noise": [*RECONSTRUCT, *TOPK, *NOISE],
     "lora baseline": ["eval.baselines=[lora]"],
+    "lora baseline + top-32 distill": ["eval.baselines=[lora]", *TOPK],
     # the same bits on disk without salient columns: groups of 32 (3.59 bits a weight against per-row k16's 3.53),
     # every grid scale learned in reconstruction and training
     "no salient columns, g32, scales": ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *RECONSTRUCT,
                                         "reconstruct.learn_scales=true", "reconstruct.scales_lr=1e-4",
                                         "train.learn_scales=true", "train.scales_lr=1e-4"],
+    "g128 k8": G128,
+    "g128 k8, top-32 distill": [*G128, *TOPK],
+    "g128 k8, reconstruct": [*G128, *RECONSTRUCT],
+    "g128 k8, reconstruct + top-32 distill": [*G128, *RECONSTRUCT, *TOPK],
 }
 
 
@@ -51,22 +68,24 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep the runs here (default: a temp folder)")
     ap.add_argument("--jobs", type=int, default=1, help="variants at once, one thread each")
     ap.add_argument("--tasks", action="store_true", help="also the six tasks (slower)")
-    ap.add_argument("--quantized", default=None, help="a demo run folder whose quantize stage the first variant copies")
+    ap.add_argument("--reuse", nargs="*", default=[], help="more run folders whose finished stages the variants may copy")
+    ap.add_argument("--full-tasks", action="store_true", help="with --tasks: the whole validation sets (no eval.limit)")
+    ap.add_argument("--baselines", default="salient", help="eval.baselines of every variant (fp,salient adds the "
+                    "full-precision row)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
-    common = FAST + ([] if args.tasks else ["eval.tasks=[]"])
+    common = FAST + ([] if args.tasks else ["eval.tasks=[]"]) + (["eval.limit=null"] if args.full_tasks else [])
+    common += [f"eval.baselines=[{args.baselines}]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     slug = {v: re.sub(r"[^A-Za-z0-9._-]+", "_", v.replace("+", "and")).strip("_") for v in VARIANTS}  # run names
-    if args.quantized:  # every variant copies the given quantize stage
-        seed, done, rest = Path(args.quantized), {}, args.variants
-    else:  # the first variant quantizes, the others copy its stage
-        first, *rest = args.variants
-        done = {first: recover(work, slug[first], common + VARIANTS[first], env=env)}
-        seed = work / slug[first]
+    extra = [Path(r) for r in args.reuse]
+
+    def run(v: str) -> dict:  # the finished runs it may copy stages from are those there when it starts
+        return recover(work, slug[v], common + VARIANTS[v], [*extra, *sorted(work.iterdir())], env)
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {v: pool.submit(recover, work, slug[v], common + VARIANTS[v], seed, env) for v in rest}
-        done |= {v: f.result() for v, f in futures.items()}
+        done = dict(zip(args.variants, pool.map(run, args.variants)))
     table("variant", "--set", "bits/weight", "untrained", "before training", "trained", "95% interval",
           "stage s (added)", "train s/step")
     for v in args.variants:
@@ -78,7 +97,7 @@ def main() -> None:
         train = stages.get("lora" if "lora" in stages else "train", {})
         per_step = train.get("train_s", 0) / max(train.get("steps_run", 1), 1)
         bits = stages["export"]["formats"]["gift"]["linear_bits_per_weight"]
-        row(v, " ".join(VARIANTS[v]) or "(the recipe)", f"{bits:.2f}", f"{untrained:.2f}" if untrained else "-",
+        row(v, " ".join(VARIANTS[v]) or "-", f"{bits:.2f}", f"{untrained:.2f}" if untrained else "-",
             f"{before:.2f}" if before else "-", f"{trained['ppl']:.2f}" if trained else "-",
             "-".join(f"{x:.2f}" for x in trained["ppl_ci95"]) if trained else "-",
             ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}")

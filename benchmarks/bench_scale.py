@@ -63,7 +63,7 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     from gift_quant import devices
     from gift_quant.plan import plan_quantize, shape_of
     from gift_quant.quantize import quantize_model
-    from gift_quant.recipe import parse_recipe
+    from gift_quant.recipe_file import parse_recipe
     from gift_quant.sources import load_model
 
     model, _ = load_model(str(folder))

@@ -60,14 +60,26 @@ def run_child(cmd: list[str], **kwargs) -> tuple[dict | None, subprocess.Complet
     return result(done.stdout), done
 
 
-def recover(work: Path, name: str, sets: list[str], quantized: Path | None = None, env: dict | None = None) -> dict:
+def recover(work: Path, name: str, sets: list[str], reuse: list[Path] = (), env: dict | None = None) -> dict:
     """One ``gift-quant recover`` run of the demo recipe with ``--set`` overrides, in ``work/name`` (a finished run
-    there is read, not rerun; an unfinished one resumes). ``quantized``: a run folder whose ``quantize`` stage is
-    copied in first where it is the one this run would compute (its recipe key), so the run skips it. Returns the report's rows by label and every stage's manifest."""
+    there is read, not rerun, where its report is this recipe's; an unfinished one resumes). ``reuse``: run folders
+    whose finished stages are copied in first, in the run's order, as long as each is the one this run would
+    compute (its recipe key; a key covers the sections of every stage before it), so the run does only the rest.
+    Returns the report's rows by label and every stage's manifest."""
     out = work / name
-    if quantized is not None and not (out / "quantize").exists() and _same_quantize(quantized, sets, out):
-        shutil.copytree(quantized / "quantize", out / "quantize")
-    if not (out / "report" / "manifest.json").exists():
+    run = _run(sets, out)
+    for stage in run.order:
+        if (out / stage).exists():
+            continue
+        same = [q for q in reuse if q != out and (q / stage / "manifest.json").exists() and _key(q, stage) == run.key(stage)]
+        if not same:
+            break
+        shutil.copytree(same[0] / stage, out / stage)
+    done = (out / "report" / "manifest.json").exists()
+    if done and _key(out, "report") != run.key("report"):
+        raise SystemExit(f"{out} holds a run of another recipe (the demo recipe or the variant's --set changed since); "
+                         f"use another --work")
+    if not done:
         cmd = [sys.executable, "-m", "gift_quant.cli", "recover", DEMO, "-q", "--set", f"name={name}",
                "--set", f"output_dir={out}", *[a for s in sets for a in ("--set", s)]]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -77,13 +89,16 @@ def recover(work: Path, name: str, sets: list[str], quantized: Path | None = Non
     return {"rows": json.loads((out / "evaluate" / "results.json").read_text()), "stages": stages}
 
 
-def _same_quantize(quantized: Path, sets: list[str], out: Path) -> bool:
-    """Whether the demo recipe with ``sets`` would compute the quantize stage that ``quantized`` holds."""
+def _run(sets: list[str], out: Path):
+    """The run the demo recipe with ``sets`` would be in ``out`` (its stages and their keys; nothing is loaded)."""
     from gift_quant.pipeline import open_run
-    from gift_quant.recipe import load_recipe
+    from gift_quant.recipe_file import load_recipe
 
-    run = open_run(load_recipe(DEMO, [*sets, f"output_dir={out}"]))
-    return json.loads((quantized / "quantize" / "manifest.json").read_text())["key"] == run.key("quantize")
+    return open_run(load_recipe(DEMO, [*sets, f"output_dir={out}"]))
+
+
+def _key(folder: Path, stage: str) -> str:
+    return json.loads((folder / stage / "manifest.json").read_text())["key"]
 
 
 def table(*headers: str) -> None:

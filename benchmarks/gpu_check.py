@@ -50,7 +50,8 @@ from gift_quant.grid import Grid  # noqa: E402
 from gift_quant.layers import merge_to_dense, salient_layers, wrap_quantized  # noqa: E402
 from gift_quant.plan import meta_model, plan_train, shape_of  # noqa: E402
 from gift_quant.quantize import quantize_model, rtn_with_columns, seeded_columns  # noqa: E402
-from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec, parse_recipe  # noqa: E402
+from gift_quant.recipe import ALL_PROJECTIONS, QuantSpec, SaliencySpec, TrainSpec  # noqa: E402
+from gift_quant.recipe_file import parse_recipe
 from gift_quant.train import train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "gift_quant" / "configs"

@@ -4,5 +4,5 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/out
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-.venv/bin/python benchmarks/bench_train.py > benchmarks/out/bench_train.log 2>&1
 .venv/bin/python benchmarks/bench_quantize.py > benchmarks/out/bench_quantize.log 2>&1
+.venv/bin/python benchmarks/bench_recovery.py --work benchmarks/out/recovery > benchmarks/out/bench_recovery.log 2>&1
