@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import recover, row, table
 
+from gift_quant.report import SHORT, mean_cell, task_cell, task_names
+
 # every variant starts from GIFT-SW as issue 26 found it: no distillation (the recipe's default since), the table
 # says what each addition buys on top of that; later --set entries override earlier ones
 FAST = ["export.formats=[gift]", "train.distill=0", "train.distill_topk=null"]
@@ -69,13 +71,14 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="variants at once, one thread each")
     ap.add_argument("--tasks", action="store_true", help="also the six tasks (slower)")
     ap.add_argument("--reuse", nargs="*", default=[], help="more run folders whose finished stages the variants may copy")
-    ap.add_argument("--full-tasks", action="store_true", help="with --tasks: the whole validation sets (no eval.limit)")
+    ap.add_argument("--limit", default=None, help="with --tasks: items a task (the recipe's 40 unless given; 'null': "
+                    "the whole validation sets)")
     ap.add_argument("--baselines", default="salient", help="eval.baselines of every variant (fp,salient adds the "
                     "full-precision row)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
-    common = FAST + ([] if args.tasks else ["eval.tasks=[]"]) + (["eval.limit=null"] if args.full_tasks else [])
+    common = FAST + ([] if args.tasks else ["eval.tasks=[]"]) + ([f"eval.limit={args.limit}"] if args.limit else [])
     common += [f"eval.baselines=[{args.baselines}]"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     slug = {v: re.sub(r"[^A-Za-z0-9._-]+", "_", v.replace("+", "and")).strip("_") for v in VARIANTS}  # run names
@@ -101,6 +104,13 @@ def main() -> None:
             f"{before:.2f}" if before else "-", f"{trained['ppl']:.2f}" if trained else "-",
             "-".join(f"{x:.2f}" for x in trained["ppl_ci95"]) if trained else "-",
             ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}")
+    scored = [(v, label, r) for v in args.variants for label, r in done[v]["rows"].items() if "tasks" in r]
+    if scored:
+        tasks = task_names(scored[0][2])
+        print()
+        table("variant", "row", "ppl", *[f"{SHORT.get(t, t)} acc / norm" for t in tasks], "mean acc")
+        for v, label, r in scored:
+            row(v, label, f"{r['ppl']:.2f}", *[task_cell(r["tasks"][t]) for t in tasks], mean_cell(r["tasks"]))
 
 
 if __name__ == "__main__":

@@ -45,11 +45,11 @@ def load_rows(run_dirs: list[Path]) -> dict[str, dict]:
     return rows
 
 
-def _task_names(row: dict) -> list[str]:
+def task_names(row: dict) -> list[str]:
     return [t for t in row["tasks"] if not t.startswith("mean_acc")]
 
 
-def _cell(metrics: dict) -> str:
+def task_cell(metrics: dict) -> str:
     cell = " / ".join(f"{metrics[m]:.4f}" for m in ("acc", "acc_norm") if m in metrics)
     return cell + (f" ± {metrics['acc_stderr']:.3f}" if "acc_stderr" in metrics else "")
 
@@ -59,7 +59,7 @@ def _ppl(r: dict) -> str:
     return f"{r['ppl']:.3f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
 
 
-def _mean(tasks: dict) -> str:
+def mean_cell(tasks: dict) -> str:
     return f"{tasks['mean_acc']:.4f}" + (f" ± {tasks['mean_acc_stderr']:.3f}" if "mean_acc_stderr" in tasks else "")
 
 
@@ -94,13 +94,13 @@ def noise_lines(rows: dict[str, dict]) -> list[str]:
 
 
 def _tables(rows: dict[str, dict]) -> list[str]:
-    tasks = next((_task_names(r) for r in rows.values() if "tasks" in r), [])
+    tasks = next((task_names(r) for r in rows.values() if "tasks" in r), [])
     head = ["model", "perplexity"] + [SHORT.get(t, t) for t in tasks] + (["mean acc"] if tasks else []) + ["eval s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         cells = [label, _ppl(r)]
         if tasks:
-            cells += [_cell(r["tasks"][t]) for t in tasks] + [_mean(r["tasks"])]
+            cells += [task_cell(r["tasks"][t]) for t in tasks] + [mean_cell(r["tasks"])]
         cells.append(f"{r.get('eval_s', 0):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     if tasks:
@@ -171,7 +171,7 @@ def _plots(rows: dict[str, dict], run_dirs: list[Path], out: Path) -> list[str]:
 
     with_tasks = [k for k in labels if "tasks" in rows[k]]
     if with_tasks:
-        tasks = _task_names(rows[with_tasks[0]])
+        tasks = task_names(rows[with_tasks[0]])
         fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 3, 4))
         width = 0.8 / len(with_tasks)
         for i, k in enumerate(with_tasks):
