@@ -50,6 +50,8 @@ VARIANTS: dict[str, list[str]] = {
     "reconstruct + top-32 distill": [*RECONSTRUCT, *TOPK],
     "reconstruct + top-32 distill, seed 1": ["seed=1", *RECONSTRUCT, *TOPK],  # quantizes again: seed draws calibration
     "reconstruct + top-32 distill + noise": [*RECONSTRUCT, *TOPK, *NOISE],
+    "top-32 distill, 300 steps": [*TOPK, "train.steps=300"],  # about one pass over C4
+    "reconstruct + top-32 distill, 300 steps": [*RECONSTRUCT, *TOPK, "train.steps=300"],
     "lora baseline": ["eval.baselines=[lora]"],
     "lora baseline + top-32 distill": ["eval.baselines=[lora]", *TOPK],
     # the same bits on disk without salient columns: groups of 32 (3.59 bits a weight against per-row k16's 3.53),
