@@ -93,13 +93,15 @@ def inverse_cholesky(h: torch.Tensor, original: Callable[[], torch.Tensor] | Non
 
 
 def _factor_inverse_(h: torch.Tensor) -> torch.Tensor | None:
-    """``inverse_cholesky``'s three LAPACK steps in ``h``'s memory; None when ``h`` does not factor."""
+    """``inverse_cholesky``'s three LAPACK steps in ``h``'s memory; None when ``h`` or its inverse does not factor
+    (near the edge of float32 either can fail first, depending on the machine's LAPACK)."""
     info = torch.zeros((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(h, out=(h, info))
     if info != 0:
         return None
     torch.cholesky_inverse(h, out=h)
-    return torch.linalg.cholesky(h, upper=True, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    return None if info != 0 else h
 
 
 def _float64(h: torch.Tensor, perm: torch.Tensor, damp: float) -> torch.Tensor:

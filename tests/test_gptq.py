@@ -151,6 +151,25 @@ def test_inverse_cholesky_float32_then_float64_then_a_named_error(caplog):
         inverse_cholesky(spectrum(64, -9))
 
 
+def test_inverse_cholesky_falls_back_when_the_inverse_does_not_factor(monkeypatch, caplog):
+    """H factors in float32 but its rounded inverse does not (what one machine's LAPACK did at the edge of float32):
+    float64 then, not a raw LinAlgError."""
+    real = torch.cholesky_inverse
+
+    def spoiled(a, upper=False, *, out=None):  # float32 only: a negative diagonal entry, not positive definite
+        res = real(a, upper=upper, out=out)
+        if res.dtype == torch.float32:
+            res[5, 5] = -1.0
+        return res
+
+    monkeypatch.setattr(torch, "cholesky_inverse", spoiled)
+    h = spectrum(16, -2)
+    exact = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True)  # first: h's memory holds the result
+    u = inverse_cholesky(h)
+    assert "float64" in caplog.text
+    torch.testing.assert_close(u.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+
+
 def test_dynamic_groups_refuse_act_order():
     w, _, h = problem(0)
     with pytest.raises(ValueError, match="act_order"):
