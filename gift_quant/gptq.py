@@ -84,7 +84,8 @@ def inverse_cholesky(h: torch.Tensor, original: Callable[[], torch.Tensor] | Non
     keep = h.clone() if original is None else None
     u = _factor_inverse_(h.float())
     if u is None:
-        log.warning("GPTQ: the damped Hessian (%d inputs) did not factor in float32; using float64", h.shape[0])
+        log.warning("GPTQ: the damped Hessian (%d inputs) or its inverse did not factor in float32; using float64",
+                    h.shape[0])
         u = _factor_inverse_(keep.double() if original is None else original().double())
     if u is None:
         raise ValueError(f"quant.damp: the damped Hessian ({h.shape[0]} inputs) is not positive definite even in "
