@@ -128,7 +128,12 @@ def convert_gguf(gguf: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a process converting the same file at once renamed its copy first: the same bytes
+            if not (target / "config.json").exists():
+                raise
+            log.info("converted meanwhile by another process: %s", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

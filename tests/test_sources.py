@@ -55,3 +55,27 @@ def test_gguf_conversion_is_cached(tmp_path, monkeypatch, caplog):
     assert second == first and (first / "config.json").stat().st_mtime_ns == stamp
     assert "cache hit" in caplog.text
     assert not [p for p in tmp_path.glob("models/.tmp-*")]  # nothing half-written left behind
+
+
+def test_gguf_conversion_racing_another_process_keeps_its_copy(tmp_path, monkeypatch):
+    """Two jobs started at once both find no cache and both convert; the second to finish must return the
+    first's folder, not fail its rename onto it (it did: an OSError reported as an unreachable model)."""
+    import shutil
+
+    import transformers
+
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path / "a"))
+    gguf = resolve_package_path(SMOLLM2)
+    theirs = convert_gguf(gguf)
+    monkeypatch.setenv("GIFT_QUANT_CACHE", str(tmp_path / "b"))
+    target = tmp_path / "b" / "models" / theirs.name
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def other_process_finishes_first(*args, **kwargs):
+        shutil.copytree(theirs, target)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", other_process_finishes_first)
+    assert convert_gguf(gguf) == target
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    assert not list(target.parent.glob(".tmp-*"))
