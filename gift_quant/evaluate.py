@@ -103,8 +103,13 @@ def summarize(results: dict, tasks: list[str]) -> dict:
 
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = None, batch_size: int = 8,
-              num_fewshot: int | None = None, device: str | None = None) -> tuple[dict, dict]:
-    """Score an in-memory model with lm-eval's ``simple_evaluate``; return (summary, lm-eval's results)."""
+              num_fewshot: int | None = None, device: str | None = None,
+              cache: Path | None = None) -> tuple[dict, dict]:
+    """Score an in-memory model with lm-eval's ``simple_evaluate``; return (summary, lm-eval's results).
+
+    ``cache``: lm-eval's own response cache (``use_cache``, a SQLite file a request, written as each answer
+    comes), so a killed evaluation redoes only the requests it had not answered: the six tasks on their whole
+    validation sets are tens of thousands of requests. It holds answers, not the model: one path per model."""
     import tempfile
 
     require("lm_eval", "eval")
@@ -117,5 +122,6 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = No
         device = device or str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         results = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                  task_manager=manager, log_samples=False)
+                                  task_manager=manager, log_samples=False,
+                                  use_cache=str(cache) if cache is not None else None)
     return summarize(results, tasks), results

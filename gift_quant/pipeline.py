@@ -8,7 +8,8 @@ complete, with a ``manifest.json`` holding the hash of the recipe sections it de
 versions and its wall time (``rundir``). A rerun skips stages whose manifest matches; a stage whose
 inputs changed is reported, not silently reused (``--from STAGE`` redoes it and everything after). An
 interrupted training resumes from its last checkpoint in ``<run>/train.work/``, and reconstruction, generation
-and the teacher cache from their last finished piece in ``<run>/<stage>.work/``. This module is the
+and the teacher cache from their last finished piece in ``<run>/<stage>.work/``, evaluation from lm-eval's
+answers cached there. This module is the
 order alone: inputs checked (``checks``), the plan, the lock, the loop.
 """
 from __future__ import annotations

@@ -95,7 +95,7 @@ def versions() -> dict[str, str]:
 
 # A stage that resumes mid-way (reconstruct: one file a block; generate: one a batch) keeps each finished piece in
 # ``<run>/<stage>.work/`` as a safetensors file holding the stage key in its metadata, written under a temporary name
-# and renamed. Training checkpoints are accelerate's folders instead (``train``).
+# and renamed. Training checkpoints are accelerate's folders instead (``train``), evaluation's lm-eval's SQLite cache.
 
 
 def save_piece(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta: str) -> None:

@@ -239,9 +239,10 @@ def _not_loaded(what: str, e: Exception) -> str:
     return f"{what} did not load here ({type(e).__name__}: {line})"
 
 
-def score(run: Run, tmp: Path, label: str, model, tok, windows: torch.Tensor) -> dict:
+def score(run: Run, tmp: Path, label: str, model, tok, windows: torch.Tensor, cache: Path | None = None) -> dict:
     """Perplexity (with its interval) and the lm-eval tasks of ``model`` on the run's device; GIFT-SW layers are
-    merged into plain linears first (the same weights, without dequantizing them on every forward)."""
+    merged into plain linears first (the same weights, without dequantizing them on every forward). ``cache``:
+    lm-eval's answers of this model (``zero_shot``)."""
     e = run.recipe.eval
     merge_to_dense(model)
     model.to(run.device).eval()
@@ -250,25 +251,39 @@ def score(run: Run, tmp: Path, label: str, model, tok, windows: torch.Tensor) ->
     row = {"ppl": math.exp(float(nll.mean())), "ppl_ci95": interval(nll), "ppl_windows": len(nll)}
     log.info("%s: perplexity %.3f (95%% interval %.3f-%.3f)", label, row["ppl"], *row["ppl_ci95"])
     if e.tasks:
-        summary, raw = zero_shot(model, tok, e.tasks, e.limit, e.batch_size, e.num_fewshot)
+        summary, raw = zero_shot(model, tok, e.tasks, e.limit, e.batch_size, e.num_fewshot, cache=cache)
         row["tasks"] = summary
         (tmp / "lm_eval").mkdir(exist_ok=True)
-        (tmp / "lm_eval" / f"{label.replace(' ', '_')}.json").write_text(json.dumps(raw, indent=2, default=str))
+        (tmp / "lm_eval" / f"{_file_name(label)}.json").write_text(json.dumps(raw, indent=2, default=str))
         log.info("%s: mean acc %.4f", label, summary["mean_acc"])
     row["eval_s"] = time.time() - t0
     model.to("cpu")
     return row
 
 
+def _file_name(label: str) -> str:
+    return label.replace(" ", "_")
+
+
 def run_evaluate(run: Run, tmp: Path) -> dict:
-    """Every model of ``scored_models`` scored on the same windows and tasks; ``results.json`` holds the rows."""
+    """Every model of ``scored_models`` scored on the same windows and tasks; ``results.json`` holds the rows.
+
+    lm-eval's answers of each model wait in ``evaluate.work/<key>/``, so a killed evaluation resumes at the
+    request it had reached (the perplexity, a minute at most, is measured again). The folder is named by the
+    stage key, which hashes every section the scored models came from: answers of another recipe's models are
+    never read, and are removed."""
     r = run.recipe
     tok = load_tokenizer(r.model.ref, r.model.trust_remote_code)  # each scored model is loaded where it is scored
     windows = eval_windows(r, tok)
+    work = run.dir / "evaluate.work"
+    for stale in (p for p in work.glob("*") if p.name != run.key("evaluate")):
+        log.info("evaluate: removing another recipe's cached answers %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     rows = {}
     for label, build in scored_models(run):
         model, source = build()
-        rows[label] = {**score(run, tmp, label, model, tok, windows), "source": source}
+        cache = work / run.key("evaluate") / _file_name(label)
+        rows[label] = {**score(run, tmp, label, model, tok, windows, cache), "source": source}
         del model
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}

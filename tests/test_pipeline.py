@@ -329,3 +329,38 @@ def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder,
 def test_reconstruct_is_refused_where_nothing_is_quantized_before_training(tiny_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"reconstruct.enabled = true, but train.mode = pre has no quantized model"):
         tweak(recipe(tiny_folder, tmp_path, mode="pre"), **{"reconstruct.enabled": True})
+
+
+def test_a_killed_evaluation_resumes_at_the_request_it_reached(tiny_folder, tmp_path, monkeypatch):
+    """lm-eval's answers are cached as they come (``evaluate.work/<key>/``): a kill in the second scored model
+    redoes only the requests not yet answered, and the results are those of a run never killed."""
+    from lm_eval.models.huggingface import HFLM
+
+    real, calls, crash = HFLM._model_call, [], {"after": None}
+
+    def counted(self, *args, **kwargs):  # one call a batch of requests
+        if crash["after"] is not None and len(calls) == crash["after"]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_call", counted)
+    sets = {"eval.baselines": ["fp"], "eval.limit": 6}  # two models, 12 piqa requests each, 2 a batch
+    recover(tweak(recipe(tiny_folder, tmp_path / "straight", ["gift"]), **sets))
+    straight = len(calls)
+    assert straight == 12
+
+    out = tmp_path / "run"
+    calls.clear()
+    crash["after"] = 8  # the fp model's 6 batches and 2 of GIFT-SW's
+    with pytest.raises(KeyboardInterrupt):
+        recover(tweak(recipe(tiny_folder, out, ["gift"]), **sets))
+    assert not (out / "evaluate").exists() and len(list((out / "evaluate.work").glob("*/*.db"))) == 2
+    calls.clear()
+    crash["after"] = None
+    recover(tweak(recipe(tiny_folder, out, ["gift"]), **sets))
+    assert len(calls) == straight - 8  # GIFT-SW's 4 batches not answered before the kill, nothing else
+    a, b = (json.loads((d / "evaluate/results.json").read_text()) for d in (tmp_path / "straight", out))
+    assert a.keys() == b.keys() == {"full precision", "GIFT-SW W3"}
+    for label in a:
+        assert a[label]["ppl"] == b[label]["ppl"] and a[label]["tasks"] == b[label]["tasks"]
