@@ -9,7 +9,8 @@ what ships. A variant copies every finished stage of the runs in ``--work``
 does only the rest. Runs in ``--work`` are
 kept: a rerun reads the finished ones and resumes the rest, so the table can grow across sessions. ``--jobs``
 runs that many variants at once, each on one thread. Perplexity on the recipe's 20 Wikipedia windows of 512
-tokens (the report's 95% interval beside it); ``--tasks`` also scores the six tasks (40 items each).
+tokens (the report's 95% interval beside it); ``--tasks`` also scores the six tasks (40 items each; ``--limit
+null`` the whole validation sets, ``--task-list`` a subset of them).
 """
 from __future__ import annotations
 
@@ -75,13 +76,15 @@ def main() -> None:
     ap.add_argument("--reuse", nargs="*", default=[], help="more run folders whose finished stages the variants may copy")
     ap.add_argument("--limit", default=None, help="with --tasks: items a task (the recipe's 40 unless given; 'null': "
                     "the whole validation sets)")
+    ap.add_argument("--task-list", default=None, help="with --tasks: comma-separated lm-eval tasks instead of the "
+                    "recipe's six (a whole validation set of each task a job, spread over cores and sessions)")
     ap.add_argument("--baselines", default="salient", help="eval.baselines of every variant (fp,salient adds the "
                     "full-precision row)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     common = FAST + ([] if args.tasks else ["eval.tasks=[]"]) + ([f"eval.limit={args.limit}"] if args.limit else [])
-    common += [f"eval.baselines=[{args.baselines}]"]
+    common += [f"eval.baselines=[{args.baselines}]"] + ([f"eval.tasks=[{args.task_list}]"] if args.task_list else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None
     slug = {v: re.sub(r"[^A-Za-z0-9._-]+", "_", v.replace("+", "and")).strip("_") for v in VARIANTS}  # run names
     extra = [Path(r) for r in args.reuse]
