@@ -107,7 +107,7 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = No
               cache: Path | None = None) -> tuple[dict, dict]:
     """Score an in-memory model with lm-eval's ``simple_evaluate``; return (summary, lm-eval's results).
 
-    ``cache``: lm-eval's own response cache (``use_cache``, a SQLite file a request, written as each answer
+    ``cache``: lm-eval's own response cache (``use_cache``: one SQLite file, each answer written as it
     comes), so a killed evaluation redoes only the requests it had not answered: the six tasks on their whole
     validation sets are tens of thousands of requests. It holds answers, not the model: one path per model."""
     import tempfile

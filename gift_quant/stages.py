@@ -275,14 +275,14 @@ def run_evaluate(run: Run, tmp: Path) -> dict:
     r = run.recipe
     tok = load_tokenizer(r.model.ref, r.model.trust_remote_code)  # each scored model is loaded where it is scored
     windows = eval_windows(r, tok)
-    work = run.dir / "evaluate.work"
-    for stale in (p for p in work.glob("*") if p.name != run.key("evaluate")):
+    work, key = run.dir / "evaluate.work", run.key("evaluate")
+    for stale in (p for p in work.glob("*") if p.name != key):
         log.info("evaluate: removing another recipe's cached answers %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
     rows = {}
     for label, build in scored_models(run):
         model, source = build()
-        cache = work / run.key("evaluate") / _file_name(label)
+        cache = work / key / _file_name(label)
         rows[label] = {**score(run, tmp, label, model, tok, windows, cache), "source": source}
         del model
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
