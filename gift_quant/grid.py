@@ -77,45 +77,60 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     Only entries where ``mask`` is true take part (range and error). With ``clip_min < 1`` the
     range is shrunk by each ratio of ``linspace(1, clip_min, clip_steps)`` and every row keeps the
     ratio of least squared error (the first such ratio on a tie); ratio 1 is always a candidate, so the
-    search is never worse than no clipping. The ratios are tried in chunks, each chunk's candidates in one
-    set of tensor operations (``_clip_errors``), a chunk's size bounded so that its work tensor stays
-    near ``_SEARCH_ELEMENTS`` elements.
+    search is never worse than no clipping. All ratios are scored at once from each row sorted once
+    (``clip_errors``), not by rounding the row once a ratio.
     """
     w = w.float()
     m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.expand_as(w)
     wm = torch.where(m, w, torch.zeros_like(w))
     xmin = wm.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = wm.max(dim=1, keepdim=True).values.clamp(min=0)
-    best_scale, best_zero = _params_from_range(xmin, xmax, grid)
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
-        return best_scale, best_zero
-    best_err = _clip_errors(wm, best_scale.unsqueeze(0), best_zero.unsqueeze(0), grid.bits)[0]
-    ratios = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device)[1:]
-    for chunk in ratios.split(max(1, _SEARCH_ELEMENTS // w.numel())):
-        r = chunk.view(-1, 1, 1)
-        scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (chunk, rows, 1)
-        err, pick = _clip_errors(wm, scale, zero, grid.bits).min(0)  # min: the first of equal errors
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale.gather(0, pick[None]).squeeze(0), best_scale)
-        best_zero = torch.where(better, zero.gather(0, pick[None]).squeeze(0), best_zero)
-    return best_scale, best_zero
+        return _params_from_range(xmin, xmax, grid)
+    r = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device).view(-1, 1, 1)
+    scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (ratios, rows, 1)
+    err = clip_errors(wm, scale, zero, grid.bits)
+    # equal errors (a row that two ratios represent alike) differ by rounding alone: within it, the first ratio
+    tied = err <= err.min(0).values + _TIE * torch.linalg.vector_norm(wm, dim=1, keepdim=True).double() ** 2
+    pick = tied.to(torch.uint8).argmax(0, keepdim=True)  # argmax: the first of the tied
+    return scale.gather(0, pick).squeeze(0), zero.gather(0, pick).squeeze(0)
 
 
-_SEARCH_ELEMENTS = 2**24  # about the size of a chunk's work tensor in the clipping search (64 MiB in float32)
+_SEARCH_ELEMENTS = 2**22  # entries of a work tensor of the clipping search at once (float64: 32 MiB each)
+_TIE = 1e-10  # errors this close, relative to the row's sum of squares, are one error
 
 
-def _clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Squared rounding error of each row of ``wm`` (rows, g) on each candidate grid (``scale``, ``zero``:
-    (candidates, rows, 1)), over the entries the mask kept (the others are zero in ``wm``):
-    ``(candidates, rows, 1)``.
+    (candidates, rows, 1)), over the entries the mask kept (the others are zero in ``wm``): ``(candidates,
+    rows, 1)``, in float64.
 
-    ``fake_quantize``'s values with two passes fewer, in place on one work tensor: the rounded values are
-    small integers, so ``clamp(r + z, 0, maxq) - z`` is exactly ``clamp(r, -z, maxq - z)``; and a masked entry
-    (zero in ``wm``) rounds to zero and adds exactly nothing, so no mask is applied."""
-    q = (wm / scale).round_()
-    q = torch.clamp(q, -zero, maxq(bits) - zero, out=q)
-    return q.mul_(scale).sub_(wm).pow_(2).sum(-1, keepdim=True)
+    Why sorted: with the zero point taken off, the codes ``c`` run from ``-zero`` to ``top = maxq - zero``, and
+    code ``c`` takes the entries between the thresholds ``t = (c -/+ 1/2) * s`` (the clamp puts everything
+    beyond the extreme ones into the extreme codes). Summed by parts over the codes, with ``N_t`` and ``S_t`` the
+    count and the sum of the entries below threshold ``t``,
+
+        sum (w - s c(w))^2 = sum w^2 + s top (g s top - 2 sum w) + 2 s sum_t (S_t - N_t t),
+
+    and with the row sorted once, ``N_t`` is a binary search and ``S_t`` a prefix sum: a candidate costs
+    ``maxq`` searches instead of a pass over the row. An entry within a rounding of a threshold may land on the
+    other side than ``round(w / s)`` puts it, where its error is the same to that rounding. A masked entry is
+    zero, which lies in the code of level zero: it adds nothing."""
+    rows, g = wm.shape
+    step = max(1, _SEARCH_ELEMENTS // max(g, scale.shape[0] * maxq(bits)))  # rows a chunk: the row, or its thresholds
+    out = []
+    for part, s, z in zip(wm.split(step), scale.split(step, 1), zero.split(step, 1)):
+        v = part.sort(dim=1).values.double()
+        prefix = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # prefix[:, i]: the sum of the i smallest
+        s, z = s.double().squeeze(-1).T, z.double().squeeze(-1).T  # (r, candidates)
+        codes = torch.arange(maxq(bits), dtype=torch.float64, device=wm.device) - z.unsqueeze(-1)  # below each t
+        t = ((codes + 0.5) * s.unsqueeze(-1)).flatten(1)  # (r, candidates * maxq)
+        n = torch.searchsorted(v, t)
+        inner = (prefix.gather(1, n) - n * t).view(*s.shape, -1).sum(-1)
+        top = (maxq(bits) - z) * s
+        err = top * (g * top - 2 * prefix.narrow(1, g, 1)) + 2 * s * inner + v.pow(2).sum(1, keepdim=True)
+        out.append(err.T)
+    return torch.cat(out, 1).unsqueeze(-1)
 
 
 def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from gift_quant import gptq as gptq_mod
 from gift_quant import noise as noise_mod
 from gift_quant import pack as pack_mod
 from gift_quant.calibrate import BlockInputs, InputStats
-from gift_quant.grid import Grid, rtn
+from gift_quant.grid import Grid, grid_params, rtn
 from gift_quant.layers import SalientLinear, merge_to_dense, salient_layers, wrap_full_precision, wrap_quantized
 from gift_quant.noise import draw, noise_step
 from gift_quant.quantize import quantize_linear, rtn_with_columns, select_salient
@@ -77,6 +77,17 @@ def test_plain_rtn_on_meta(group_size):
     quant = QuantSpec(bits=3, method="rtn", group_size=group_size, clip_min=0.5, clip_steps=6)
     qw = quantize_linear(w, None, SaliencySpec(k=0), quant, "q_proj")
     assert {t.device for t in (qw.codes, qw.scale, qw.zero, qw.salient_idx, qw.salient_weight)} == {META}
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_clipping_search_on_fake_cuda(group_size):
+    """The sorted clipping search (sort, binary searches, prefix sums, the tie rule) stays on the weight's device."""
+    with fake_cuda():
+        w = torch.randn(16, 64, device="cuda")
+        mask = torch.ones(64, dtype=torch.bool, device="cuda")
+        scale, zero = grid_params(w, Grid(3, group_size, sym=False, clip_min=0.2, clip_steps=81), mask)
+        assert scale.device.type == zero.device.type == "cuda"
+        assert scale.shape == zero.shape == (16, 1 if group_size == -1 else 4)
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -2,7 +2,18 @@
 import pytest
 import torch
 
-from gift_quant.grid import Grid, dequantize, expand_groups, fake_quantize, grid_params, quantize, row_params, rtn
+from gift_quant.grid import (
+    Grid,
+    _params_from_range,
+    clip_errors,
+    dequantize,
+    expand_groups,
+    fake_quantize,
+    grid_params,
+    quantize,
+    row_params,
+    rtn,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -66,6 +77,57 @@ def test_clipping_search_equals_brute_force():
         )
         got = ((fake_quantize(w[r], s[r], z[r], 3) - w[r]) ** 2).sum().item()
         assert got == pytest.approx(best, rel=1e-5)
+
+
+def _least_error_ratio(w: torch.Tensor, mask: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow reference of the clipping search: every ratio's grid built as ``row_params`` builds it, every
+    entry rounded in float64 and its error summed, the first ratio within 1e-10 of the row's sum of squares of
+    the least error kept."""
+    wm = torch.where(mask, w, torch.zeros_like(w))
+    xmin, xmax = wm.min(1, keepdim=True).values.clamp(max=0), wm.max(1, keepdim=True).values.clamp(min=0)
+    cands, errs = [], []
+    for r in torch.linspace(1.0, grid.clip_min, grid.clip_steps):
+        s, z = _params_from_range(r * xmin, r * xmax, grid)
+        q = torch.clamp(torch.round(wm.double() / s.double()), -z.double(), 2**grid.bits - 1 - z.double())
+        errs.append(((q * s.double() - wm.double()) ** 2).sum(1))
+        cands.append((s, z))
+    errs = torch.stack(errs)
+    tol = 1e-10 * (wm.double() ** 2).sum(1)
+    pick = (errs <= errs.min(0).values + tol).to(torch.uint8).argmax(0).tolist()
+    return (torch.stack([cands[p][0][i] for i, p in enumerate(pick)]),
+            torch.stack([cands[p][1][i] for i, p in enumerate(pick)]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("sym,sym_step", [(True, "paper"), (True, "gptq"), (False, "paper")])
+def test_clipping_search_equals_float64_rounding_of_every_ratio(bits, sym, sym_step):
+    """The search scores each ratio from the sorted row and its prefix sums; the reference rounds every entry
+    for every ratio. Same ratio in every row: rows with an outlier, masked entries, a row of one value, an
+    all-zero row and one whose two ratios represent it alike (an exact tie: the first ratio)."""
+    g = torch.Generator().manual_seed(bits * 10 + len(sym_step) + sym)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    w[::3, 7] *= 25  # outliers
+    w[5] = 0.3  # one value
+    w[6] = 0.0  # all zero
+    w[9] = 0.0
+    w[9, 2], w[9, 4] = -1.0, 0.01  # 2-bit symmetric: ratios 1 and 0.5 both hold -1 and round 0.01 to 0
+    mask = (torch.rand(96, generator=g) > 0.15).expand(64, 96)
+    grid = Grid(bits, sym=sym, sym_step=sym_step, clip_min=0.2, clip_steps=81)
+    scale, zero = row_params(w, grid, mask)
+    ref_scale, ref_zero = _least_error_ratio(w, mask, grid)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+
+
+def test_clip_errors_are_the_rounding_errors():
+    """``clip_errors`` against every entry rounded and summed (float64), candidates of every ratio."""
+    w = torch.randn(12, 200, generator=torch.Generator().manual_seed(5))
+    for grid in (Grid(3), Grid(4, sym=False), Grid(2, sym_step="gptq")):
+        r = torch.linspace(1.0, 0.2, 9).view(-1, 1, 1)
+        xmin, xmax = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
+        s, z = _params_from_range(r * xmin, r * xmax, grid)
+        q = torch.clamp(torch.round(w.double() / s.double()), -z.double(), 2**grid.bits - 1 - z.double())
+        ref = ((q * s.double() - w.double()) ** 2).sum(-1, keepdim=True)
+        torch.testing.assert_close(clip_errors(w, s, z, grid.bits), ref, rtol=1e-10, atol=1e-12)
 
 
 def test_groups_and_mask():
