@@ -319,6 +319,13 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _something_changes(self) -> "Recipe":
+        if self.train.mode == "fp" and not self.train.enabled:
+            raise ValueError("train.enabled = false with train.mode = fp neither trains nor quantizes: the run would "
+                             "export the model as it came; set train.enabled: true, or train.mode: post to quantize")
+        return self
+
+    @model_validator(mode="after")
     def _learned_scales(self) -> "Recipe":
         if self.train.learn_scales and self.train.mode != "post":
             raise ValueError(f"train.learn_scales = true, but train.mode = {self.train.mode} trains on the "

@@ -37,9 +37,12 @@ def load_rows(run_dirs: list[Path]) -> dict[str, dict]:
     """Evaluated variants of every run, labelled ``<run>: <variant>`` when there are several runs."""
     rows = {}
     for d in map(Path, run_dirs):
+        if not (d / "evaluate" / "results.json").exists():
+            raise FileNotFoundError(f"{d}: no evaluate/results.json; run the evaluate stage first")
         results = _json(d / "evaluate" / "results.json")
         if not results:
-            raise FileNotFoundError(f"{d}: no evaluate/results.json; run the evaluate stage first")
+            raise ValueError(f"{d}: the evaluate stage scored no model (eval.baselines empty and nothing exported "
+                             "that the report scores)")
         for label, row in results.items():
             rows[label if len(run_dirs) == 1 else f"{d.name}: {label}"] = row
     return rows

@@ -188,14 +188,20 @@ def scored_models(run: Run) -> Iterator[tuple[str, Scored]]:
         yield m.quant_label(r, bits), lambda: (run.load_imported()[0], "model.ref (the imported checkpoint)")
     if "gptq" in r.eval.baselines and r.quant.method == "gptq":
         yield f"GPTQ {bits}", lambda: (plain_quantized(run)[0], IN_MEMORY + ", the plain stage's quantization")
-    if "salient" in r.eval.baselines and m.quantizes:
-        yield f"{m.quant_label(r, bits)} + salient columns", lambda: (
-            m.recovered(run, trained=False, reconstructed=False)[0], IN_MEMORY)
+    # without training the export is the model before it (reconstructed where the run reconstructs): that row is
+    # scored from the export, as the trained one would be, and not again in memory
+    untrained = f"{m.quant_label(r, bits)} + salient columns"
+    exported_untrained = m.quantizes and not r.train.enabled
+    if "salient" in r.eval.baselines and m.quantizes and not (exported_untrained and "reconstruct" not in run.order):
+        yield untrained, lambda: (m.recovered(run, trained=False, reconstructed=False)[0], IN_MEMORY)
     if "reconstruct" in run.order:
-        yield f"{m.quant_label(r, bits)} + salient columns reconstructed", lambda: (
-            m.recovered(run, trained=False)[0], IN_MEMORY)
+        untrained += " reconstructed"
+        if not exported_untrained:
+            yield untrained, lambda: (m.recovered(run, trained=False)[0], IN_MEMORY)
     if r.train.enabled:
         yield m.label.format(bits=bits), lambda: _exported(run)
+    elif exported_untrained:
+        yield untrained, lambda: _exported(run)
     if "lora" in run.order:
         yield f"{m.quant_label(r, bits)} + LoRA r={lora.rank(run)}", lambda: _lora_exported(run)
 

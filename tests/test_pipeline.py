@@ -326,6 +326,28 @@ def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder,
     assert plain != rec and "GIFT-SW W3" in results
 
 
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_an_untrained_run_scores_its_export(tiny_folder, tmp_path, reconstruct):
+    """train.enabled: false: the export holds the quantized model (reconstructed where the run reconstructs) and the
+    report scores it from there, once, beside the untrained baseline where that is another model; before, the
+    evaluate stage scored nothing and the report failed at the end of the run."""
+    out = tmp_path / "run"
+    r = tweak(recipe(tiny_folder, out, ["gift"]), **{"train.enabled": False, "eval.tasks": [], "eval.baselines": ["salient"],
+                                                      "reconstruct.enabled": reconstruct, "reconstruct.lr": 1e-3})
+    recover(r)
+    results = json.loads((out / "evaluate/results.json").read_text())
+    rows = ["GPTQ W3 + salient columns"] + (["GPTQ W3 + salient columns reconstructed"] if reconstruct else [])
+    assert list(results) == rows and results[rows[-1]]["source"] == "export/gift"
+    assert (out / "report/report.md").exists()
+    if reconstruct:  # the baseline in memory is another model than the reconstructed export
+        assert results[rows[0]]["source"] != "export/gift" and results[rows[0]]["ppl"] != results[rows[1]]["ppl"]
+
+
+def test_an_untrained_full_precision_run_is_refused(tiny_folder, tmp_path):
+    with pytest.raises(RecipeError, match=r"train.enabled = false with train.mode = fp neither trains nor quantizes"):
+        tweak(recipe(tiny_folder, tmp_path / "run", ["dense"]), **{"train.enabled": False, "train.mode": "fp"})
+
+
 def test_reconstruct_is_refused_where_nothing_is_quantized_before_training(tiny_folder, tmp_path):
     with pytest.raises(RecipeError, match=r"reconstruct.enabled = true, but train.mode = pre has no quantized model"):
         tweak(recipe(tiny_folder, tmp_path, mode="pre"), **{"reconstruct.enabled": True})
