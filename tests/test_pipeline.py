@@ -332,8 +332,9 @@ def test_an_untrained_run_scores_its_export(tiny_folder, tmp_path, reconstruct):
     report scores it from there, once, beside the untrained baseline where that is another model; before, the
     evaluate stage scored nothing and the report failed at the end of the run."""
     out = tmp_path / "run"
-    r = tweak(recipe(tiny_folder, out, ["gift"]), **{"train.enabled": False, "eval.tasks": [], "eval.baselines": ["salient"],
-                                                      "reconstruct.enabled": reconstruct, "reconstruct.lr": 1e-3})
+    r = tweak(recipe(tiny_folder, out, ["gift"]), **{"train.enabled": False, "eval.tasks": [],
+                                                      "eval.baselines": ["salient"], "reconstruct.enabled": reconstruct,
+                                                      "reconstruct.lr": 1e-3})
     recover(r)
     results = json.loads((out / "evaluate/results.json").read_text())
     rows = ["GPTQ W3 + salient columns"] + (["GPTQ W3 + salient columns reconstructed"] if reconstruct else [])
