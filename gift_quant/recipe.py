@@ -319,10 +319,11 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _something_changes(self) -> "Recipe":
-        if self.train.mode == "fp" and not self.train.enabled:
-            raise ValueError("train.enabled = false with train.mode = fp neither trains nor quantizes: the run would "
-                             "export the model as it came; set train.enabled: true, or train.mode: post to quantize")
+    def _something_to_score(self) -> "Recipe":
+        if self.train.mode == "fp" and not self.train.enabled and not self.eval.baselines:
+            raise ValueError("train.enabled = false with train.mode = fp and no eval.baselines: the run neither trains "
+                             "nor quantizes and its report would score nothing; set train.enabled: true, train.mode: "
+                             "post (to quantize), or name eval.baselines")
         return self
 
     @model_validator(mode="after")

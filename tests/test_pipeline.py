@@ -344,9 +344,11 @@ def test_an_untrained_run_scores_its_export(tiny_folder, tmp_path, reconstruct):
         assert results[rows[0]]["source"] != "export/gift" and results[rows[0]]["ppl"] != results[rows[1]]["ppl"]
 
 
-def test_an_untrained_full_precision_run_is_refused(tiny_folder, tmp_path):
-    with pytest.raises(RecipeError, match=r"train.enabled = false with train.mode = fp neither trains nor quantizes"):
-        tweak(recipe(tiny_folder, tmp_path / "run", ["dense"]), **{"train.enabled": False, "train.mode": "fp"})
+def test_an_untrained_full_precision_run_without_baselines_is_refused(tiny_folder, tmp_path):
+    base = recipe(tiny_folder, tmp_path / "run", ["dense"])
+    with pytest.raises(RecipeError, match=r"train.enabled = false with train.mode = fp and no eval.baselines"):
+        tweak(base, **{"train.enabled": False, "train.mode": "fp", "eval.baselines": []})
+    tweak(base, **{"train.enabled": False, "train.mode": "fp", "eval.baselines": ["fp", "gptq"]})  # scores these
 
 
 def test_reconstruct_is_refused_where_nothing_is_quantized_before_training(tiny_folder, tmp_path):
