@@ -81,8 +81,7 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     (``clip_errors``), not by rounding the row once a ratio.
     """
     w = w.float()
-    m = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.expand_as(w)
-    wm = torch.where(m, w, torch.zeros_like(w))
+    wm = w if mask is None else torch.where(mask, w, 0.0)  # one weight-sized tensor at most: 7B layers are large
     xmin = wm.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = wm.max(dim=1, keepdim=True).values.clamp(min=0)
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
@@ -145,6 +144,9 @@ def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -
     n_groups = -(-n_in // g)
     pad = n_groups * g - n_in
     colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
+    if n_groups == 1:  # one group a row: the weight as it is, the column mask broadcast over its rows
+        scale, zero = row_params(w.float(), grid, colmask)
+        return scale, zero
     wp = torch.nn.functional.pad(w.float(), (0, pad))
     mp = torch.nn.functional.pad(colmask, (0, pad), value=False)
     rows = wp.reshape(out * n_groups, g)
