@@ -19,6 +19,9 @@ the two cores:
   columns, the paper's noise) against PEFT LoRA of the same trainable parameter count on the same weights
   held dense: s/step and peak RSS rise.
 
+Every child reads all its weights before it measures (``paged_in``): a peak rise is what the work adds, not the
+pages of a memory-mapped checkpoint it reads for the first time.
+
 Then a least-squares fit ``t_block = a * tokens * params_block + b * sum_layers(out * in^2)`` (the
 forwards and Hessians, then GPTQ's column loop and inverse) over the measured sizes, its error at each
 measured point, and its extrapolation to Llama-2-7B, Llama-2-13B and Llama-2-70B at the paper's
@@ -57,6 +60,15 @@ def layer_sizes(hidden: int, mlp: int, kv: int) -> list[tuple[int, int]]:
     return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, mlp), (hidden, mlp), (mlp, hidden)]
 
 
+def paged_in(model) -> None:
+    """Read every weight once before a measurement starts. transformers maps a safetensors file into memory
+    without copying it, so a weight's pages join the resident set only when first read: unread, a child's
+    "peak rise" would count the model's own weights as they are touched (a 4096 block is 0.8 GB), and a peer whose
+    loader copies them would not."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.detach().sum()
+
+
 def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     import torch
 
@@ -67,6 +79,7 @@ def child_ours(folder: Path, windows_pt: Path, clip_steps: int) -> dict:
     from gift_quant.sources import load_model
 
     model, _ = load_model(str(folder))
+    paged_in(model)
     windows = torch.load(windows_pt, weights_only=True)
     k = round(0.03 * model.config.hidden_size)
     r = parse_recipe({"model": {"ref": str(folder)}, "saliency": {"k": k}, "quant": {"bits": 3, "clip_steps": clip_steps},
@@ -94,6 +107,7 @@ def child_peer(folder: Path, windows_pt: Path) -> dict:
     windows = torch.load(windows_pt, weights_only=True)
     cfg = QuantizeConfig(bits=3, group_size=-1, sym=True, desc_act=False, act_group_aware=False, damp_percent=0.01)
     model = GPTQModel.load(str(folder), cfg, device="cpu", dtype=torch.float32)
+    paged_in(model.model)
     data = [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in windows]
     t0, c0 = time.time(), _cpu_s()
     with devices.peak(torch.device("cpu")) as used:
@@ -113,6 +127,7 @@ def child_train(folder: Path, seq: int, variant: str) -> dict:
     from gift_quant.train import train
 
     model, _ = load_model(str(folder))
+    paged_in(model)
     k = round(0.03 * model.config.hidden_size)
     results = rtn_with_columns(model, Grid(3), seeded_columns(k))
     salient = sum(k * qw.codes.shape[0] for qw in results.values())
