@@ -115,7 +115,7 @@ def clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     ``maxq`` searches instead of a pass over the row. An entry within a rounding of a threshold may land on the
     other side than ``round(w / s)`` puts it, where its error is the same to that rounding. A masked entry is
     zero, which lies in the code of level zero: it adds nothing."""
-    rows, g = wm.shape
+    g = wm.shape[1]
     step = max(1, _SEARCH_ELEMENTS // max(g, scale.shape[0] * maxq(bits)))  # rows a chunk: the row, or its thresholds
     out = []
     for part, s, z in zip(wm.split(step), scale.split(step, 1), zero.split(step, 1)):
@@ -143,10 +143,9 @@ def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -
     g = n_in if grid.group_size == -1 else grid.group_size
     n_groups = -(-n_in // g)
     pad = n_groups * g - n_in
-    colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
     if n_groups == 1:  # one group a row: the weight as it is, the column mask broadcast over its rows
-        scale, zero = row_params(w.float(), grid, colmask)
-        return scale, zero
+        return row_params(w.float(), grid, None if mask is None else mask.bool())
+    colmask = torch.ones(n_in, dtype=torch.bool, device=w.device) if mask is None else mask.bool()
     wp = torch.nn.functional.pad(w.float(), (0, pad))
     mp = torch.nn.functional.pad(colmask, (0, pad), value=False)
     rows = wp.reshape(out * n_groups, g)
