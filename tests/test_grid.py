@@ -79,6 +79,12 @@ def test_clipping_search_equals_brute_force():
         assert got == pytest.approx(best, rel=1e-5)
 
 
+def _rounding_errors(wm: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Every entry of ``wm`` rounded in float64 on each candidate ``(s, z)``, its squared errors summed over the row."""
+    q = torch.clamp(torch.round(wm.double() / s.double()), -z.double(), 2**bits - 1 - z.double())
+    return ((q * s.double() - wm.double()) ** 2).sum(-1, keepdim=True)
+
+
 def _least_error_ratio(w: torch.Tensor, mask: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """The slow reference of the clipping search: every ratio's grid built as ``row_params`` builds it, every
     entry rounded in float64 and its error summed, the first ratio within 1e-10 of the row's sum of squares of
@@ -88,8 +94,7 @@ def _least_error_ratio(w: torch.Tensor, mask: torch.Tensor, grid: Grid) -> tuple
     cands, errs = [], []
     for r in torch.linspace(1.0, grid.clip_min, grid.clip_steps):
         s, z = _params_from_range(r * xmin, r * xmax, grid)
-        q = torch.clamp(torch.round(wm.double() / s.double()), -z.double(), 2**grid.bits - 1 - z.double())
-        errs.append(((q * s.double() - wm.double()) ** 2).sum(1))
+        errs.append(_rounding_errors(wm, s, z, grid.bits).squeeze(1))
         cands.append((s, z))
     errs = torch.stack(errs)
     tol = 1e-10 * (wm.double() ** 2).sum(1)
@@ -125,9 +130,8 @@ def test_clip_errors_are_the_rounding_errors():
         r = torch.linspace(1.0, 0.2, 9).view(-1, 1, 1)
         xmin, xmax = w.min(1, keepdim=True).values.clamp(max=0), w.max(1, keepdim=True).values.clamp(min=0)
         s, z = _params_from_range(r * xmin, r * xmax, grid)
-        q = torch.clamp(torch.round(w.double() / s.double()), -z.double(), 2**grid.bits - 1 - z.double())
-        ref = ((q * s.double() - w.double()) ** 2).sum(-1, keepdim=True)
-        torch.testing.assert_close(clip_errors(w, s, z, grid.bits), ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(clip_errors(w, s, z, grid.bits), _rounding_errors(w, s, z, grid.bits),
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_groups_and_mask():
