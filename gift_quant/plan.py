@@ -16,7 +16,9 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   working set ``max(4 * in^2 + 6 * out * in, 20 * out * in)`` (in its column loop one dampened,
   permuted copy of the Hessian, factored in place, beside the updated weight and the codes; before it,
   the saliency metric's and the grid's searches, about five float32 copies of the weight) and one
-  batch's forward ``b * s * (4h + 2kv + 3i) * c``.
+  batch's forward ``b * s * (4h + 2kv + 3i) * c``; and the outputs of the block's finished layers served to
+  its later passes, ``n * s * p * sum(out)`` over every layer but the last, as far as the budget of
+  ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
   norms, lm_head) ``p`` each; activations ``b * s * (8h + 4kv + 5i) * c`` a block, kept for all
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibrate import inputs_fit
+from .calibrate import inputs_fit, served_budget
 from .devices import GiB, capacity
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
@@ -171,7 +173,13 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     b, s, h = cal.batch_size, cal.seq_len, shape.hidden
     inputs = 2 * cal.n_samples * s * h * p
     batch = 2 * b * s * h * p
-    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
+    memory = capacity(device) if memory is None else memory
+    fits = inputs_fit(inputs // 2, device, shape.block_params * p, memory)
+    # the outputs of every layer but the last (the last group's serve no later pass), as far as the budget goes;
+    # on the CPU the run measures its budget with the model already loaded
+    left = memory - (shape.params * p if device.type == "cpu" else 0)
+    served = min(cal.n_samples * s * p * sum(lin.n_out for lin in shape.linears[:-1]),
+                 served_budget(inputs // 2, device, shape.block_params * p, left)) if fits else 0
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(max(4 * lin.n_in**2 + 6 * lin.n_out * lin.n_in, 20 * lin.n_out * lin.n_in) for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
@@ -179,7 +187,8 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else batch,
             "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
-            "GPTQ or one batch forward, the larger": max(gptq, forward), **_model_on_cpu(shape, recipe, device)}
+            "GPTQ or one batch forward, the larger": max(gptq, forward),
+            "final layers' outputs served to later passes": served, **_model_on_cpu(shape, recipe, device)}
 
 
 def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:

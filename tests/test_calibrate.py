@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gift_quant.calibrate import run_blocks
+from gift_quant.calibrate import run_blocks, served_budget
 from gift_quant.quantize import collect_stats
 from gift_quant.recipe import ALL_PROJECTIONS
 
@@ -101,3 +101,104 @@ def test_quantize_on_the_gpu_equals_the_cpu():
     for n in cpu:
         assert torch.equal(cpu[n].salient_idx, gpu[n].salient_idx)
         assert (cpu[n].codes == gpu[n].codes).float().mean() > 0.999
+
+
+def _linear_calls(monkeypatch) -> list[int]:
+    """A counter of the matmuls ``nn.Linear`` computes (served layers compute none)."""
+    count = [0]
+    linear = torch.nn.functional.linear
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counted)
+    return count
+
+
+def _sequential_run(model, ids, budget: int | None, monkeypatch):
+    """Every group's statistics and every block's output of a true-sequential pass in which each group is changed
+    once measured; ``budget``: bytes for served outputs (None: the machine's)."""
+    import gift_quant.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "served_budget", served_budget if budget is None else lambda *_a, **_k: budget)
+    seen = []
+
+    def on_block(i, linears, stats):
+        seen.extend(stats[n].hessian.clone() for n in sorted(linears))
+        for lin in linears.values():
+            lin.weight.data.mul_(0.5).add_(0.01)
+
+    outputs = []
+    hook = calibrate.decoder_layers(model)[-1].register_forward_hook(
+        lambda _m, _i, out: outputs.append(calibrate.block_output(out).clone()))
+    run_blocks(model, ids, ALL_PROJECTIONS, on_block, batch_size=2)
+    hook.remove()
+    return seen, outputs
+
+
+def test_served_outputs_change_nothing_and_skip_the_finished_layers(monkeypatch):
+    """Llama, 2 blocks, 2 batches. Computed matmuls by hand: the layout's first forward (one batch, 7 layers),
+    then per block and batch q/k/v (3), q/k/v/o (4, q/k/v recorded), o/gate/up (3, q/k/v served), gate/up/down
+    (3, q/k/v/o served), down (1, the rest served): 14, against 3 + 4 + 6 + 7 + 7 = 27 computing everything.
+    A budget of the first batch's q/k/v outputs (k and v are half q's width: 2 of 4 heads) serves those alone,
+    recorded batch by batch: 3 + 4 + 3 + 4 + 4 = 18 on that batch, 27 on the other."""
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(4))
+    count = _linear_calls(monkeypatch)
+    runs = {}
+    first_qkv = 2 * 16 * (64 + 32 + 32) * 4  # bytes, float32
+    for budget, matmuls in [(0, 7 + 2 * 2 * 27), (None, 7 + 2 * 2 * 14), (first_qkv, 7 + 2 * (18 + 27))]:
+        count[0] = 0
+        runs[budget] = _sequential_run(tiny_llama(layers=2), ids, budget, monkeypatch)
+        assert count[0] == matmuls, budget
+    for budget in (None, first_qkv):
+        for a, b in zip(runs[0][0] + runs[0][1], runs[budget][0] + runs[budget][1], strict=True):
+            assert torch.equal(a, b)
+
+
+class _OutOfOrder(torch.nn.Module):
+    """A block whose layers are declared in another order than they run (q, up, down, o), o called twice and
+    q's output changed in place: the served outputs must still be exactly what computing gives."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q_proj, self.down_proj, self.o_proj, self.up_proj = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h, **_kw):
+        a = self.q_proj(h)
+        a.mul_(2.0)
+        x = self.down_proj(torch.tanh(self.up_proj(torch.relu(a))))
+        return h + self.o_proj(self.o_proj(x))
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, d: int = 16, blocks: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(32, d)
+        self.layers = torch.nn.ModuleList(_OutOfOrder(d) for _ in range(blocks))
+
+    def forward(self, ids, use_cache=False):
+        h = self.embed(ids)
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+def test_served_outputs_exact_out_of_declaration_order(monkeypatch):
+    """Groups in declaration order: q, down, o, up. down is final when o's group is measured but up, which runs
+    before it, is not: down's output there must not be recorded (nor served later). q is final from down's pass on
+    and served after, though the block changes its output in place; o runs twice a forward."""
+    ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(5))
+    count = _linear_calls(monkeypatch)
+    matmuls = {}
+    runs = {}
+    for budget in (0, None):
+        count[0] = 0
+        runs[budget] = _sequential_run(_Toy(), ids, budget, monkeypatch)
+        matmuls[budget] = count[0]
+    for a, b in zip(runs[0][0] + runs[0][1], runs[None][0] + runs[None][1], strict=True):
+        assert torch.equal(a, b)
+    # one batch's layout forward (q, up, down, o: 4), then per block and batch the passes of q (1), down (q, up,
+    # down: 3), o (4), up (q, up: 2) and the outputs (5): 15; served, q is computed in q's and down's passes only: 12
+    assert matmuls == {0: 4 + 2 * 2 * 15, None: 4 + 2 * 2 * 12}
