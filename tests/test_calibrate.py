@@ -55,6 +55,23 @@ def test_true_sequential_order_and_sequential_feeding():
     assert len(calls) == 8
 
 
+def test_group_passes_stopped_at_their_input_measure_what_the_whole_model_reads():
+    """True-sequential passes stop where each group's input arrives and serve finished layers; with nothing
+    changed between groups, every layer's statistics are still those of its input in one plain forward."""
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(6))
+    ref = reference_inputs(model, ids)
+    names = {m: n for n, m in model.named_modules()}
+    got = {}
+    run_blocks(model, ids, ALL_PROJECTIONS, lambda _i, linears, stats: got.update(
+        {names[lin]: stats[n] for n, lin in linears.items()}), batch_size=2)
+    assert set(got) == set(ref)
+    for name, x in ref.items():
+        assert got[name].n_tokens == 4 * 16
+        torch.testing.assert_close(got[name].hessian, x.T @ x, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(got[name].absmax, x.abs().amax(0))
+
+
 def _stats_from(x: torch.Tensor, rows: int):
     """Statistics of ``x`` fed ``rows`` tokens at a time (the batches' order, so float sums match)."""
     from gift_quant.calibrate import InputStats
@@ -138,16 +155,17 @@ def _sequential_run(model, ids, budget: int | None, monkeypatch):
 
 
 def test_served_outputs_change_nothing_and_skip_the_finished_layers(monkeypatch):
-    """Llama, 2 blocks, 2 batches. Computed matmuls by hand: the layout's first forward (one batch, 7 layers),
-    then per block and batch q/k/v (3), q/k/v/o (4, q/k/v recorded), o/gate/up (3, q/k/v served), gate/up/down
-    (3, q/k/v/o served), down (1, the rest served): 14, against 3 + 4 + 6 + 7 + 7 = 27 computing everything.
-    A budget of the first batch's q/k/v outputs (k and v are half q's width: 2 of 4 heads) serves those alone,
-    recorded batch by batch: 3 + 4 + 3 + 4 + 4 = 18 on that batch, 27 on the other."""
+    """Llama, 2 blocks, 2 batches. Computed matmuls by hand: the layout's first forward (one batch, 7 layers), then
+    per block and batch the group passes, each stopped where its group's input arrives, and the outputs: q/k/v's
+    (0), o's (q/k/v: 3, recorded), gate/up's (o: 1, q/k/v served), down's (gate/up: 2, q/k/v/o served), the outputs
+    (down: 1, the rest served): 7, one forward, against 0 + 3 + 4 + 6 + 7 = 20 computing everything. A budget of the
+    first batch's q/k/v outputs (k and v are half q's width: 2 of 4 heads), recorded batch by batch, serves those
+    alone: 0 + 3 + 1 + 3 + 4 = 11 on that batch, 20 on the other."""
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(4))
     count = _linear_calls(monkeypatch)
     runs = {}
     first_qkv = 2 * 16 * (64 + 32 + 32) * 4  # bytes, float32
-    for budget, matmuls in [(0, 7 + 2 * 2 * 27), (None, 7 + 2 * 2 * 14), (first_qkv, 7 + 2 * (18 + 27))]:
+    for budget, matmuls in [(0, 7 + 2 * 2 * 20), (None, 7 + 2 * 2 * 7), (first_qkv, 7 + 2 * (11 + 20))]:
         count[0] = 0
         runs[budget] = _sequential_run(tiny_llama(layers=2), ids, budget, monkeypatch)
         assert count[0] == matmuls, budget
@@ -199,6 +217,7 @@ def test_served_outputs_exact_out_of_declaration_order(monkeypatch):
         matmuls[budget] = count[0]
     for a, b in zip(runs[0][0] + runs[0][1], runs[None][0] + runs[None][1], strict=True):
         assert torch.equal(a, b)
-    # one batch's layout forward (q, up, down, o: 4), then per block and batch the passes of q (1), down (q, up,
-    # down: 3), o (4), up (q, up: 2) and the outputs (5): 15; served, q is computed in q's and down's passes only: 12
-    assert matmuls == {0: 4 + 2 * 2 * 15, None: 4 + 2 * 2 * 12}
+    # one batch's layout forward (q, up, down, o: 4), then per block and batch the passes of q (0), down (q, up: 2),
+    # o (q, up, down: 3), up (q: 1) and the outputs (q, up, down, o twice: 5): 11; served, q is computed in down's
+    # pass only: 8
+    assert matmuls == {0: 4 + 2 * 2 * 11, None: 4 + 2 * 2 * 8}

@@ -70,7 +70,10 @@ def test_llama2_7b_reconstruct_plan_by_hand():
 
 
 def test_plan_against_a_measured_peak_on_the_cpu():
-    """Stated tolerance: the plan's working memory of two training steps within 30% of the measured RSS rise."""
+    """Stated tolerance: the plan's working memory of two training steps is an upper bound of the measured RSS rise
+    and within 50% of it (the plan counts every buffer as alive at once). glibc's allocator is pinned to a fixed
+    mmap threshold, so every large tensor goes back to the OS when freed and the RSS follows the live tensors: left
+    to adapt, it keeps freed tensors in its heap or not from run to run, and the same steps measured 165-232 MB."""
     code = """
 import gc, json, sys, tempfile, torch
 from pathlib import Path
@@ -97,10 +100,11 @@ print(json.dumps([sum(parts.values()) - before, used.added]))
     root = Path(__file__).resolve().parent.parent
     for ckpt in (False, True):
         out = subprocess.run([sys.executable, "-c", code.replace("CKPT", str(ckpt))], cwd=root, capture_output=True,
-                             text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                             text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
+                                             "MALLOC_MMAP_THRESHOLD_": "65536"})
         assert out.returncode == 0, out.stderr[-2000:]
         planned, measured = json.loads(out.stdout.strip().splitlines()[-1])
-        assert 0.7 <= planned / measured <= 1.3, (ckpt, planned, measured)
+        assert 1.0 <= planned / measured <= 1.5, (ckpt, planned, measured)
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):
