@@ -187,8 +187,9 @@ class FinalOutputs:
     changes no result. With the group passes stopping where the group's input arrives (``_group_stats``), each
     layer's matmuls then run once per batch with its final weights: the passes of a Llama block cost one forward
     of its linears instead of 2.4 (3.4 with every pass run through its group), at the cost of the served outputs'
-    memory, which ``budget`` bounds (bytes; layers past it are computed as before). Calls are keyed by (batch, call within the batch's forward), so a layer that
-    runs several times, or not at all, in a forward is served only what it computed there.
+    memory, which ``budget`` bounds (bytes; layers past it are computed as before). Calls are keyed by (batch,
+    call within the batch's forward), so a layer that runs several times, or not at all, in a forward is served
+    only what it computed there.
     """
 
     def __init__(self, block: nn.Module, linears: dict[str, nn.Linear], budget: int):
