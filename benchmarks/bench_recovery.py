@@ -52,6 +52,7 @@ VARIANTS: dict[str, list[str]] = {
     "reconstruct + top-32 distill, seed 1": ["seed=1", *RECONSTRUCT, *TOPK],  # quantizes again: seed draws calibration
     "reconstruct + top-32 distill + noise": [*RECONSTRUCT, *TOPK, *NOISE],
     "top-32 distill, 300 steps": [*TOPK, "train.steps=300"],  # about one pass over C4
+    "top-32 distill, 600 steps": [*TOPK, "train.steps=600"],  # two passes over C4: does the teacher outlast the text?
     "reconstruct + top-32 distill, 300 steps": [*RECONSTRUCT, *TOPK, "train.steps=300"],
     "lora baseline": ["eval.baselines=[lora]"],
     "lora baseline + top-32 distill": ["eval.baselines=[lora]", *TOPK],
