@@ -33,6 +33,11 @@ TOPK = ["train.distill=1.0", "train.distill_topk=32"]
 NOISE = ["train.noise=gaussian"]  # the paper's: gaussian at the 4-bit step
 GENERATED = ["train.data=generated", "generate.seq_len=256", "generate.tokens=61440"]  # what 60 steps x 4 x 256 read
 G128 = ["saliency.k=8", "saliency.k_overrides={down_proj: 24}", "quant.group_size=128"]  # the second point, 3.44 bits
+# the same bits on disk without salient columns: groups of 32 (3.64 bits a weight against per-row k16's 3.53),
+# every grid scale learned in reconstruction and training
+NO_SALIENT = ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *RECONSTRUCT,
+              "reconstruct.learn_scales=true", "reconstruct.scales_lr=1e-4", "train.learn_scales=true",
+              "train.scales_lr=1e-4"]
 VARIANTS: dict[str, list[str]] = {
     "today": [],
     "reconstruct (fp inputs)": RECONSTRUCT,
@@ -56,11 +61,8 @@ VARIANTS: dict[str, list[str]] = {
     "reconstruct + top-32 distill, 300 steps": [*RECONSTRUCT, *TOPK, "train.steps=300"],
     "lora baseline": ["eval.baselines=[lora]"],
     "lora baseline + top-32 distill": ["eval.baselines=[lora]", *TOPK],
-    # the same bits on disk without salient columns: groups of 32 (3.59 bits a weight against per-row k16's 3.53),
-    # every grid scale learned in reconstruction and training
-    "no salient columns, g32, scales": ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *RECONSTRUCT,
-                                        "reconstruct.learn_scales=true", "reconstruct.scales_lr=1e-4",
-                                        "train.learn_scales=true", "train.scales_lr=1e-4"],
+    "no salient columns, g32, scales": NO_SALIENT,
+    "no salient columns, g32, scales + top-32 distill": [*NO_SALIENT, *TOPK],
     "g128 k8": G128,
     "g128 k8, top-32 distill": [*G128, *TOPK],
     "g128 k8, reconstruct": [*G128, *RECONSTRUCT],
