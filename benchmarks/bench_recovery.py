@@ -104,7 +104,7 @@ def main() -> None:
           "stage s (added)", "train s/step")
     for v in args.variants:
         rows, stages = done[v]["rows"], done[v]["stages"]
-        untrained = next((r["ppl"] for k, r in rows.items() if k.endswith("salient columns")), None)
+        untrained = next((r["ppl"] for k, r in rows.items() if k.endswith(("salient columns", "salient columns)"))), None)
         before = next((r["ppl"] for k, r in rows.items() if k.endswith("reconstructed")), untrained)
         trained = next((r for k, r in rows.items() if ("LoRA" if "lora" in stages else "GIFT-SW") in k), None)
         added = {s: m["seconds"] for s, m in stages.items() if s in ("reconstruct", "generate", "teacher")}

@@ -134,6 +134,10 @@ class SaliencySpec(_Section):
     def k_for(self, module_name: str) -> int | float:
         return self.k_overrides.get(module_name, self.k)
 
+    def keeps_columns(self) -> bool:
+        """Whether any target keeps salient columns (k = 0 everywhere is plain quantization: the report says so)."""
+        return any(self.k_for(t) for t in self.targets)
+
     def plain(self) -> "SaliencySpec":
         """The same targets without salient columns (the plain GPTQ / RTN baselines)."""
         return self.model_copy(update={"k": 0, "k_overrides": {}})

@@ -190,7 +190,7 @@ def scored_models(run: Run) -> Iterator[tuple[str, Scored]]:
         yield f"GPTQ {bits}", lambda: (plain_quantized(run)[0], IN_MEMORY + ", the plain stage's quantization")
     # without training the export is the model before it (reconstructed where the run reconstructs): that row is
     # scored from the export, as the trained one would be, and not again in memory
-    untrained = f"{m.quant_label(r, bits)} + salient columns"
+    untrained = m.quant_label(r, bits) + (" + salient columns" if r.saliency.keeps_columns() else " (no salient columns)")
     exported_untrained = m.quantizes and not r.train.enabled
     if "salient" in r.eval.baselines and m.quantizes and not (exported_untrained and "reconstruct" not in run.order):
         yield untrained, lambda: (m.recovered(run, trained=False, reconstructed=False)[0], IN_MEMORY)

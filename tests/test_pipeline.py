@@ -344,6 +344,25 @@ def test_an_untrained_run_scores_its_export(tiny_folder, tmp_path, reconstruct):
         assert results[rows[0]]["source"] != "export/gift" and results[rows[0]]["ppl"] != results[rows[1]]["ppl"]
 
 
+def test_report_rows_name_salient_columns_only_where_a_target_keeps_them(tiny_folder, tmp_path):
+    """k = 0 on every target is plain quantization: its untrained row must not claim salient columns (it did, and a
+    no-salient comparison read as one with columns); one target with columns is enough to keep the name."""
+    from gift_quant.modes import mode_for
+    from gift_quant.rundir import Run
+    from gift_quant.stages import scored_models
+
+    def labels(r):
+        mode = mode_for(r, None)
+        return [label for label, _ in scored_models(Run(r, pipeline.run_stages(r, mode), mode, torch.device("cpu")))]
+
+    base = tweak(recipe(tiny_folder, tmp_path / "run", ["gift"]), **{"eval.baselines": ["fp", "salient"]})
+    assert labels(base) == ["full precision", "GPTQ W3 + salient columns", "GIFT-SW W3"]
+    none = tweak(base, **{"saliency.k": 0, "saliency.k_overrides": {}, "reconstruct.enabled": True})
+    assert labels(none) == ["full precision", "GPTQ W3 (no salient columns)",
+                            "GPTQ W3 (no salient columns) reconstructed", "GIFT-SW W3"]
+    assert labels(tweak(base, **{"saliency.k": 0}))[1] == "GPTQ W3 + salient columns"  # down_proj keeps 8
+
+
 def test_an_untrained_full_precision_run_without_baselines_is_refused(tiny_folder, tmp_path):
     base = recipe(tiny_folder, tmp_path / "run", ["dense"])
     with pytest.raises(RecipeError, match=r"train.enabled = false with train.mode = fp and no eval.baselines"):
