@@ -86,7 +86,7 @@ def check_import(recipe: Recipe, ck: GPTQCheckpoint) -> None:
 def _check_without_full_precision(recipe: Recipe) -> None:
     """Without the full-precision weights: no ``D`` in the metric, no baseline or teacher that needs them."""
     sal = recipe.saliency
-    if sal.resolved_metric().tau is not None and any(float(v) > 0 for v in (sal.k, *sal.k_overrides.values())):
+    if sal.resolved_metric().tau is not None and sal.keeps_columns():
         free = [n for n, m in PRESETS.items() if m.tau is None]
         raise RecipeError(f"saliency.metric = {sal.metric} scores D = W - deq(Q), which needs the "
                           f"full-precision weights: set model.full_precision to the model the checkpoint was "
