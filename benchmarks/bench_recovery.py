@@ -34,6 +34,7 @@ NOISE = ["train.noise=gaussian"]  # the paper's: gaussian at the 4-bit step
 GENERATED = ["train.data=generated", "generate.seq_len=256", "generate.tokens=61440"]  # what 60 steps x 4 x 256 read
 # three times the bundled C4 (1,181 windows of 256 tokens), read once: does text without a corpus lift the data limit?
 GENERATED_3X = [*GENERATED[:2], "generate.tokens=907008", "train.steps=885"]
+GENERATED_300 = [*GENERATED[:2], "generate.tokens=307200", "train.steps=300"]  # what 300 steps read: C4's one pass
 G128 = ["saliency.k=8", "saliency.k_overrides={down_proj: 24}", "quant.group_size=128"]  # the second point, 3.44 bits
 # the same bits on disk without salient columns: groups of 32 (3.64 bits a weight against per-row k16's 3.53),
 # every grid scale learned in reconstruction and training
@@ -50,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
     "distill (top-32 cache)": TOPK,
     "generated text": GENERATED,
     "generated text x3, top-32 distill": [*GENERATED_3X, *TOPK],
+    "generated text, top-32 distill, 300 steps": [*GENERATED_300, *TOPK],  # against "top-32 distill, 300 steps"
     "noise (paper's)": NOISE,
     "noise, uniform at the 3-bit step": ["train.noise=uniform", "train.noise_bits=3"],
     "noise, annealed to 0": [*NOISE, "train.noise_schedule=linear"],

@@ -7,6 +7,7 @@ different number.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from string import Template
@@ -102,6 +103,23 @@ def summarize(results: dict, tasks: list[str]) -> dict:
     return out
 
 
+@functools.cache
+def task_manager(defaults: bool):
+    """lm-eval's task index, built once a process: indexing lm-eval's few thousand task files takes seconds a
+    build, and a run scores one model per baseline. ``defaults=False`` indexes the offline mirrors alone (they
+    ``include:`` their lm-eval originals by path, so they need no index of those); lm-eval's own task names
+    need ``defaults``. The filled templates live in a folder of this process, removed when it exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(tempfile.mkdtemp(prefix="gift_quant_tasks_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return TaskManager(include_path=str(offline_tasks(folder)), include_defaults=defaults)
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = None, batch_size: int = 8,
               num_fewshot: int | None = None, device: str | None = None,
               cache: Path | None = None) -> tuple[dict, dict]:
@@ -110,18 +128,13 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | float | None = No
     ``cache``: lm-eval's own response cache (``use_cache``: one SQLite file, each answer written as it
     comes), so a killed evaluation redoes only the requests it had not answered: the six tasks on their whole
     validation sets are tens of thousands of requests. It holds answers, not the model: one path per model."""
-    import tempfile
-
     require("lm_eval", "eval")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(offline_tasks(Path(tmp))))
-        device = device or str(next(model.parameters()).device)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        results = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                  task_manager=manager, log_samples=False,
-                                  use_cache=str(cache) if cache is not None else None)
+    manager = task_manager(any(not t.startswith("gq_") for t in tasks))
+    device = device or str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    results = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                              log_samples=False, use_cache=str(cache) if cache is not None else None)
     return summarize(results, tasks), results

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gift_quant.data import nonoverlapping_windows
-from gift_quant.evaluate import PAPER_TASKS, perplexity, zero_shot
+from gift_quant.evaluate import PAPER_TASKS, perplexity, task_manager, zero_shot
 from gift_quant.sources import resolve_model, resolve_package_path
 
 from .conftest import SMOLLM2, tiny_llama
@@ -37,6 +37,17 @@ def test_offline_mirrors_load_and_count_the_whole_split(tiny_with_tokenizer):
         assert raw["n-samples"][task]["effective"] == 2
         assert 0.0 <= summary[task]["acc"] <= 1.0
     assert summary["mean_acc"] == pytest.approx(sum(summary[t]["acc"] for t in PAPER_TASKS) / 6)
+
+
+def test_the_task_index_is_built_once_and_holds_lm_evals_own_tasks_only_when_asked():
+    from importlib import resources
+
+    mirrors = {f.name.removesuffix(".yaml") for f in resources.files("gift_quant.tasks").iterdir()
+               if f.name.endswith(".yaml")}  # each file is named after its task or group
+    alone = task_manager(False)
+    assert task_manager(False) is alone  # one index a process, not one per scored model
+    assert set(alone.all_tasks) == mirrors and "piqa" not in alone.all_tasks
+    assert {"piqa", *mirrors} <= set(task_manager(True).all_tasks)  # a recipe naming lm-eval's own tasks
 
 
 def test_piqa_accuracy_matches_a_hand_computed_loglikelihood(tiny_with_tokenizer):
