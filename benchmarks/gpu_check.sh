@@ -2,7 +2,9 @@
 # Prepare the GPU check. The GPU machine has python3.12, torch, transformers, accelerate, peft, safetensors,
 # pyyaml, tqdm and matplotlib, but no pydantic (which gift_quant.recipe needs), no registry and no install of
 # this package. This fetches the missing wheels (the versions this tree is tested with) into .gpu_wheels/
-# (ignored by git, carried by the device tool), then prints the command to run there.
+# (ignored by git, carried by the device tool), then prints the command to run there: it installs them into a
+# virtual environment of its own on top of the machine's packages (--system-site-packages), not into the
+# machine's environment.
 #
 # lm-eval is not carried: with its dependencies (datasets, pyarrow, pandas, scikit-learn, scipy) it is well
 # over the 64 MiB the device tool carries, and its task data sets would have to come too; the test suite runs
@@ -18,5 +20,5 @@ mkdir -p .gpu_wheels
 du -sh .gpu_wheels
 cat <<'CMD'
 device tool: run(carry=[".gpu_wheels"], timeout_s=540, command=
-  pip install -q --no-index --no-deps .gpu_wheels/*.whl && PYTHONPATH=. python benchmarks/gpu_check.py --out $OUT/gpu_check.json)
+  python3 -m venv --system-site-packages .gpu_venv && .gpu_venv/bin/pip install -q --no-index --no-deps .gpu_wheels/*.whl && PYTHONPATH=. .gpu_venv/bin/python benchmarks/gpu_check.py --out $OUT/gpu_check.json)
 CMD

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .devices import capacity
+from .families import decoder_layers, layer_types
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,6 @@ class InputStats:
         return 2.0 / max(self.n_tokens, 1)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks (``model.model.layers`` in Llama/Qwen/Mistral/Gemma)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) > 0:
-            return module
-    raise ValueError(f"{type(model).__name__}: found no decoder block list (a ModuleList named '*layers')")
-
-
 def target_linears(block: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
     """Linear layers of a block whose last name component is in ``targets``."""
     return {
@@ -131,19 +124,26 @@ class _Stop(Exception):
 
 
 def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments that reach the first decoder block, per batch."""
-    layers = decoder_layers(model)
-    first = layers[0]
+    """Per batch: the hidden states that reach the first decoder block, and the keyword arguments of each kind of
+    block (``families.layer_types``) as the model passes them: a sliding-window block gets another attention mask
+    than a full one, and in Gemma 3 another rotary embedding. Each forward runs as far as the first block of the
+    last kind (the first block alone where all are of one kind). ``of_kind`` picks one block's arguments."""
+    layers, kinds = decoder_layers(model), layer_types(model)
+    first = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
+    last = max(first.values())
     captured: list[tuple[torch.Tensor, dict]] = []
 
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.append((hidden.detach(), kwargs))
-        raise _Stop
+    def grab(i: int, kind: str):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if i == 0:
+                captured.append(((args[0] if args else kwargs["hidden_states"]).detach(), {}))
+            drop = ("hidden_states", "past_key_values", "past_key_value")
+            captured[-1][1][kind] = {**{k: v for k, v in kwargs.items() if k not in drop}, "use_cache": False}
+            if i == last:
+                raise _Stop
+        return hook
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(grab(i, kind), with_kwargs=True) for kind, i in first.items()]
     device = next(model.parameters()).device
     try:
         for b in range(0, len(windows), batch_size):
@@ -152,8 +152,14 @@ def block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> li
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured
+
+
+def of_kind(batches: list[tuple[torch.Tensor, dict]], kind: str) -> list[tuple[torch.Tensor, dict]]:
+    """``(hidden, kwargs)`` per batch for a block of ``kind``, from ``block_inputs``' arguments of every kind."""
+    return [(h, kw[kind]) for h, kw in batches]
 
 
 def block_output(out: torch.Tensor | tuple) -> torch.Tensor:
@@ -401,8 +407,10 @@ def run_blocks(
     batches = [(inputs.keep(h), send_to_device(kw, device, non_blocking=True)) for h, kw in captured]
     del captured
     groups: dict[tuple[str, ...], list[list[str]]] = {}  # block layout (its linears) -> layers sharing an input
+    kinds = layer_types(model)
     for i, block in enumerate(tqdm(layers, desc="calibrate+quantize", unit="block")):
         block.to(device)
+        mine = of_kind(batches, kinds[i])
         linears = target_linears(block, targets)
         if sequential and true_sequential:
             # which layers share an input, from one batch of the first block of each layout; then each
@@ -410,21 +418,21 @@ def run_blocks(
             # short where the group's input arrives and served the outputs of the groups before it
             layout = tuple(linears)
             if layout not in groups:
-                groups[layout] = _input_groups(block, batches[0], linears, inputs)
+                groups[layout] = _input_groups(block, mine[0], linears, inputs)
             final = FinalOutputs(block, linears, budget)
             for names in groups[layout]:
                 subset = {n: linears[n] for n in names}
                 with final.serving():
-                    stats = _group_stats(block, batches, subset, inputs)
+                    stats = _group_stats(block, mine, subset, inputs)
                 on_block(i, subset, stats)
                 final.finish(subset)
             log.debug("block %d: %.2f GiB of final layer outputs served to later passes", i, final.used / 2**30)
         else:
             final = FinalOutputs(block, {}, 0)
-            stats, outputs = _measure(block, batches, linears, inputs)
+            stats, outputs = _measure(block, mine, linears, inputs)
             on_block(i, linears, stats)
         if sequential:
             with final.serving(last=True):
-                outputs = [inputs.keep(block_output(block(inputs.use(h), **kw))) for h, kw in batches]
+                outputs = [inputs.keep(block_output(block(inputs.use(h), **kw))) for h, kw in mine]
         batches = [(o, kw) for o, (_, kw) in zip(outputs, batches)]
         block.to(home)

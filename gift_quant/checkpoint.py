@@ -130,7 +130,7 @@ def packed_shapes(n_in: int, n_out: int, bits: int, group_size: int) -> dict[str
     """Shapes of one ``(n_out, n_in)`` linear's tensors in GPTQ's packing (int32 words; the ``gift`` format adds
     its salient columns)."""
     n_groups = 1 if group_size == -1 else -(-n_in // group_size)
-    return {"qweight": (-(-n_in // 32) * bits, n_out), "qzeros": (n_groups, -(-n_out // 32) * bits),
+    return {"qweight": (-(-n_in * bits // 32), n_out), "qzeros": (n_groups, -(-n_out * bits // 32)),
             "scales": (n_groups, n_out), "g_idx": (n_in,)}
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from . import gptq_checkpoint
-from .calibrate import decoder_layers, target_linears
+from .calibrate import target_linears
+from .families import UnsupportedModel, family_of
 from .gptq_checkpoint import GPTQCheckpoint
 from .gptq_lora_format import max_lora_rank, vllm_problem
 from .plan import Shape, meta_model, shape_of
@@ -23,7 +24,7 @@ from .sources import (
     check_model_folder,
     check_text,
     load_tokenizer,
-    read_records,
+    records,
     resolve_model,
     unreachable,
 )
@@ -121,13 +122,17 @@ def _check_same_model(recipe: Recipe, ck: GPTQCheckpoint) -> None:
 
 def check_targets(recipe: Recipe, model: torch.nn.Module) -> None:
     """Targets, k and group size of ``recipe`` against a model (built on the meta device: ``plan.meta_model``)."""
-    block = decoder_layers(model)[0]
+    try:
+        family = family_of(model)
+    except UnsupportedModel as e:
+        raise RecipeError(f"model.ref = {recipe.model.ref!r}: {e}") from None
+    block = family.decoder_layers(model)[0]
     found = {n.rsplit(".", 1)[-1]: m for n, m in target_linears(block, recipe.saliency.targets).items()}
-    missing = [t for t in recipe.saliency.targets if t not in found]
+    missing = [t for t in recipe.saliency.targets if t not in found or t not in family.projections]
     if missing:
-        have = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise RecipeError(f"saliency.targets = {recipe.saliency.targets}: {model.config.model_type} model has no "
-                          f"linear {missing}; its projections are {have}")
+        raise RecipeError(f"saliency.targets = {recipe.saliency.targets}: a {family.name} model "
+                          f"({model.config.model_type}) has no projection {missing}; set saliency.targets to some of "
+                          f"{list(family.projections)}")
     for short, m in found.items():
         try:
             resolve_k(recipe.saliency.k_for(short), m.in_features)
@@ -178,7 +183,7 @@ def check_texts(recipe: Recipe) -> None:
     texts.append(("eval.ppl_data", e.ppl_data, e.ppl_seq_len))
     for field, ref, need in texts:
         check_text(field, ref, tok, need)
-    if t.enabled and t.data_format == "chat" and not read_records(t.data, "messages"):
+    if t.enabled and t.data_format == "chat" and not len(records(t.data, "messages")):
         raise RecipeError(f"train.data = {t.data!r}: no conversations (records with 'messages') in it")
 
 

@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per task")
     p.add_argument("--batch-size", type=int, default=8, help="sequences a forward (perplexity and lm-eval)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (lm-eval's task default if unset)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="cpu", help="where the model loads and runs: cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="of the unquantized tensors; auto: the one the folder's config.json names (float32 where "
+                        "it names none)")
     p.add_argument("--ppl-data", default=EvalSpec.model_fields["ppl_data"].default,
                    help="held-out text for perplexity ('' for none)")
     p.add_argument("--ppl-seq-len", type=int, default=2048, help="tokens a perplexity window")
@@ -79,17 +82,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _eval(args) -> dict:
+    import torch
+
     from .data import nonoverlapping_windows
     from .evaluate import perplexity, zero_shot
     from .exports import load
     from .layers import merge_to_dense
     from .sources import read_text, tokenize
 
-    model, tok = load(args.model)
+    model, tok = load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), args.device)
     merge_to_dense(model)  # a gift folder's layers as plain linears: no dequantization on every forward
-    if args.device:
-        model.to(args.device)
-    summary = {"model": args.model, "limit": args.limit, "seconds": {}}
+    summary = {"model": args.model, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+               "device": args.device, "limit": args.limit, "seconds": {}}
     if args.ppl_data:
         t = time.time()
         windows = nonoverlapping_windows(tokenize(tok, read_text(args.ppl_data)), args.ppl_seq_len, args.ppl_max_windows)

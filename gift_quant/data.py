@@ -8,6 +8,8 @@ cut into windows like plain text.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from .recipe import GENERATED
-from .sources import SourceError, read_records, read_text, tokenize
+from .sources import SourceError, read_text, records, tokenize
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -46,24 +48,60 @@ def text_examples(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, tor
     return ids, ids.clone()
 
 
-def chat_examples(tokenizer, conversations: list[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat data through the tokenizer's chat template; labels only on assistant turns (else -100)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    all_ids, all_labels = [], []
-    for msgs in conversations:
-        ids = _template(tokenizer, msgs, generation_prompt=False)
+class ChatExamples:
+    """Chat conversations as training rows of ``seq_len`` tokens, each templated and tokenized only when a step
+    reads it: ``ids[idx]`` and ``labels[idx]`` (labels only on assistant turns, else -100) are what ``train`` takes.
+    A data set of hundreds of thousands of conversations costs what the rows read cost, not its size: the records
+    stay where ``sources.records`` reads them, and the last rows read are kept for the other half of the pair."""
+
+    def __init__(self, tokenizer, conversations: Sequence[list[dict]], seq_len: int, keep: int = 256):
+        self.tokenizer, self.conversations, self.seq_len = tokenizer, conversations, seq_len
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._row = functools.lru_cache(maxsize=keep)(self._tokenized)
+        self.ids, self.labels = _Rows(self, 0), _Rows(self, 1)
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def _tokenized(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        msgs = self.conversations[i]
+        ids = _template(self.tokenizer, msgs, generation_prompt=False)
         labels = [-100] * len(ids)
-        for i, m in enumerate(msgs):
+        for j, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            start = len(_template(tokenizer, msgs[:i], generation_prompt=True))
-            end = len(_template(tokenizer, msgs[: i + 1], generation_prompt=False))
+            start = len(_template(self.tokenizer, msgs[:j], generation_prompt=True))
+            end = len(_template(self.tokenizer, msgs[: j + 1], generation_prompt=False))
             labels[start:end] = ids[start:end]
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        fill = seq_len - len(ids)
-        all_ids.append(ids + [pad] * fill)
-        all_labels.append(labels + [-100] * fill)
-    return torch.tensor(all_ids), torch.tensor(all_labels)
+        ids, labels = ids[: self.seq_len], labels[: self.seq_len]
+        fill = self.seq_len - len(ids)
+        return torch.tensor(ids + [self.pad] * fill), torch.tensor(labels + [-100] * fill)
+
+
+class _Rows:
+    """``ids`` or ``labels`` of ``ChatExamples``: indexed by a tensor or list of rows, shaped like the tensor it
+    stands for."""
+
+    def __init__(self, examples: ChatExamples, which: int):
+        self.examples, self.which = examples, which
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.examples), self.examples.seq_len
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        return torch.stack([self.examples._row(int(i))[self.which] for i in rows])
+
+
+def chat_examples(tokenizer, conversations: Sequence[list[dict]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every conversation's row of ``ChatExamples``, as two tensors (for a few conversations)."""
+    examples = ChatExamples(tokenizer, conversations, seq_len)
+    every = torch.arange(len(examples))
+    return examples.ids[every], examples.labels[every]
 
 
 def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]:
@@ -81,9 +119,10 @@ def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
 
 
-def training_examples(recipe: Recipe, tokenizer, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, labels)`` of the training text; ``train.data: generated`` reads the generate stage of ``run_dir``
-    and cuts each sampled sequence into windows (never across two sequences)."""
+def training_examples(recipe: Recipe, tokenizer, run_dir: Path) -> tuple:
+    """``(ids, labels)`` of the training text, each indexed by rows; ``train.data: generated`` reads the generate
+    stage of ``run_dir`` and cuts each sampled sequence into windows (never across two sequences); chat data is
+    tokenized as its rows are read (``ChatExamples``)."""
     t = recipe.train
     if t.data == GENERATED:
         sequences = load_file(Path(run_dir) / "generate" / "tokens.safetensors")["ids"]
@@ -91,5 +130,6 @@ def training_examples(recipe: Recipe, tokenizer, run_dir: Path) -> tuple[torch.T
         ids = sequences[:, :whole].reshape(-1, t.seq_len)
         return ids, ids.clone()
     if t.data_format == "chat":
-        return chat_examples(tokenizer, read_records(t.data, "messages"), t.seq_len)
+        examples = ChatExamples(tokenizer, records(t.data, "messages"), t.seq_len)
+        return examples.ids, examples.labels
     return text_examples(tokenize(tokenizer, read_text(t.data)), t.seq_len)

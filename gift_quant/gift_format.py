@@ -146,9 +146,11 @@ def packed_shapes(shape: dict, bits: int, group: int) -> dict[str, tuple[int, ..
 
 
 def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.Tensor], shape: dict, bits: int,
-                               group: int, noise: str = "none", noise_bits: int = 4, fmt: str = "gptq"):
+                               group: int, noise: str = "none", noise_bits: int = 4, fmt: str = "gptq",
+                               dtype: torch.dtype = torch.float32):
     """One ``SalientLinear`` from its packed tensors (``tensors``: field -> tensor, ``bias`` optional),
-    after checking every name and shape against ``config.json``."""
+    after checking every name and shape against ``config.json``. ``dtype``: the model's, what the layer merges
+    into (``merge_to_dense``)."""
     from .layers import SalientLinear
     from .pack import from_gptq
 
@@ -170,13 +172,14 @@ def salient_linear_from_packed(path: Path, name: str, tensors: dict[str, torch.T
     qw = replace(from_gptq(tensors, bits, group, shape["in"], shape["out"], fmt),
                  salient_idx=idx, salient_weight=tensors["salient_weight"].float())
     bias = tensors.get("bias")
-    return SalientLinear.from_quantized(qw, None if bias is None else bias.float(), noise, noise_bits)
+    return SalientLinear.from_quantized(qw, None if bias is None else bias.float(), noise, noise_bits, dtype)
 
 
-def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
+def load(path: str | Path, noise: str = "none", noise_bits: int = 4, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a native ``gift`` folder, with ``SalientLinear`` layers (trainable again).
 
-    ``noise``/``noise_bits``: the noise of a further GIFT-SW fine-tuning (``none`` for inference).
+    ``noise``/``noise_bits``: the noise of a further GIFT-SW fine-tuning (``none`` for inference). ``dtype``: of
+    every unquantized tensor, and what the layers merge into.
     Every tensor name, shape and dtype is checked against ``config.json`` before use. After
     ``import gift_quant``, ``AutoModelForCausalLM.from_pretrained(path)`` gives the same model
     (see ``gift_quant.hf_quantizer``)."""
@@ -201,9 +204,10 @@ def load(path: str | Path, noise: str = "none", noise_bits: int = 4):
         fields = {f: tensors.pop(f"{name}.{f}") for f in (*packed_shapes(shape, bits, group), "bias")
                   if f"{name}.{f}" in tensors}
         layers[name] = salient_linear_from_packed(path, name, fields, shape, bits, group, noise, noise_bits,
-                                                  qc.get("checkpoint_format", "gptq"))
+                                                  qc.get("checkpoint_format", "gptq"), dtype)
     replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
-    assign_state(model, {k: v.float() for k, v in tensors.items()}, path, frozenset(layers))
+    assign_state(model, {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path,
+                 frozenset(layers))
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 

@@ -91,7 +91,7 @@ class GiftHfQuantizer(HfQuantizer):
             for name in qc.layers:
                 for field in GIFT_DTYPES:
                     check_dtype(self._path, name, field, f.get_slice(f"{name}.{field}").get_dtype())
-        layers = {}
+        layers, dtype = {}, model.get_input_embeddings().weight.dtype  # the dtype the model was loaded in
         for name, shape in qc.layers.items():
             packed = model.get_submodule(name)
             fields = dict(packed.named_buffers())
@@ -102,7 +102,7 @@ class GiftHfQuantizer(HfQuantizer):
             if packed.bias is not None:
                 fields["bias"] = packed.bias
             layers[name] = salient_linear_from_packed(self._path, name, fields, shape, qc.bits, qc.group_size,
-                                                      fmt=getattr(qc, "checkpoint_format", "gptq"))
+                                                      fmt=getattr(qc, "checkpoint_format", "gptq"), dtype=dtype)
         replace_linears(model, {name: lambda _old, lin=lin: lin for name, lin in layers.items()})
 
     def is_serializable(self) -> bool:

@@ -7,7 +7,8 @@ bfloat16 activations only, their float32 and float16 paths are slower than a den
 takes them when it runs in bfloat16):
 
 * a per-row grid: ``scale * (q - z)`` is an int8 weight ``q - z`` (``z`` is an integer; ``|q - z| < 16``)
-  times a per-row scale: ``aten._weight_int8pack_mm``;
+  times a per-row scale: ``aten._weight_int8pack_mm`` (CPU only: its CUDA kernel is a plain dot product per
+  output, slower than dequantizing for cuBLAS);
 * groups of 32, 64, 128 or 256 columns: torch's int4 convention ``(q4 - 8) * scale + zero`` takes the
   codes as they are (2, 3 and 4 bits fit in 4) with ``zero = (8 - z) * scale`` per group:
   ``aten._weight_int4pack_mm_for_cpu`` (CPU; ``out`` a multiple of 16) and ``aten._weight_int4pack_mm``
@@ -80,6 +81,8 @@ def _unsupported(codes: torch.Tensor, zero: torch.Tensor, group_size: int, g_idx
         return f"{dtype} activations: the packed kernels run fast in bfloat16 only (load the model in bfloat16)"
     if g_idx is not None:
         return "act-order groups (g_idx) have no packed kernel"
+    if group_size == -1 and codes.device.type != "cpu":  # torch's CUDA int8 kernel: a plain dot product per output
+        return f"per-row grids on {codes.device.type}: no packed kernel there beats dequantizing for the dense matmul"
     if not bool((zero == zero.round()).all()):
         return "zero points that are not integers have no packed kernel"
     if group_size == -1:

@@ -185,6 +185,20 @@ class SalientLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(device)
         return cls(DenseBase(w, idx), idx, w[:, idx], bias, step, noise, w.dtype)
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """What in the layer trains, by role (each role its own learning rate): ``columns``, the salient weights;
+        ``scales``, the grid's scales where they are learned (``learn_scales``)."""
+        scale = self.base.scale if isinstance(self.base, QuantBase) else None
+        return {"columns": [self.salient_weight],
+                "scales": [scale] if isinstance(scale, nn.Parameter) and scale.requires_grad else []}
+
+    def write_to(self, qw: QuantizedWeight) -> None:
+        """Put what training changed into ``qw``, the layer's grid as quantized (on its device): the salient columns,
+        and the scales (learned or not, they are the grid's); codes, zero points and indices never change."""
+        qw.salient_weight = self.salient_weight.detach().to(qw.codes.device, copy=True)
+        if isinstance(self.base, QuantBase):
+            qw.scale = self.base.scale.detach().to(qw.codes.device, copy=True)
+
     def noise_mask(self) -> torch.Tensor:
         return nonsalient_mask(self.in_features, self.salient_idx)
 
@@ -276,14 +290,25 @@ def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
 
 
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The trained parameters of every GIFT-SW layer of ``model``, by role (``SalientLinear.param_groups``)."""
+    groups: dict[str, list[nn.Parameter]] = {"columns": [], "scales": []}
+    for layer in salient_layers(model).values():
+        for role, params in layer.param_groups().items():
+            groups[role] += params
+    return groups
+
+
 def merge_to_dense(model: nn.Module) -> None:
     """Replace every ``SalientLinear`` by an ``nn.Linear`` holding its effective weight, in the dtype of
-    the linear it replaced."""
-    for name, layer in salient_layers(model).items():
+    the linear it replaced. One layer at a time: each is released as its linear takes its place, so the peak is
+    the model plus one layer's weight, not two models."""
+    for name in list(salient_layers(model)):
+        layer = model.get_submodule(name)
         w = layer.effective_weight().to(layer.dtype)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
-        lin.weight.data.copy_(w)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w)
         if layer.bias is not None:
-            lin.bias.data.copy_(layer.bias)
+            lin.bias = nn.Parameter(layer.bias.to(w.dtype, copy=True))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)

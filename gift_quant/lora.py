@@ -14,6 +14,7 @@ from .checkpoint import load_quantized, read_json
 from .data import training_examples
 from .gptq_lora_format import export_gptq_lora
 from .modes import teacher
+from .plan import plan_lora
 from .recipe import Recipe
 from .rundir import Run, Stage
 from .train import check_resumable, train
@@ -55,7 +56,8 @@ def _wanted(recipe: Recipe, _mode) -> bool:
     return "lora" in recipe.eval.baselines
 
 
-STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora, check_resumable, _wanted)
+STAGE = Stage("lora", ("calibration", "saliency", "quant", "train"), run_lora, check_resumable, _wanted, plan_lora,
+              knob="train.micro_batch_size, train.seq_len or train.gradient_checkpointing: true")
 
 
 def rank(run: Run) -> int:

@@ -3,11 +3,11 @@
 Codes are packed along the first dimension as a little-endian bit stream: 32 consecutive values
 take ``bits`` int32 words, value ``r`` of a block starting at bit ``r * bits``. For 2, 4 and 8 bits
 that is "value j in bits [bits*j, bits*(j+1)) of its word"; 3-bit values cross word boundaries
-exactly as the GPTQ tools pack them. A first dimension that is not a multiple of 32 is padded with
-zero codes.
+exactly as the GPTQ tools pack them. A first dimension that is not a multiple of 32 ends in the word its last
+bit falls in, ``ceil(n * bits / 32)`` words, as gptqmodel sizes them (a key / value projection of 48 outputs).
 
-    qweight: (ceil(in/32) * bits, out) int32   codes packed along the input dimension
-    qzeros:  (n_groups, ceil(out/32) * bits) int32   (zero - 1) packed along the output dimension (v1)
+    qweight: (ceil(in * bits / 32), out) int32   codes packed along the input dimension
+    qzeros:  (n_groups, ceil(out * bits / 32)) int32   (zero - 1) packed along the output dimension (v1)
     scales:  (n_groups, out) float16
     g_idx:   (in,) int32   group of each input column (not j // group_size after act-order)
 
@@ -21,7 +21,7 @@ from .grid import QuantizedWeight
 
 
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(n, m) integer codes in ``0..2^bits-1`` -> (ceil(n/32) * bits, m) int32."""
+    """(n, m) integer codes in ``0..2^bits-1`` -> (ceil(n * bits / 32), m) int32."""
     n, m = codes.shape
     blocks = -(-n // 32)
     c = torch.zeros(blocks * 32, m, dtype=torch.int64, device=codes.device)
@@ -32,14 +32,15 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for b in range(bits):
             p = r * bits + b
             words[:, p // 32] |= ((c[:, r] >> b) & 1) << (p % 32)
-    words = words.reshape(blocks * bits, m)
+    words = words.reshape(blocks * bits, m)[: -(-n * bits // 32)]  # the words past the last code hold nothing
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``pack_rows``: the first ``n`` rows of codes, int64."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    blocks = words.shape[0] // bits
+    blocks = -(-words.shape[0] // bits)
+    words = torch.cat([words, words.new_zeros(blocks * bits - words.shape[0], words.shape[1])])
     words = words.reshape(blocks, bits, -1)
     c = torch.zeros(blocks, 32, words.shape[-1], dtype=torch.int64, device=packed.device)
     for r in range(32):

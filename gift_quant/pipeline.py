@@ -135,7 +135,10 @@ def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
     with atomic_dir(run.stage(name)) if write else tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with devices.peak(run.device, f"stage {name}") as used:
-            extra = STAGES[name].run(run, tmp, **kwargs)
+            try:
+                extra = STAGES[name].run(run, tmp, **kwargs)
+            finally:
+                devices.release(run.device)
         extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak}
         manifest = run.manifest(name, time.time() - t0, file_hashes(tmp), extra)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

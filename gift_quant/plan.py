@@ -21,12 +21,14 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
-  norms, lm_head) ``p`` each; activations ``b * s * (8h + 4kv + 5i) * c`` a block, kept for all
-  ``L`` blocks, or with gradient checkpointing only the block inputs ``L * b * s * h * c`` plus three
-  blocks' worth (the recomputed block, its gradients and what the allocator has not reused yet); logits ``b * s * V * (c + 12)`` (the float32
-  copy of the loss, its log-softmax and gradient); the dequantized frozen weight of the largest layer,
-  rebuilt with its noise, ``7 * out * in * c``; a distillation teacher ``2 * params`` in bf16 (its
-  own dtype on the CPU) plus its logits.
+  norms, lm_head) ``p`` each; activations ``b * s * ((3h + 2kv + 3i) * c + 8h)`` a block (GIFT-SW layers keep
+  only their inputs' salient columns, the fused attention no probabilities, the norms their float32 input), kept
+  for all ``L`` blocks, or with gradient checkpointing only the block inputs ``L * b * s * h * p`` (the residual
+  stream stays in the model's dtype under autocast) plus two and a half blocks' worth (the recomputed block, its gradients and what the allocator has not reused yet); logits
+  ``b * s * V * 12.5`` (the loss's float32 log-softmax, its gradient and the shifted copy; measured, in float32
+  and bf16 alike, by ``LOGIT_BYTES``); the dequantized frozen weight of the largest layer, rebuilt with its noise,
+  ``7 * out * in * c``; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU) plus
+  ``b * s * V * 20`` (its logits and both log-softmaxes), or the top-k cache's batch plus ``b * s * V * 4``.
 * evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * 8``
   (capped at 1 GiB as ``perplexity`` caps them).
 * reconstruct, generate and teacher: see their functions.
@@ -124,7 +126,8 @@ def meta_model(config, trust_remote_code: bool = False):
 
 def shape_of(model, recipe: Recipe) -> Shape:
     """A model built by ``meta_model``, measured (its targets and k checked already: ``checks.check_targets``)."""
-    from .calibrate import decoder_layers, target_linears
+    from .calibrate import target_linears
+    from .families import decoder_layers
 
     blocks = decoder_layers(model)
     block = blocks[0]
@@ -221,6 +224,12 @@ def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
     return {"codes (uint8)": codes, "grid scales and zeros": shape.blocks * (8 * groups + extra)}
 
 
+# Bytes a training step holds per logit element (micro-batch x sequence x vocabulary), whatever the compute dtype:
+# the loss's, and what each kind of distillation adds to it. Measured by benchmarks/bench_plan.py (RESULTS.md, "memory
+# plan"), each set at most 10% above the measurement.
+LOGIT_BYTES = {"loss": 12.5, "top-k": 4, "full teacher": 20}
+
+
 def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     """Nothing where ``train.enabled`` is false (the stage only saves the untrained columns)."""
     t, p = recipe.train, _BYTES[recipe.model.dtype]
@@ -233,19 +242,43 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
     else:  # pre / fp: the dense frozen weights
         weights = {"frozen dense weights": sum(lin.n_in * lin.n_out for lin in shape.linears) * L * p}
     salient = sum(lin.k * lin.n_out for lin in shape.linears) * L
-    per_block = b * s * (8 * h + 4 * shape.kv + 5 * shape.intermediate) * c + _attention(shape, b, s, c, device)
-    acts = L * b * s * h * c + 3 * per_block if t.gradient_checkpointing else (L + 1) * per_block
+    # what autograd keeps of a block: GIFT-SW layers keep only their inputs' salient columns, the fused attention
+    # kernel no probabilities, the norms their input in float32 (benchmarks/bench_plan.py)
+    per_block = b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h)
+    # checkpointing keeps each block's input, the residual stream, in the model's dtype (autocast casts only products)
+    acts = L * b * s * h * p + 5 * per_block // 2 if t.gradient_checkpointing else (L + 1) * per_block
     out = {**weights,
            "other parameters (embeddings, norms, head)": shape.other_params * p,
            "salient weights, gradients, AdamW moments (float32)": 16 * salient,
            "activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else ""): acts,
-           "logits and loss": b * s * shape.vocab * (c + 12),
+           "logits and loss": int(b * s * shape.vocab * LOGIT_BYTES["loss"]),
            "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * c}
     if t.distill > 0 and t.distill_topk is not None:  # the cache of the windows read, on the CPU; one batch's here
-        out["distillation teacher (top-k cache, one batch)"] = b * s * t.distill_topk * 8
+        out["distillation teacher (top-k cache, one batch) and loss"] = (b * s * t.distill_topk * 8
+                                                                         + b * s * shape.vocab * LOGIT_BYTES["top-k"])
     elif t.distill > 0:
-        out["distillation teacher"] = shape.params * (2 if c == 2 else p) + b * s * shape.vocab * (c + 4)
+        out["distillation teacher and loss"] = (shape.params * (2 if c == 2 else p)
+                                                + b * s * shape.vocab * LOGIT_BYTES["full teacher"])
     return out
+
+
+def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
+    """The LoRA baseline (``lora``): ``plan_train``'s step on the plain quantized model held dense (``p`` bytes a
+    weight where the codes and grid were, nothing rebuilt), an adapter of the salient columns' trainable size in
+    their place, and in each block the inputs of the adapted linears, which autograd keeps for the adapter's
+    gradient (four distinct ones in a Llama block: attention's, o_proj's, the MLP's, down_proj's)."""
+    parts = plan_train(shape, recipe, device, memory)
+    if not parts:
+        return {}
+    c, b, s, h = _compute_bytes(recipe, device), recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
+    for key in ("codes (uint8)", "grid scales and zeros", "largest frozen weight rebuilt with its noise"):
+        parts.pop(key)
+    adapter = parts.pop("salient weights, gradients, AdamW moments (float32)")  # the rank matches their count
+    inputs = b * s * (3 * h + shape.intermediate) * c
+    acts = next(k for k in parts if k.startswith("activations"))
+    parts[acts] += (5 * inputs // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * inputs)
+    dense = sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks * _BYTES[recipe.model.dtype]
+    return {"dense quantized weights": dense, "LoRA adapter, gradients, AdamW moments (float32)": adapter, **parts}
 
 
 def plan_generate(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:

@@ -22,7 +22,9 @@ from .grid import Grid
 from .saliency import PRESETS
 from .sources import C4, WIKI
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .families import LLAMA_PROJECTIONS, PROJECTIONS
+
+ALL_PROJECTIONS = list(LLAMA_PROJECTIONS)  # the default targets: every projection of a Llama-shaped block
 
 
 class RecipeError(ValueError):
@@ -110,6 +112,10 @@ class SaliencySpec(_Section):
     def _targets(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("empty; name at least one projection, e.g. " + ", ".join(ALL_PROJECTIONS))
+        unknown = [t for t in v if t not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"{unknown} is no projection of a known family (gift_quant/families.py); the names are "
+                             + ", ".join(PROJECTIONS))
         return v
 
     @model_validator(mode="after")

@@ -30,10 +30,11 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import BlockInputs, block_inputs, block_output, decoder_layers, inputs_fit
+from .calibrate import BlockInputs, block_inputs, block_output, inputs_fit, of_kind
 from .checkpoint import CheckpointError
+from .families import decoder_layers, layer_types
 from .grid import QuantizedWeight
-from .layers import learn_scales, merge_to_dense, salient_layers, wrap_quantized
+from .layers import learn_scales, merge_to_dense, param_groups, salient_layers, wrap_quantized
 from .recipe import ReconstructSpec
 from .rundir import load_piece, save_piece
 from .train import SMALLEST_SCALE, trainable_state
@@ -64,9 +65,8 @@ def train_block(block: nn.Module, batches: list, targets: list, spec: Reconstruc
     """``spec.epochs`` passes over the batches in a seeded order; AdamW on the salient columns (and the scales),
     cosine to 0; scales kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
     without touching the run's random state."""
-    layers = salient_layers(block).values()
-    groups = [{"params": [m.salient_weight for m in layers], "lr": spec.lr}]
-    scales = [m.base.scale for m in layers if spec.learn_scales]
+    roles = param_groups(block)
+    groups, scales = [{"params": roles["columns"], "lr": spec.lr}], roles["scales"]
     if scales:
         groups.append({"params": scales, "lr": spec.scales_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -109,16 +109,18 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
     quant = fp
     del captured
     losses = []
+    kinds = layer_types(model)
     for i, block in enumerate(tqdm(layers, desc="reconstruct", unit="block")):
         block.to(device)
-        targets = _outputs(block, fp, inputs)
+        fp_i, quant_i = of_kind(fp, kinds[i]), of_kind(quant, kinds[i])
+        targets = _outputs(block, fp_i, inputs)
         prefix = names[block] + "."
         mine = {n.removeprefix(prefix): qw for n, qw in results.items() if n.startswith(prefix)}
         wrap_quantized(block, mine, spec.noise, spec.noise_bits, device)
         block.eval()  # new layers are built in training mode: no noise outside train_block
         if spec.learn_scales:
             learn_scales(block)
-        train_on = quant if spec.inputs == "quantized" else fp
+        train_on = quant_i if spec.inputs == "quantized" else fp_i
         path = work / f"block-{i:03d}.safetensors"
         done = load_piece(path, key, "reconstruct")
         if done is None:
@@ -135,11 +137,9 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
         losses.append(loss)
         log.info("block %d: reconstruction loss %.4g -> %.4g", i, loss["before"], loss["after"])
         for name, layer in salient_layers(block).items():
-            qw = mine[name]
-            qw.salient_weight = layer.salient_weight.detach().cpu().clone()
-            qw.scale = layer.base.scale.detach().cpu().clone()
+            layer.write_to(mine[name])
         fp = [(t, kw) for t, (_, kw) in zip(targets, fp)]
-        quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant, inputs), quant)] if spec.inputs == "quantized" \
+        quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant_i, inputs), quant)] if spec.inputs == "quantized" \
             else fp
         merge_to_dense(block)
         block.to(home)

@@ -146,9 +146,7 @@ def run_export(run: Run, tmp: Path) -> dict:
     model, tok = run.mode.recovered(run, trained=True)
     results = quantized_layers(run) if run.mode.quantizes else {}
     for name, qw in results.items():  # what training changed: the salient columns, and learned scales
-        layer = model.get_submodule(name)
-        qw.salient_weight = layer.salient_weight.detach().clone()
-        qw.scale = layer.base.scale.detach().clone()
+        model.get_submodule(name).write_to(qw)
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
     out = {}
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import devices
 from .distill import FullTeacher, TopKTeacher
-from .layers import salient_layers
+from .layers import param_groups, salient_layers
 from .recipe import TrainSpec
 from .rundir import RunError
 
@@ -237,7 +237,7 @@ def _setup(model: nn.Module, ids, labels, spec: TrainSpec, out_dir: Path, seed: 
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    scales = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("base.scale")]
+    scales = param_groups(model)["scales"]  # their own learning rate; the columns (or a LoRA's) take the rest
     rest = [p for p in params if all(p is not q for q in scales)]
     groups = [{"params": rest}] + ([{"params": scales, "lr": spec.scales_lr, "weight_decay": 0.0}] if scales else [])
     opt = torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -281,6 +281,7 @@ def _step(loop: _Loop, step: int) -> float:
             loss = out.loss
             if loop.teacher is not None and spec.distill > 0:
                 loss = loss + spec.distill * loop.teacher.loss(out.logits, x, idx, y)
+            del out  # the logits (in bf16 also accelerate's float32 copy) are not needed through backward
             acc.backward(loss / spec.grad_accum)
         step_loss += loss.item() / spec.grad_accum
     losses = acc.gather(torch.tensor([step_loss], device=acc.device))

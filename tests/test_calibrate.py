@@ -1,8 +1,11 @@
 """Block-by-block statistics against plain whole-model forward hooks."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from gift_quant.calibrate import run_blocks, served_budget
+from gift_quant.families import decoder_layers
 from gift_quant.quantize import collect_stats
 from gift_quant.recipe import ALL_PROJECTIONS
 
@@ -147,7 +150,7 @@ def _sequential_run(model, ids, budget: int | None, monkeypatch):
             lin.weight.data.mul_(0.5).add_(0.01)
 
     outputs = []
-    hook = calibrate.decoder_layers(model)[-1].register_forward_hook(
+    hook = decoder_layers(model)[-1].register_forward_hook(
         lambda _m, _i, out: outputs.append(calibrate.block_output(out).clone()))
     run_blocks(model, ids, ALL_PROJECTIONS, on_block, batch_size=2)
     hook.remove()
@@ -190,15 +193,20 @@ class _OutOfOrder(torch.nn.Module):
 
 
 class _Toy(torch.nn.Module):
+    """Laid out as a Llama (``model.layers``, ``config.model_type``), which is all ``families`` reads of it."""
+
+    config = SimpleNamespace(model_type="llama")
+
     def __init__(self, d: int = 16, blocks: int = 2):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(32, d)
-        self.layers = torch.nn.ModuleList(_OutOfOrder(d) for _ in range(blocks))
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(_OutOfOrder(d) for _ in range(blocks))
 
     def forward(self, ids, use_cache=False):
         h = self.embed(ids)
-        for block in self.layers:
+        for block in self.model.layers:
             h = block(h)
         return h
 

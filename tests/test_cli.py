@@ -69,3 +69,31 @@ def test_stdout_is_the_json_even_when_a_library_prints(tmp_path, capsys, monkeyp
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out) == {"report": str(tmp_path / "rep" / "report.md")} and "GPT-QModel banner" in err
+
+
+def test_eval_loads_a_folder_in_its_own_dtype_unless_told(tmp_path, capsys):
+    """``gift-quant eval --dtype``: auto (the default) is the dtype the folder's config.json names; a named one
+    wins; the perplexity is the model's in that dtype (scored here by hand as the reference)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gift_quant.cli import main
+    from gift_quant.data import nonoverlapping_windows
+    from gift_quant.evaluate import window_nll
+    from gift_quant.sources import SMOLLM2, WIKI, read_text, resolve_model, tokenize
+
+    from .conftest import tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    tiny_llama(vocab=len(tok)).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    common = ["--tasks", "", "--ppl-data", WIKI, "--ppl-seq-len", "64", "--ppl-max-windows", "2", "--batch-size", "2"]
+    for flag, want in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        assert main(["eval", str(tmp_path / "m"), *common, *flag]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        windows = nonoverlapping_windows(tokenize(tok, read_text(WIKI)), 64, 2)
+        assert summary["dtype"] == str(want).removeprefix("torch.") and summary["device"] == "cpu"
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=want)  # rotary tables in float32
+        assert summary["ppl"] == math.exp(float(window_nll(reference, windows, 2).mean()))

@@ -361,3 +361,33 @@ def test_gptq4_lora_refuses_what_vllm_cannot_run():
     refused({"group_size": 16}, r"quant.group_size = 16: vLLM's Marlin kernels take group sizes \[-1, 32, 64, 128\]")
     refused({"bits": 8}, r"quant.bits = 8: gptq4_lora embeds 2-, 3- and 4-bit grids")
     refused({"group_size": 128, "act_order": True, "dynamic_groups": False}, r"quant.act_order = true with groups")
+
+
+@needs_gptqmodel
+@pytest.mark.parametrize("fmt", ["gptq_lora", "gptq4_lora"])
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_our_loader_loads_every_gptq_export_on_the_cpu(tmp_path, fmt, group_size):
+    """``exports.load`` (the report's loader and ``gift-quant eval``'s) gives the gift export's logits for either GPTQ
+    format and grid. Per row over 96 and 160 inputs is no group torch's int4 matmul takes: gptqmodel's own choice on
+    the CPU (``TorchFusedLinear``) fails at the first forward there, so the loader names a kernel that takes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gift_quant import exports
+    from gift_quant.gift_format import export_gift
+    from gift_quant.recipe_file import parse_recipe
+    from gift_quant.stages import WRITERS
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
+    model = tiny_llama(vocab=len(tok), hidden=96, inter=160)
+    results = rtn_with_columns(model, Grid(4, group_size), lambda _i, _m: torch.tensor([3, 40, 77]))
+    for qw in results.values():
+        qw.salient_weight += 0.05
+    r = parse_recipe({"model": {"ref": "-"}, "quant": {"bits": 4, "group_size": group_size},
+                      "export": {"formats": [fmt, "gift"]}}, "t")
+    WRITERS[fmt](model, tok, results, tmp_path / fmt, r, "gptq")
+    export_gift(model, tok, results, tmp_path / "gift", {})
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "gift", dtype=torch.float32).eval()(ids).logits
+        got = exports.load(tmp_path / fmt, torch.float32)[0](ids).logits.float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)

@@ -357,3 +357,18 @@ def test_train_times_a_step_after_the_device_finished(monkeypatch, tmp_path):
     train(model, ids, ids.clone(), TrainSpec(steps=3, micro_batch_size=2, seq_len=16, checkpoint_every=100,
                                              noise="none"), tmp_path, device=torch.device("cpu"))
     assert len(calls) == 3
+
+
+def test_a_per_row_grid_on_a_gpu_keeps_the_dequantizing_path():
+    """On CUDA torch's int8 weight kernel is a dot product per output, far slower than dequantizing for cuBLAS: a
+    per-row grid there is not packed (said before any value is read); on the CPU the same grid takes the int8
+    kernel."""
+    from gift_quant import kernels
+
+    def why(device: str) -> str | None:
+        codes = torch.randint(0, 8, (64, 128), dtype=torch.uint8, device=device)
+        return kernels._unsupported(codes, torch.full((64, 1), 4.0, device=device), -1, None, torch.bfloat16)
+
+    with fake_cuda():
+        assert "per-row grids on cuda" in why("cuda")
+    assert why("cpu") is None

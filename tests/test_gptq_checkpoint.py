@@ -19,6 +19,8 @@ from .conftest import SMOLLM2, needs_gptqmodel, recipe, tiny_llama, tweak
 CASES = [("gptq", 1, 3, 32, 1), ("gptq_v2", 1, 4, 32, 0), ("gptq", 0, 4, -1, 1), ("gptq_v2", 0, 3, 32, 1),
          ("gptq", 1, 2, -1, 0)]
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
+# under pytest-xdist --dist loadgroup: one worker writes the checkpoints once, not every worker
+pytestmark = pytest.mark.xdist_group("gptqmodel_checkpoints")
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_tiny_runs_every_step(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--out", str(tmp_path / "rows.json")],
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: what the GPU run and every paper recipe use
+def test_gpu_check_tiny_runs_every_step(tmp_path, dtype):
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--dtype", dtype,
+                          "--out", str(tmp_path / "rows.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["step"]: r for r in json.loads((tmp_path / "rows.json").read_text())}

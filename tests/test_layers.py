@@ -151,3 +151,55 @@ def test_learned_scales_get_the_gradient_of_scale_times_codes_minus_zero(group, 
     ((x2 @ w.T + layer.bias) * r).sum().backward()
     torch.testing.assert_close(layer.base.scale.grad, scale.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_names_what_trains_and_writes_it_back_to_its_grid():
+    """``param_groups``: the columns always, the scales once learned; ``write_to``: a grid rebuilt from what the layer
+    wrote back gives a layer of the same weight (the trained columns and scales, the codes untouched)."""
+    from dataclasses import replace
+
+    from gift_quant.layers import learn_scales, param_groups
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+    qw = rtn(w, Grid(3, 8), torch.tensor([2, 9, 31]))
+    model = nn.Sequential(nn.Linear(40, 24, bias=False))
+    wrap_quantized(model, {"0": replace(qw)}, "none", 4)
+    layer = model[0]
+    assert param_groups(model) == {"columns": [layer.salient_weight], "scales": []}
+    learn_scales(model)
+    groups = param_groups(model)
+    assert groups["columns"][0] is layer.salient_weight and groups["scales"][0] is layer.base.scale
+    with torch.no_grad():
+        layer.salient_weight.add_(0.5)
+        layer.base.scale.mul_(1.25)
+    back = replace(qw)
+    layer.write_to(back)
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.salient_idx, qw.salient_idx)
+    assert torch.equal(back.scale, qw.scale * 1.25) and torch.equal(back.salient_weight, qw.salient_weight + 0.5)
+    rebuilt = SalientLinear.from_quantized(back, None, "none", 4)
+    assert torch.equal(rebuilt.effective_weight(), layer.effective_weight())
+
+
+def test_merging_releases_each_layer_as_its_linear_takes_its_place(monkeypatch):
+    """``merge_to_dense`` holds one GIFT-SW layer at a time: while a layer's dense weight is built, every layer
+    merged before it is gone (the peak is the model plus one layer, not the model twice)."""
+    import gc
+    import weakref
+
+    from gift_quant.layers import salient_layers
+
+    model = nn.Sequential(*(nn.Linear(32, 32, bias=False) for _ in range(4)))
+    results = {str(i): rtn(m.weight.detach(), Grid(3), torch.tensor([1, 7])) for i, m in enumerate(model)}
+    wrap_quantized(model, results, "none", 4)
+    refs = [weakref.ref(m) for m in salient_layers(model).values()]
+    alive = []
+    effective = SalientLinear.effective_weight
+
+    def count(self):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return effective(self)
+
+    monkeypatch.setattr(SalientLinear, "effective_weight", count)
+    merge_to_dense(model)
+    assert alive == [4, 3, 2, 1] and all(isinstance(m, nn.Linear) for m in model)

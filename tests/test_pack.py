@@ -11,7 +11,7 @@ from gift_quant.pack import FORMATS, from_gptq, pack_rows, to_gptq, unpack_rows
 def test_round_trip(bits, n):
     codes = torch.randint(0, 2**bits, (n, 5), generator=torch.Generator().manual_seed(bits * n))
     packed = pack_rows(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (-(-n // 32) * bits, 5)
+    assert packed.dtype == torch.int32 and packed.shape == (-(-n * bits // 32), 5)  # gptqmodel's: to the last bit
     assert torch.equal(unpack_rows(packed, bits, n), codes)
 
 

@@ -14,6 +14,7 @@ from gift_quant.plan import (
     check_fits,
     meta_model,
     model_config,
+    plan_lora,
     plan_reconstruct,
     plan_train,
     shape_of,
@@ -28,7 +29,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PUBLISHED = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-13b-hf": 13_015_864_320,
              "meta-llama/Meta-Llama-3-8B": 8_030_261_248, "mistralai/Mistral-7B-v0.3": 7_248_023_552,
              "Qwen/Qwen2.5-7B": 7_615_616_512, "google/gemma-2-9b": 9_241_705_984,
-             "google/gemma-3-1b-pt": 999_885_952}
+             "google/gemma-3-1b-pt": 999_885_952, "Qwen/Qwen3-8B-Base": 8_190_735_360,
+             "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552}
 
 
 def test_every_recipe_model_has_a_shipped_config_with_its_published_size():
@@ -49,10 +51,18 @@ def test_llama2_7b_training_plan_by_hand():
     assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * L * 128 * (5 * h + 2 * i)
     assert 16 * L * 128 * (5 * h + 2 * i) // 16 == 174_063_616  # the paper's "174M trainable parameters"
     assert parts["other parameters (embeddings, norms, head)"] == 2 * (2 * V * h + h)
-    per_block = s * (8 * h + 4 * h + 5 * i) * 2
-    assert parts["activations (gradient checkpointing)"] == L * s * h * 2 + 3 * per_block
-    assert parts["logits and loss"] == s * V * 14
+    per_block = s * ((3 * h + 2 * h + 3 * i) * 2 + 8 * h)  # bf16, the norms' inputs in float32; no GQA: kv = h
+    assert parts["activations (gradient checkpointing)"] == L * s * h * 2 + 5 * per_block // 2
+    assert parts["logits and loss"] == s * V * 12.5
     assert sum(parts.values()) <= 20e9  # the 24 GB card's goal, as planned
+    # the LoRA baseline: the plain model dense in bf16, an adapter of the columns' size, and the adapted linears'
+    # inputs (attention, o_proj, MLP, down_proj) kept in the recomputed blocks
+    lora = plan_lora(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"))
+    assert lora["dense quantized weights"] == 2 * L * (4 * h * h + 3 * h * i)
+    assert lora["LoRA adapter, gradients, AdamW moments (float32)"] == 16 * L * 128 * (5 * h + 2 * i)
+    assert lora["activations (gradient checkpointing)"] == (L * s * h * 2 + 5 * per_block // 2
+                                                             + 5 * (s * (3 * h + i) * 2) // 2)
+    assert "codes (uint8)" not in lora and lora["logits and loss"] == parts["logits and loss"]
 
 
 def test_llama2_7b_reconstruct_plan_by_hand():
@@ -112,7 +122,7 @@ def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):
     r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1", "train.distill=1.0"])
     result = plan_recipe(r, torch.device("cpu"))
     assert not result["stages"]["train"]["fits"]
-    assert "distillation teacher" in result["stages"]["train"]["parts"]
+    assert "distillation teacher and loss" in result["stages"]["train"]["parts"]
     with pytest.raises(RecipeError, match=r"stage train needs about .* GiB on cpu, 8.0 GiB usable; .*"
                                           r"train.gradient_checkpointing.*train.distill: 0"):
         check_fits(result)
@@ -163,7 +173,8 @@ def test_plan_a_24gib_gpu_without_one(capsys):
     assert result["stages"]["quantize"]["bytes"] == quantize
     outs = 5 * h + 2 * i  # q, k, v, o, down give h outputs each; gate and up give i
     train = (L * (4 * h * h + 3 * h * i) + L * (8 * outs + 4 * outs + 7 * k * 8) + 2 * (2 * V * h + h)
-             + 16 * L * k * outs + L * s * h * 2 + 3 * s * (12 * h + 5 * i) * 2 + s * V * 14 + 7 * h * i * 2)
+             + 16 * L * k * outs + L * s * h * 2 + 5 * s * ((5 * h + 3 * i) * 2 + 8 * h) // 2 + int(s * V * 12.5)
+             + 7 * h * i * 2)
     assert result["stages"]["train"]["bytes"] == train
     assert result["stages"]["quantize"]["fits"] and result["stages"]["train"]["fits"]
     assert main(["plan", str(RECIPES / "llama-2-7b-w3.yaml"), "--device", "cuda", "--capacity", "lots"]) == 2

@@ -56,17 +56,18 @@ def test_committed_recipes_validate(path):
     assert r.name == path.stem
 
 
-def family_config(stem: str):
-    """A tiny config of the recipe's model family (the name's prefix), as transformers defines it."""
-    import transformers as tf
+def family_config(ref: str):
+    """The tiny config of the family (``gift_quant.families``) whose hub models include ``ref``; the real config of a
+    model that is on this machine."""
+    from transformers import AutoConfig
 
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, head_dim=16)
-    for prefix, cls in [("smollm2", "LlamaConfig"), ("llama", "LlamaConfig"), ("mistral", "MistralConfig"),
-                        ("qwen2.5", "Qwen2Config"), ("gemma-2", "Gemma2Config"), ("gemma-3", "Gemma3TextConfig")]:
-        if stem.startswith(prefix):
-            return getattr(tf, cls)(**small)
-    raise AssertionError(f"recipe {stem}: no family config known; add it to family_config")
+    from gift_quant.families import FAMILIES
+    from gift_quant.sources import resolve_model
+
+    for family in FAMILIES:
+        if ref in family.hub:
+            return family.tiny_config(128)
+    return AutoConfig.from_pretrained(resolve_model(ref))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -75,16 +76,27 @@ def test_recipe_targets_exist_in_the_family(path):
     from gift_quant.plan import meta_model
 
     r = load_recipe(path, ["saliency.k=4", "saliency.k_overrides={}"])  # k of the real model exceeds the tiny one
-    check_targets(r, meta_model(family_config(path.stem)))
+    check_targets(r, meta_model(family_config(r.model.ref)))
 
 
 def test_target_typo_and_oversized_k_are_caught_before_loading():
     from gift_quant.checks import check_targets
     from gift_quant.plan import meta_model
 
-    r = parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["q_proj", "gate_prj"], "k": 4}}, "t")
-    with pytest.raises(RecipeError, match=r"saliency.targets = .*no linear \['gate_prj'\].*'gate_proj'"):
-        check_targets(r, meta_model(family_config("llama")))
+    with pytest.raises(RecipeError, match=r"saliency.targets.*\['gate_prj'\] is no projection of a known family.*"
+                                          r"gate_proj, gate_up_proj"):
+        parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["q_proj", "gate_prj"], "k": 4}}, "t")
+    r = parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["qkv_proj", "o_proj"], "k": 4}}, "t")
+    with pytest.raises(RecipeError, match=r"a llama model \(llama\) has no projection \['qkv_proj'\]; set "
+                                          r"saliency.targets to some of \['q_proj', 'k_proj'"):
+        check_targets(r, meta_model(family_config("meta-llama/Llama-2-7b-hf")))
+    r = parse_recipe({"model": {"ref": "m"}, "saliency": {"targets": ["q_proj", "o_proj"], "k": 4}}, "t")
+    with pytest.raises(RecipeError, match=r"a phi3 model \(phi3\) has no projection \['q_proj'\].*'qkv_proj'"):
+        check_targets(r, meta_model(family_config("microsoft/Phi-3-mini-4k-instruct")))
+    from transformers import AutoConfig
+
+    with pytest.raises(RecipeError, match=r"model.ref = 'm': model_type 'gpt2' is not a family .*supported: gemma2"):
+        check_targets(r, meta_model(AutoConfig.for_model("gpt2", n_layer=1, n_embd=64, n_head=4)))
     r = parse_recipe({"model": {"ref": "m"}, "saliency": {"k": 100}}, "t")
     with pytest.raises(RecipeError, match="saliency.k for q_proj = 100: .*outside 0..64"):
-        check_targets(r, meta_model(family_config("llama")))
+        check_targets(r, meta_model(family_config("meta-llama/Llama-2-7b-hf")))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gift_quant import reconstruct
-from gift_quant.calibrate import decoder_layers
+from gift_quant.families import decoder_layers
 from gift_quant.quantize import quantize_model
 from gift_quant.recipe import QuantSpec, ReconstructSpec, SaliencySpec
 from gift_quant.rundir import RunError, piece_checker

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from gift_quant.data import chat_examples
 from gift_quant.distill import distill_loss
-from gift_quant.train import batch_indices
+from gift_quant.recipe import TrainSpec
+from gift_quant.train import batch_indices, train
 
 from .conftest import crash_at
 from .train_worker import build, run
@@ -46,8 +47,6 @@ def test_resume_after_crash_reaches_the_same_weights(tmp_path):
 
 
 def test_batches_partition_the_data_across_ranks_and_steps():
-    from gift_quant.recipe import TrainSpec
-
     spec = TrainSpec(micro_batch_size=2, grad_accum=2)
     seen = torch.cat([batch_indices(16, s, m, spec, r, 2, seed=0) for s in range(2) for m in range(2) for r in range(2)])
     assert sorted(seen.tolist()) == list(range(16))  # one epoch, each example exactly once
@@ -85,7 +84,7 @@ def test_chat_labels_cover_only_assistant_turns(smollm2):
 def _torchrun(out: Path, steps: int, *crash_at: int) -> subprocess.CompletedProcess:
     worker = Path(__file__).with_name("train_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(worker), str(out), str(steps), *map(str, crash_at)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -114,3 +113,55 @@ def test_two_process_ddp_resume_is_bit_exact(tmp_path):
         a = load_file(tmp_path / f"straight/salient-rank{rank}.safetensors")
         b = load_file(tmp_path / f"resumed/salient-rank{rank}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_logits_are_freed_before_backward(tmp_path, monkeypatch):
+    """The model's output (logits: vocabulary x tokens, the largest activation of a step) is not held through the
+    backward pass: autograd keeps what it needs, and the step drops the rest."""
+    import weakref
+
+    from accelerate import Accelerator
+
+    alive = []
+    model, ids = build()
+    refs = []
+    model.register_forward_hook(lambda _m, _i, out: refs.append(weakref.ref(out.logits)))
+    backward = Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: (
+        alive.append(refs[-1]() is not None), backward(self, loss, **kw))[-1])
+    spec = TrainSpec(steps=2, lr=1e-3, micro_batch_size=4, grad_accum=2, seq_len=32, warmup_ratio=0.0)
+    train(model, ids, ids.clone(), spec, tmp_path, checkpoints=False)
+    assert alive == [False] * 4
+
+
+def test_chat_data_is_tokenized_as_the_steps_read_it(tmp_path):
+    """100,000 conversations in a jsonl file: building the examples and reading a step's rows adds under 40 MB to
+    the process (tokenized whole into lists, as before, they took hundreds of MB and minutes), and each row read
+    lazily equals the same conversation tokenized on its own (``chat_examples``)."""
+    import json
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i} " + "word " * (i % 50)},
+                                      {"role": "assistant", "content": f"answer {i} " + "text " * (i % 40)}]})
+             for i in range(100_000)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    code = f"""
+import json, torch
+from gift_quant import devices
+from gift_quant.data import ChatExamples, chat_examples
+from gift_quant.sources import SMOLLM2, load_tokenizer, records
+tok = load_tokenizer(SMOLLM2)
+rows = torch.tensor([5, 99_999, 50_000, 17])
+with devices.peak(torch.device("cpu")) as used:
+    conversations = records({str(tmp_path / "chat.jsonl")!r}, "messages")
+    examples = ChatExamples(tok, conversations, 128)
+    ids, labels = examples.ids[rows], examples.labels[rows]
+alone = [chat_examples(tok, [conversations[i]], 128) for i in rows.tolist()]
+same = all(torch.equal(ids[j], a[0][0]) and torch.equal(labels[j], a[1][0]) for j, a in enumerate(alone))
+print(json.dumps({{"n": len(examples), "shape": list(examples.ids.shape), "added": used.added, "same": same}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n"] == 100_000 and got["shape"] == [100_000, 128] and got["same"]
+    assert got["added"] < 40 * 2**20, got["added"]

@@ -1,0 +1,124 @@
+"""The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
+grow with the blocks.
+
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6]
+
+A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
+product's ``train``, in float32 and under bf16 autocast. Each run is a process of its own with glibc's mmap
+threshold pinned (the RSS then follows the live tensors) and reads its peak with ``devices.peak``.
+
+* Logits: hidden 64, two blocks, once per vocabulary size, with no teacher, the cached top-32 teacher and the full
+  teacher beside every step. The difference between the two vocabularies is what the logits cost (the other parts
+  are alike in both), printed per logit element.
+* Blocks: vocabulary 512, hidden 256 and 512 (MLP 2.75x), with and without gradient checkpointing, once per block
+  count, for the train stage and for the LoRA baseline's (``plan.plan_lora``: the dense quantized model with a
+  PEFT adapter of the salient columns' size). The difference between the two depths is what a block's activations
+  cost, printed per block in MB.
+
+Each row: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which are in memory
+before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size. The goal is
+a plan at most 10% above what is measured, never below.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from common import row, run_child, table
+
+CHILD = """
+import gc, sys, tempfile, torch
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from common import emit
+from gpu_check import config, quantized_model
+from gift_quant import devices
+from gift_quant.distill import TopKTeacher
+from gift_quant.plan import meta_model, plan_lora, plan_train, shape_of
+from gift_quant.recipe_file import parse_recipe
+from gift_quant.train import train
+vocab, precision, teacher_kind, blocks, hidden, ckpt, stage = sys.argv[1:]
+vocab, blocks, hidden = int(vocab), int(blocks), int(hidden)
+cfg = config(True, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=blocks,
+             vocab_size=vocab)
+model = quantized_model(cfg, torch.device("cpu"), torch.float32, 0 if stage == "lora" else 4)
+if stage == "lora":  # the LoRA stage's model: the dense quantized weights, an adapter of the columns' size
+    from peft import LoraConfig, get_peft_model
+    from gift_quant.layers import merge_to_dense
+    from gift_quant.lora import lora_rank
+    from gift_quant.recipe import ALL_PROJECTIONS
+    merge_to_dense(model)
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules() if n.endswith(tuple(ALL_PROJECTIONS))]
+    rank = lora_rank(4 * sum(o for _, o in shapes), shapes)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                             target_modules=ALL_PROJECTIONS))
+distill = {"none": {}, "top-32": {"distill": 1.0, "distill_topk": 32}, "full": {"distill": 1.0}}[teacher_kind]
+r = parse_recipe({"model": {"ref": "-"}, "saliency": {"k": 4},
+                  "train": {"steps": 2, "micro_batch_size": 4, "seq_len": 256, "precision": precision,
+                            "noise": "gaussian", "checkpoint_every": 1000, "gradient_checkpointing": ckpt == "1",
+                            **distill}})
+ids = torch.randint(0, vocab, (8, 256), generator=torch.Generator().manual_seed(0))
+teacher = None
+if teacher_kind == "top-32":  # the cache is on the CPU before the stage; a full teacher loads within it (below)
+    g = torch.Generator().manual_seed(1)
+    teacher = TopKTeacher({"logp": torch.randn(8, 255, 32, generator=g).log_softmax(-1),
+                           "idx": torch.randint(0, vocab, (8, 255, 32), generator=g, dtype=torch.int32),
+                           "windows": torch.arange(8)}, 8, 1.0)
+plan = plan_lora if stage == "lora" else plan_train
+parts = plan(shape_of(meta_model(cfg), r), r, torch.device("cpu"))
+planned = sum(v for k, v in parts.items() if not k.startswith(("codes", "grid", "other", "dense")))  # resident
+gc.collect()
+with tempfile.TemporaryDirectory() as w, devices.peak(torch.device("cpu")) as used:
+    if teacher_kind == "full":
+        from transformers import AutoModelForCausalLM
+        teacher = AutoModelForCausalLM.from_config(cfg).eval()
+    train(model, ids, ids.clone(), r.train, Path(w), device=torch.device("cpu"), teacher=teacher, checkpoints=False)
+emit({"planned": planned, "measured": used.added})
+"""
+
+
+def measure(vocab: int, precision: str, teacher: str = "none", blocks: int = 2, hidden: int = 64,
+            checkpointing: bool = False, stage: str = "train") -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    args = [str(vocab), precision, teacher, str(blocks), str(hidden), "1" if checkpointing else "0", stage]
+    got, done = run_child([sys.executable, "-c", CHILD, *args], cwd=Path(__file__).resolve().parent.parent, env=env)
+    if got is None:
+        raise RuntimeError(done.stderr[-2000:])
+    return got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
+    ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
+    args = ap.parse_args()
+    small, large = args.vocab
+    elements = 4 * 256 * (large - small)  # logit elements a micro-batch adds between the two vocabularies
+    table("precision", "teacher", "planned B / logit", "measured B / logit", "planned / measured",
+          f"whole stage planned / measured (vocab {large})")
+    for precision in ("fp32", "bf16"):
+        for teacher in ("none", "top-32", "full"):
+            a, b = measure(small, precision, teacher), measure(large, precision, teacher)
+            planned = (b["planned"] - a["planned"]) / elements
+            measured = (b["measured"] - a["measured"]) / elements
+            row(precision, teacher, f"{planned:.1f}", f"{measured:.1f}", f"{planned / measured:.2f}",
+                f"{b['planned'] / b['measured']:.2f}")
+    print()
+    few, many = args.blocks
+    table("stage", "precision", "hidden", "checkpointing", "planned MB / block", "measured MB / block",
+          "planned / measured", f"whole stage planned / measured ({many} blocks)")
+    for stage in ("train", "lora"):
+        for precision in ("fp32", "bf16"):
+            for hidden in (256, 512):
+                for ckpt in (False, True):
+                    a, b = (measure(512, precision, "none", n, hidden, ckpt, stage) for n in (few, many))
+                    planned = (b["planned"] - a["planned"]) / (many - few) / 1e6
+                    measured = (b["measured"] - a["measured"]) / (many - few) / 1e6
+                    row(stage, precision, hidden, "yes" if ckpt else "no", f"{planned:.2f}", f"{measured:.2f}",
+                        f"{planned / measured:.2f}", f"{b['planned'] / b['measured']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
