@@ -266,18 +266,23 @@ def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | 
     """The LoRA baseline (``lora``): ``plan_train``'s step on the plain quantized model held dense (``p`` bytes a
     weight where the codes and grid were, nothing rebuilt), an adapter of the salient columns' trainable size in
     their place, and in each block the inputs of the adapted linears, which autograd keeps for the adapter's
-    gradient (four distinct ones in a Llama block: attention's, o_proj's, the MLP's, down_proj's)."""
+    gradient (four distinct ones in a Llama block: attention's, o_proj's, the MLP's, down_proj's)
+    (``benchmarks/bench_plan.py``)."""
     parts = plan_train(shape, recipe, device, memory)
     if not parts:
         return {}
-    c, b, s, h = _compute_bytes(recipe, device), recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
+    c, p = _compute_bytes(recipe, device), _BYTES[recipe.model.dtype]
+    b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
     for key in ("codes (uint8)", "grid scales and zeros", "largest frozen weight rebuilt with its noise"):
         parts.pop(key)
     adapter = parts.pop("salient weights, gradients, AdamW moments (float32)")  # the rank matches their count
-    inputs = b * s * (3 * h + shape.intermediate) * c
+    weights = sum(lin.n_in * lin.n_out for lin in shape.linears)  # of a block
+    # kept a block: the adapted linears' inputs and, under autocast from a wider model dtype, each frozen weight's
+    # cast copy (the backward to the input needs it)
+    kept = b * s * (3 * h + shape.intermediate) * c + (weights * c if c < p else 0)
     acts = next(k for k in parts if k.startswith("activations"))
-    parts[acts] += (5 * inputs // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * inputs)
-    dense = sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks * _BYTES[recipe.model.dtype]
+    parts[acts] += (5 * kept // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * kept)
+    dense = weights * shape.blocks * p
     return {"dense quantized weights": dense, "LoRA adapter, gradients, AdamW moments (float32)": adapter, **parts}
 
 
