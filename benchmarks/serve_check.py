@@ -59,11 +59,13 @@ def export_run(run: Path) -> Path:
     return run / "export" / "gptq4_lora"
 
 
-def start_server(python: str, folder: Path, port: int, rank: int, log: Path) -> subprocess.Popen:
-    """The model card's command (``serve_command``) with the venv's python, on loopback, its memory bounded."""
+def start_server(python: str, folder: Path, port: int, rank: int | None, log: Path) -> subprocess.Popen:
+    """The model card's command (``serve_command``; ``rank`` None: no adapter) with the venv's python, on loopback,
+    its memory bounded."""
     cmd = [python, *serve_command(str(folder), rank)[1:], "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "512", "--max-num-seqs", "8", "--seed", "0"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE"}  # ours only (gptqmodel's compile)
+    env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     print("serving:", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

