@@ -25,15 +25,18 @@ def kind(folder: Path) -> str:
     return "model"
 
 
+def _config(folder: Path) -> dict:
+    """A folder's ``config.json`` ({} where there is none: a hub id or a file)."""
+    import json
+
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def saved_dtype(folder: Path) -> torch.dtype | None:
     """The dtype a folder's ``config.json`` says its model was saved in (``dtype``, or ``torch_dtype`` as
     transformers 4 wrote it); None where there is no such folder or field."""
-    import json
-
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
+    data = _config(folder)
     name = data.get("dtype") or data.get("torch_dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
@@ -44,11 +47,9 @@ def gptq_kernel(folder: Path, device: torch.device | str) -> dict:
     automatic choice is ``TorchFusedLinear`` (torch's int4 matmul), which takes ``INT4_GROUPS`` only and fails
     at the first forward on a per-row grid (one group of ``in_features``) or another group size; its plain torch
     kernel (``gptq_torch``) takes every grid. Elsewhere, and for the groups the fused kernel takes: none."""
-    import json
-
     from transformers import GPTQConfig
 
-    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    qc = _config(folder).get("quantization_config") or {}
     if torch.device(device).type != "cpu" or qc.get("group_size") in INT4_GROUPS:
         return {}
     return {"quantization_config": GPTQConfig(bits=qc["bits"], backend="gptq_torch")}
@@ -74,7 +75,8 @@ def load(ref: str | Path, dtype: torch.dtype | None = None, device: torch.device
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        base = AutoModelForCausalLM.from_pretrained(folder, device_map=str(device), **({"dtype": dtype} if dtype else {}),
+        given = {"dtype": dtype} if dtype else {}
+        base = AutoModelForCausalLM.from_pretrained(folder, device_map=str(device), **given,
                                                     **gptq_kernel(folder, device))
         return PeftModel.from_pretrained(base, folder / "adapter").eval(), AutoTokenizer.from_pretrained(folder)
     model, tok = load_model(str(ref), dtype or torch.float32)

@@ -6,9 +6,10 @@ kernels take 4- and 8-bit symmetric grids only (``AutoGPTQConfig.TYPE_MAP``: ``(
 -> uint8b128``; other configs raise "Unsupported quantization config"; ``vllm/model_executor/layers/quantization/
 auto_gptq.py`` of vLLM 0.32.0, earlier ``gptq_marlin.py``'s ``GPTQMarlinConfig``), with group sizes
 ``MARLIN_SUPPORTED_GROUP_SIZES = [-1, 32, 64, 128]`` (``utils/marlin_utils.py``). The CPU build serves the folder
-through ``CPUWNA16LinearKernel`` (``make serve-check``). A symmetric 2- or 3-bit grid embeds exactly in the symmetric 4-bit one: ``w = s (q - z) =
-s (q4 - 8)`` for ``q4 = q - z + 8``, the same scales, so the checkpoint holds the same weights in codes Marlin
-runs (a 4-bit checkpoint's bits on disk and in memory; the recovered accuracy of the low-bit grid). vLLM's LoRA
+through ``CPUWNA16LinearKernel`` (``make serve-check``). A symmetric 2- or 3-bit grid embeds exactly in the
+symmetric 4-bit one: ``w = s (q - z) = s (q4 - 8)`` for ``q4 = q - z + 8``, the same scales, so the checkpoint
+holds the same weights in codes Marlin runs (a 4-bit checkpoint's bits on disk and in memory; the recovered
+accuracy of the low-bit grid). vLLM's LoRA
 reads ``r``, ``lora_alpha`` and ``target_modules`` of ``adapter_config.json`` and ignores PEFT's
 ``rank_pattern`` / ``alpha_pattern`` (``vllm/lora/peft_helper.py``, ``PEFTHelper``), so every module's factors
 are zero-padded to one rank ``r`` with ``lora_alpha = r`` (scaling 1 in PEFT and in vLLM: the adapter stays
