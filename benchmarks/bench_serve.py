@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import row, table  # noqa: E402
-from serve_check import ROOT, SHORT, start_server, wait_ready  # noqa: E402
+from serve_check import ROOT, export_run, start_server, stop_server, wait_ready  # noqa: E402
 
 from gift_quant import exports  # noqa: E402
 from gift_quant.gptq_lora_format import max_lora_rank  # noqa: E402
@@ -77,8 +76,7 @@ def served_rows(python: str, folder: Path, port: int, models: list[str], prompt:
             wall = time.time() - t0
             rows.append((model, ttft, (n - 1) / decode, sum(r[2] for r in results) / wall))
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        stop_server(server)
     return rows
 
 
@@ -102,13 +100,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8732)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    from gift_quant.pipeline import recover
-    from gift_quant.recipe_file import load_recipe
-
     run = Path(args.run)
-    short = [*SHORT[:-1], "export.formats=[gptq4_lora, gift, dense]"]
-    recover(load_recipe("smollm2-135m-instruct-w3", [*short, f"output_dir={run}"]))
-    folder = run / "export" / "gptq4_lora"
+    folder = export_run(run, ("gptq4_lora", "gift", "dense"))
     prompt = load_tokenizer(str(folder))(PROMPT, add_special_tokens=False)["input_ids"]
     rank = max_lora_rank(json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"])
     rows = served_rows(args.vllm_python, folder, args.port, ["salient", str(folder)], prompt, args.tokens, rank,

@@ -41,8 +41,8 @@ from common import row, table  # noqa: E402
 from gift_quant import exports  # noqa: E402
 from gift_quant.gptq_lora_format import max_lora_rank, serve_command  # noqa: E402
 
-SHORT = ["calibration.n_samples=8", "train.steps=4", "train.distill=0", "train.distill_topk=null", "eval.baselines=[]", "eval.tasks=[]",
-         "eval.ppl_max_windows=2", "export.formats=[gptq4_lora, gift]"]
+SHORT = ["calibration.n_samples=8", "train.steps=4", "train.distill=0", "train.distill_topk=null", "eval.baselines=[]",
+         "eval.tasks=[]", "eval.ppl_max_windows=2"]
 PROMPTS = ["The capital of France is Paris, and the capital of Germany is Berlin. The capital of Italy is",
            "Water boils at a temperature of 100 degrees Celsius at sea level, but on a high mountain it boils at",
            "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) +",
@@ -50,12 +50,13 @@ PROMPTS = ["The capital of France is Paris, and the capital of Germany is Berlin
            "The three primary colors are red, yellow and blue. When you mix red and yellow you get"]
 
 
-def export_run(run: Path) -> Path:
-    """The demo recipe, cut short, exported as gptq4_lora and gift into ``run``; its gptq4_lora folder."""
+def export_run(run: Path, formats: tuple[str, ...] = ("gptq4_lora", "gift")) -> Path:
+    """The demo recipe, cut short (``SHORT``), exported in ``formats`` into ``run``; its gptq4_lora folder."""
     from gift_quant.pipeline import recover
     from gift_quant.recipe_file import load_recipe
 
-    recover(load_recipe("smollm2-135m-instruct-w3", [*SHORT, f"output_dir={run}"]))
+    recover(load_recipe("smollm2-135m-instruct-w3",
+                        [*SHORT, f"export.formats=[{', '.join(formats)}]", f"output_dir={run}"]))
     return run / "export" / "gptq4_lora"
 
 
@@ -68,6 +69,15 @@ def start_server(python: str, folder: Path, port: int, rank: int | None, log: Pa
     env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     print("serving:", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server ``start_server`` started, with all its processes (killed where they outlive a minute)."""
+    os.killpg(server.pid, 15)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, 9)
 
 
 def wait_ready(server: subprocess.Popen, port: int, log: Path, timeout: float) -> None:
@@ -148,11 +158,7 @@ def main() -> None:
         continuations = [complete(args.port, "salient", p, args.tokens)["ids"] for p in prompts]
         request_s = time.time() - t0
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
+        stop_server(server)
     ours = {"gptq4_lora (ours)": ours_next(mine, prefixes), "gift (ours)": ours_next(gift, prefixes)}
     with_adapter = [(s["ids"][0], s["logprobs"][0]) for s in served["salient"]]
     base_only = [s["ids"][0] for s in served[str(folder)]]
