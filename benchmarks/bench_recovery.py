@@ -41,6 +41,8 @@ G128 = ["saliency.k=8", "saliency.k_overrides={down_proj: 24}", "quant.group_siz
 NO_SALIENT = ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *RECONSTRUCT,
               "reconstruct.learn_scales=true", "reconstruct.scales_lr=1e-4", "train.learn_scales=true",
               "train.scales_lr=1e-4"]
+# issue 43: every weight trained block by block (latent weights on the grid, scales), the salient columns with them
+WEIGHTS = [*RECONSTRUCT, "reconstruct.train=weights", "reconstruct.weights_lr=1e-4", "reconstruct.scales_lr=1e-4"]
 VARIANTS: dict[str, list[str]] = {
     "today": [],
     "reconstruct (fp inputs)": RECONSTRUCT,
@@ -72,6 +74,8 @@ VARIANTS: dict[str, list[str]] = {
     "g128 k8, top-32 distill": [*G128, *TOPK],
     "g128 k8, reconstruct": [*G128, *RECONSTRUCT],
     "g128 k8, reconstruct + top-32 distill": [*G128, *RECONSTRUCT, *TOPK],
+    "every weight, from fp": [*WEIGHTS, "reconstruct.init=fp"],
+    "every weight, from gptq": [*WEIGHTS, "reconstruct.init=quantized"],
 }
 
 

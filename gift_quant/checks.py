@@ -100,8 +100,10 @@ def _check_without_full_precision(recipe: Recipe) -> None:
         raise RecipeError(f"train.distill = {recipe.train.distill}: distillation needs the full-precision model "
                           f"as teacher; set model.full_precision or train.distill: 0")
     if recipe.reconstruct.enabled:
-        raise RecipeError("reconstruct.enabled = true: reconstruction trains each block against the full-precision "
-                          "block; set model.full_precision or reconstruct.enabled: false")
+        what = "every weight from the full-precision weights" if recipe.reconstruct.train == "weights" else "each block"
+        raise RecipeError(f"reconstruct.enabled = true (reconstruct.train = {recipe.reconstruct.train}): reconstruction "
+                          f"trains {what} against the full-precision block; set model.full_precision or "
+                          "reconstruct.enabled: false")
 
 
 def _check_same_model(recipe: Recipe, ck: GPTQCheckpoint) -> None:

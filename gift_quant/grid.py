@@ -71,6 +71,38 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return dequantize(quantize(w, scale, zero, bits), scale, zero)
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward (exactly: ``x + (round(x) - x).detach()`` may be off by a rounding), identity backward
+    (the straight-through estimator)."""
+    return _RoundSTE.apply(x)
+
+
+def fake_quantize_ste(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                      g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale * (clamp(round(w / scale) + zero, 0, maxq) - zero)`` of a weight ``(out, in)`` on its grid
+    (``scale``, ``zero``: ``(out, n_groups)``), differentiable in all three (EfficientQAT's quantizer).
+
+    The roundings (of ``w / scale`` and of a trained zero point) pass gradients straight through; the clamp passes
+    none to a weight beyond the grid's ends. So, per weight, with ``q`` its code: ``d/dw = 1`` inside the grid and 0
+    beyond it; ``d/dscale = q - zero - w / scale`` inside and ``q - zero`` beyond; ``d/dzero = 0`` inside (it
+    cancels) and ``-scale`` beyond. Its value is exactly ``dequantize(quantize(w, s, z), s, z)`` with ``z`` rounded:
+    the codes a trained latent weight freezes to give what training saw."""
+    n_in = w.shape[1]
+    s = expand_groups(scale, group_size, n_in, g_idx)
+    z = expand_groups(round_ste(zero).clamp(0, maxq(bits)), group_size, n_in, g_idx)
+    return (torch.clamp(round_ste(w / s) + z, 0, maxq(bits)) - z) * s
+
+
 def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(scale, zero)`` of shape ``(rows, 1)`` for a 2-D ``w``.
 

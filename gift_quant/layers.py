@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .grid import QuantizedWeight, expand_groups, nonsalient_mask
+from .grid import QuantizedWeight, expand_groups, fake_quantize_ste, maxq, nonsalient_mask, quantize
 from .kernels import Packed, pack
 from .noise import NoiseKind, draw, noise_step
 from .pack import static_g_idx
@@ -55,7 +55,11 @@ class QuantBase(nn.Module):
         The codes are cast first and the grid parameters (one per row and group) broadcast onto them in
         place over an ``(out, groups, group_size)`` view; expanding scale and zero to ``(out, in)`` would
         add two weight-sized copies to every forward, recompute and backward. Act-order checkpoints
-        (``g_idx``) gather their parameters per column instead."""
+        (``g_idx``) gather their parameters per column instead. A base that trains its weights
+        (``learn_weights``) gives its latent weight quantized on the grid, differentiably."""
+        if self.trains_weights:
+            w = fake_quantize_ste(self.latent, self.scale, self.zero, self.bits, self.group_size, self.g_idx)
+            return torch.where(self.keep, w, 0.0).to(dtype)
         out, n = self.codes.shape
         w = self.codes.to(dtype)
         s, z = self.scale.to(dtype), self.zero.to(dtype)
@@ -74,8 +78,39 @@ class QuantBase(nn.Module):
 
     def learn_scales(self) -> None:
         """Make the grid's scales a trained parameter (the codes and zero points stay frozen)."""
-        scale = self._buffers.pop("scale")
-        self.scale = nn.Parameter(scale, requires_grad=True)
+        if not isinstance(self.scale, nn.Parameter):
+            self.scale = nn.Parameter(self._buffers.pop("scale"), requires_grad=True)
+
+    def learn_weights(self, latent: torch.Tensor, keep: torch.Tensor) -> None:
+        """Train every weight (EfficientQAT's Block-AP): ``latent`` (out, in), a full-precision weight quantized in
+        each forward on the grid (``grid.fake_quantize_ste``), becomes a parameter with the grid's scales and, where
+        the grid is asymmetric (some zero point off the middle code), its zero points. Only the columns in ``keep``
+        (in,) count; the others (the salient columns) stay zero. ``freeze`` turns it back into codes."""
+        self.keep = keep.bool()
+        self.latent = nn.Parameter(torch.where(self.keep, latent.float(), 0.0).to(self.codes.device))
+        self.learn_scales()
+        if not bool((self.zero == 2 ** (self.bits - 1)).all()):
+            self.zero = nn.Parameter(self._buffers.pop("zero"), requires_grad=True)
+
+    @property
+    def trains_weights(self) -> bool:
+        return "latent" in self._parameters
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """After ``learn_weights``: the codes of the latent weight (the quantized columns'; the salient columns keep
+        theirs) with the zero points rounded as the forward rounds them; scales and zeros buffers again."""
+        n = self.codes.shape[1]
+        scale, zero = self.scale.detach().clone(), self.zero.detach().round().clamp(0, maxq(self.bits))
+        codes = quantize(self.latent, expand_groups(scale, self.group_size, n, self.g_idx),
+                         expand_groups(zero, self.group_size, n, self.g_idx), self.bits).to(torch.uint8)
+        self.codes = torch.where(self.keep, codes, self.codes)
+        for name in ("latent", "scale", "zero"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        del self.keep
 
     def scale_grad(self, grad_w: torch.Tensor) -> torch.Tensor:
         """``d loss / d scale`` from the gradient of the frozen weight ``grad_w`` (out, in) float32: the sum over
@@ -185,19 +220,29 @@ class SalientLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(device)
         return cls(DenseBase(w, idx), idx, w[:, idx], bias, step, noise, w.dtype)
 
+    @property
+    def trains_weights(self) -> bool:
+        return isinstance(self.base, QuantBase) and self.base.trains_weights
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """What in the layer trains, by role (each role its own learning rate): ``columns``, the salient weights;
-        ``scales``, the grid's scales where they are learned (``learn_scales``)."""
-        scale = self.base.scale if isinstance(self.base, QuantBase) else None
+        ``scales`` and ``zeros``, the grid's where they are learned (``learn_scales``, ``learn_weights``);
+        ``weights``, the latent weight of the quantized columns (``learn_weights``)."""
+        base = self.base._parameters if isinstance(self.base, QuantBase) else {}
         return {"columns": [self.salient_weight],
-                "scales": [scale] if isinstance(scale, nn.Parameter) and scale.requires_grad else []}
+                **{role: [base[name]] if base.get(name) is not None and base[name].requires_grad else []
+                   for role, name in (("scales", "scale"), ("zeros", "zero"), ("weights", "latent"))}}
 
     def write_to(self, qw: QuantizedWeight) -> None:
         """Put what training changed into ``qw``, the layer's grid as quantized (on its device): the salient columns,
-        and the scales (learned or not, they are the grid's); codes, zero points and indices never change."""
+        and the grid (learned or not): scales, and codes and zero points, which only ``learn_weights`` changes (its
+        latent weight frozen first); bits, groups and indices never change."""
+        if self.trains_weights:
+            self.base.freeze()
         qw.salient_weight = self.salient_weight.detach().to(qw.codes.device, copy=True)
-        if isinstance(self.base, QuantBase):
-            qw.scale = self.base.scale.detach().to(qw.codes.device, copy=True)
+        if isinstance(self.base, QuantBase):  # the base holds the salient columns' codes at the zero point: not those
+            qw.codes = torch.where(self.noise_mask().to(qw.codes.device), self.base.codes.to(qw.codes.device), qw.codes)
+            qw.scale, qw.zero = (t.detach().to(qw.codes.device, copy=True) for t in (self.base.scale, self.base.zero))
 
     def noise_mask(self) -> torch.Tensor:
         return nonsalient_mask(self.in_features, self.salient_idx)
@@ -225,7 +270,8 @@ class SalientLinear(nn.Module):
         y = self._packed_product(x) if seed is None else None
         if y is None:
             scale = self.base.scale if isinstance(self.base, QuantBase) and self.base.scale.requires_grad else None
-            y = _FrozenProduct.apply(x, self, seed, scale)
+            y = _FrozenProduct.apply(x, self, seed, scale) if not self.trains_weights else \
+                F.linear(x.to(compute_dtype(x)), self.base_weight(compute_dtype(x), seed))  # autograd to the base
         y = y + x[..., self.salient_idx] @ self.salient_weight.to(x.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -235,7 +281,7 @@ class SalientLinear(nn.Module):
         """The frozen product through a packed integer kernel (``kernels``): for inference, where no gradient
         flows to ``x`` and there is no noise (eval mode: training keeps the dequantized product, so its numbers
         do not depend on which kernels a machine has); None where no kernel takes the grid."""
-        if self.training or not isinstance(self.base, QuantBase) or (torch.is_grad_enabled() and (
+        if self.training or not isinstance(self.base, QuantBase) or self.trains_weights or (torch.is_grad_enabled() and (
                 x.requires_grad or self.base.scale.requires_grad)):
             return None
         dtype = compute_dtype(x)
@@ -290,9 +336,18 @@ def salient_layers(model: nn.Module) -> dict[str, SalientLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SalientLinear)}
 
 
+def learn_weights(model: nn.Module, start: dict[str, torch.Tensor] | None = None) -> None:
+    """Every quantized GIFT-SW layer trains its quantized columns' weights as well (``QuantBase.learn_weights``),
+    from ``start[name]`` (the full-precision weight) or, without it, from its own dequantized codes."""
+    for name, layer in salient_layers(model).items():
+        if isinstance(layer.base, QuantBase):
+            w = layer.base.weight(torch.float32) if start is None else start[name].to(layer.base.codes.device)
+            layer.base.learn_weights(w, layer.noise_mask())
+
+
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The trained parameters of every GIFT-SW layer of ``model``, by role (``SalientLinear.param_groups``)."""
-    groups: dict[str, list[nn.Parameter]] = {"columns": [], "scales": []}
+    groups: dict[str, list[nn.Parameter]] = {"columns": [], "scales": [], "zeros": [], "weights": []}
     for layer in salient_layers(model).values():
         for role, params in layer.param_groups().items():
             groups[role] += params

@@ -213,7 +213,22 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
                 inputs if fits else 4 * b * s * h * p,
             "one batch forward and backward": per_block,
             "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p,
-            "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_model_on_cpu(shape, recipe, device)}
+            "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
+            **_model_on_cpu(shape, recipe, device)}
+
+
+def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
+    """``reconstruct.train: weights``: every linear of the block a float32 latent weight with its gradient and AdamW's
+    two moments (16 bytes an entry, the grid's parameters alike), and the fake-quantized weights the backward keeps
+    (``grid.fake_quantize_ste``: the expanded scales, the clamp's input, ``codes - zero`` and the weight the product
+    saves, with the gradient being formed: 6 float32 tensors a weight entry, counted from the autograd graph)."""
+    if recipe.reconstruct.train != "weights":
+        return {}
+    g = recipe.quant.group_size
+    weights = sum(lin.n_in * lin.n_out for lin in shape.linears)
+    grid = sum(lin.n_out * (1 if g == -1 else math.ceil(lin.n_in / g)) for lin in shape.linears)
+    return {"latent weights, grid, gradients, AdamW moments (float32)": 16 * (weights + 2 * grid),
+            "fake-quantized weights kept for backward (float32)": 6 * 4 * weights}
 
 
 def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:

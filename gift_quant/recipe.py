@@ -195,8 +195,19 @@ class ReconstructSpec(_Section):
     epochs: int = Field(2, ge=1, description="passes over the calibration windows per block")
     batch_size: int = Field(4, ge=1, description="calibration windows per step")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the salient columns (cosine to 0 per block)")
-    learn_scales: bool = Field(False, description="also train the grid's per-row / per-group scales (codes unchanged)")
-    scales_lr: float = Field(1e-5, gt=0, description="learning rate of the scales")
+    train: Literal["columns", "weights"] = Field(
+        "columns", description="what trains: the salient columns (codes fixed), or every weight: "
+        "each quantized column a latent full-precision weight rounded onto the grid in the forward pass (straight-"
+        "through gradients) with the grid's scales and asymmetric zero points, the codes re-derived once the block "
+        "is done (EfficientQAT's Block-AP, with the salient columns in full precision)")
+    init: Literal["quantized", "fp"] = Field(
+        "quantized", description="train: weights: where the latent weights start: the quantize stage's result (GPTQ's "
+        "or RTN's codes on its grid) or the full-precision weights (rounded onto the same grid)")
+    weights_lr: float = Field(1e-5, gt=0, description="learning rate of the latent weights (train: weights)")
+    learn_scales: bool = Field(False, description="also train the grid's per-row / per-group scales (train: columns; "
+                                                   "train: weights always trains them)")
+    scales_lr: float = Field(1e-5, gt=0, description="learning rate of the grid: scales, and zero points of an "
+                                                      "asymmetric grid under train: weights")
     noise: Literal["gaussian", "uniform", "none"] = Field("none", description="noise on the frozen quantized weights "
                                                          "while a block trains (GIFT-SW's, on the train noise grid)")
     noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise")

@@ -1,8 +1,12 @@
-"""Block-wise reconstruction: each decoder block's salient columns trained against the full-precision block.
+"""Block-wise reconstruction: each decoder block trained against the full-precision block.
 
 After quantization, block ``i`` with GIFT-SW layers on its codes is trained alone to reproduce what the
-full-precision block gives on the calibration windows (EfficientQAT's Block-AP, with the salient columns,
-and optionally the grid's scales, as what learns; the codes stay):
+full-precision block gives on the calibration windows (EfficientQAT's Block-AP). What learns (``train``): the salient
+columns, and optionally the grid's scales, the codes fixed (``columns``); or every weight (``weights``): each
+quantized column a latent full-precision weight rounded onto the grid in the forward pass with straight-through
+gradients (``grid.fake_quantize_ste``), the grid's scales and asymmetric zero points, the salient columns in full
+precision as before. The latent weights start from the quantize stage's codes or from the full-precision weights
+(``init``) and are frozen to codes when the block is done; bits, groups and salient indices never change:
 
     loss_i = mean( (block_i^q(x_i) - block_i(x_i^fp))^2 ),   x_i^fp the full-precision model's input to block i
 
@@ -34,7 +38,7 @@ from .calibrate import BlockInputs, block_inputs, block_output, inputs_fit, of_k
 from .checkpoint import CheckpointError
 from .families import decoder_layers, layer_types
 from .grid import QuantizedWeight
-from .layers import learn_scales, merge_to_dense, param_groups, salient_layers, wrap_quantized
+from .layers import learn_scales, learn_weights, merge_to_dense, param_groups, salient_layers, wrap_quantized
 from .recipe import ReconstructSpec
 from .rundir import load_piece, save_piece
 from .train import SMALLEST_SCALE, trainable_state
@@ -62,14 +66,13 @@ def _mean_loss(block: nn.Module, batches: list, targets: list, inputs: BlockInpu
 
 def train_block(block: nn.Module, batches: list, targets: list, spec: ReconstructSpec, inputs: BlockInputs,
                 seed: int) -> None:
-    """``spec.epochs`` passes over the batches in a seeded order; AdamW on the salient columns (and the scales),
-    cosine to 0; scales kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
+    """``spec.epochs`` passes over the batches in a seeded order; AdamW on what the block's layers train (salient
+    columns; scales; latent weights and zero points), a learning rate a role, cosine to 0, no weight decay; scales
+    kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
     without touching the run's random state."""
     roles = param_groups(block)
-    groups, scales = [{"params": roles["columns"], "lr": spec.lr}], roles["scales"]
-    if scales:
-        groups.append({"params": scales, "lr": spec.scales_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    lrs = {"columns": spec.lr, "weights": spec.weights_lr, "scales": spec.scales_lr, "zeros": spec.scales_lr}
+    opt = torch.optim.AdamW([{"params": roles[r], "lr": lr} for r, lr in lrs.items() if roles[r]], weight_decay=0.0)
     steps = spec.epochs * len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     order = torch.Generator().manual_seed(seed)
@@ -84,7 +87,7 @@ def train_block(block: nn.Module, batches: list, targets: list, spec: Reconstruc
             opt.zero_grad(set_to_none=True)
             sched.step()
             with torch.no_grad():
-                for s in scales:
+                for s in roles["scales"]:
                     s.clamp_(min=SMALLEST_SCALE)
     block.eval()
 
@@ -116,10 +119,14 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
         targets = _outputs(block, fp_i, inputs)
         prefix = names[block] + "."
         mine = {n.removeprefix(prefix): qw for n, qw in results.items() if n.startswith(prefix)}
+        start = {n: block.get_submodule(n).weight.detach() for n in mine} if spec.init == "fp" else None
         wrap_quantized(block, mine, spec.noise, spec.noise_bits, device)
         block.eval()  # new layers are built in training mode: no noise outside train_block
-        if spec.learn_scales:
+        if spec.train == "weights":
+            learn_weights(block, start)
+        elif spec.learn_scales:
             learn_scales(block)
+        del start
         train_on = quant_i if spec.inputs == "quantized" else fp_i
         path = work / f"block-{i:03d}.safetensors"
         done = load_piece(path, key, "reconstruct")

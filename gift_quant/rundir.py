@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import gptq_checkpoint
-from .checkpoint import CheckpointError, read_json
+from .checkpoint import CheckpointError, read_json, read_safetensors
 from .integrity import check_hashes
 from .sources import load_model
 
@@ -108,15 +108,24 @@ def save_piece(path: Path, tensors: dict[str, torch.Tensor], key: str, **meta: s
 
 
 def load_piece(path: Path, key: str, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """A finished piece's tensors and metadata; None where there is none. One of another recipe is refused."""
-    from safetensors import safe_open
-
+    """A finished piece's tensors and metadata; None where there is none, or where it is damaged (named in the log and
+    deleted: the stage redoes it). One of another recipe is refused."""
     if not path.exists():
         return None
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        _check_piece(path, meta.get("key", ""), key, stage)
-        return {n: f.get_tensor(n) for n in f.keys()}, meta
+    try:
+        tensors, meta = read_safetensors(path, fix=REDO_PIECE)
+    except CheckpointError as e:
+        return _drop(path, e)
+    _check_piece(path, meta.get("key", ""), key, stage)
+    return tensors, meta
+
+
+REDO_PIECE = "deleted, the stage redoes this piece"
+
+
+def _drop(path: Path, e: CheckpointError) -> None:
+    log.warning("%s", e)
+    path.unlink()
 
 
 def _check_piece(path: Path, saved: str, key: str, stage: str) -> None:
@@ -128,11 +137,13 @@ def _check_piece(path: Path, saved: str, key: str, stage: str) -> None:
 def piece_checker(stage: str) -> Callable[[Path, str], None]:
     """``Stage.check_work`` of a stage that keeps pieces: every piece in its work folder has the stage key."""
     def check(folder: Path, key: str) -> None:
-        from safetensors import safe_open
-
         for path in sorted(Path(folder).glob("*.safetensors")):
-            with safe_open(path, "pt") as f:
-                _check_piece(path, (f.metadata() or {}).get("key", ""), key, stage)
+            try:
+                meta = read_safetensors(path, keep=lambda _name: False, fix=REDO_PIECE)[1]
+            except CheckpointError as e:
+                _drop(path, e)
+                continue
+            _check_piece(path, meta.get("key", ""), key, stage)
     return check
 
 

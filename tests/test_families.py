@@ -17,8 +17,12 @@ from .conftest import needs_gptqmodel, recipe, tweak
 from .helpers import family_folder
 
 FORMATS = ("dense", "gift", "gptq_lora", "gptq4_lora")
-CASES = [pytest.param(f, dtype, marks=() if f.name == "llama" else pytest.mark.slow, id=f"{f.name}-{dtype}")
+CASES = [pytest.param(f, dtype, {}, marks=() if f.name == "llama" else pytest.mark.slow, id=f"{f.name}-{dtype}")
          for f in FAMILIES for dtype in ("float32", "bfloat16")]
+# every weight reconstructed block by block (new codes and grid) before training: the exports and kernels take it alike
+EVERY_WEIGHT = {"reconstruct.enabled": True, "reconstruct.train": "weights", "reconstruct.init": "fp",
+                "reconstruct.epochs": 1, "reconstruct.weights_lr": 1e-3, "reconstruct.scales_lr": 1e-4}
+CASES.append(pytest.param(FAMILIES[0], "bfloat16", EVERY_WEIGHT, id="llama-bfloat16-every-weight"))
 
 
 def scored(model, r, tok) -> float:
@@ -28,8 +32,8 @@ def scored(model, r, tok) -> float:
 
 
 @needs_gptqmodel
-@pytest.mark.parametrize("family,dtype", CASES)
-def test_the_family_runs_whole_and_every_export_scores_as_reported(family, dtype, tmp_path):
+@pytest.mark.parametrize("family,dtype,sets", CASES)
+def test_the_family_runs_whole_and_every_export_scores_as_reported(family, dtype, sets, tmp_path):
     from gift_quant import exports
 
     folder = family_folder(family, tmp_path / "model")
@@ -37,11 +41,12 @@ def test_the_family_runs_whole_and_every_export_scores_as_reported(family, dtype
     r = tweak(recipe(folder, out, FORMATS), **{"model.dtype": dtype, "export.dtype": dtype,
                                               "saliency.targets": list(family.projections),
                                               "saliency.k_overrides": {"down_proj": 8},
-                                              "eval.baselines": ["fp", "rtn", "gptq", "salient", "lora"]})
+                                              "eval.baselines": ["fp", "rtn", "gptq", "salient", "lora"], **sets})
     recover(r)
     results = json.loads((out / "evaluate/results.json").read_text())
     lora = next(label for label in results if "LoRA" in label)
-    assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GPTQ W3 + salient columns", "GIFT-SW W3", lora}
+    untrained = {"GPTQ W3 + salient columns"} | ({"GPTQ W3 + salient columns reconstructed"} if sets else set())
+    assert set(results) == {"full precision", "RTN W3", "GPTQ W3", "GIFT-SW W3", lora} | untrained
     assert all(math.isfinite(row["ppl"]) for row in results.values())
     assert results["GIFT-SW W3"]["source"] == "export/gift" and results[lora]["source"] == "lora/export"
     want = torch.float32 if dtype == "float32" else torch.bfloat16

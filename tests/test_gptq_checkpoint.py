@@ -252,9 +252,11 @@ def test_import_recipes_are_checked_before_any_weights_load(checkpoints, fp_fold
     with pytest.raises(RecipeError, match="train.distill = 1.0"):
         pipeline.recover(imported(saliency=quik, train=base.train.model_copy(update={"distill": 1.0}),
                                   eval=base.eval.model_copy(update={"baselines": ["salient"]})))
-    with pytest.raises(RecipeError, match="reconstruct.enabled = true: reconstruction trains each block against"):
-        pipeline.recover(imported(saliency=quik, reconstruct=base.reconstruct.model_copy(update={"enabled": True}),
-                                  eval=base.eval.model_copy(update={"baselines": ["salient"]})))
+    for train, what in (("columns", "each block"), ("weights", "every weight from the full-precision weights")):
+        with pytest.raises(RecipeError, match=rf"reconstruct.enabled = true \(reconstruct.train = {train}\): "
+                           rf"reconstruction trains {what} against .* set model.full_precision"):
+            pipeline.recover(imported(saliency=quik, reconstruct=base.reconstruct.model_copy(
+                update={"enabled": True, "train": train}), eval=base.eval.model_copy(update={"baselines": ["salient"]})))
     from gift_quant.recipe_file import parse_recipe
 
     data = base.model_dump(mode="json")

@@ -9,7 +9,9 @@ from gift_quant.grid import (
     dequantize,
     expand_groups,
     fake_quantize,
+    fake_quantize_ste,
     grid_params,
+    maxq,
     quantize,
     row_params,
     rtn,
@@ -182,3 +184,32 @@ def test_quantizers_never_build_a_graph():
     qw = rtn(w, Grid(3, clip_min=0.5, clip_steps=5), torch.tensor([1]))
     qg = gptq(w, torch.eye(32), Grid(3, clip_min=0.5, clip_steps=5), torch.tensor([1]))
     assert not any(t.requires_grad for q in (qw, qg) for t in (q.scale, q.zero, q.salient_weight))
+
+
+@pytest.mark.parametrize("group_size", [-1, 4])
+@pytest.mark.parametrize("sym", [True, False])
+def test_straight_through_gradients_are_the_hand_derived_ones(group_size, sym):
+    """``fake_quantize_ste``'s gradients against the derivation in its docstring, weight by weight, summed over each
+    row's group for the grid (a weight beyond the grid's ends clamps: no gradient to it, ``-scale`` to its zero point);
+    and its value is the dequantized codes of ``quantize``. Weights drawn wide enough that some clamp."""
+    torch.manual_seed(0)
+    bits, out, n = 3, 5, 12
+    w = torch.randn(out, n) * 2
+    scale, zero = grid_params(w * 0.5, Grid(bits, group_size, sym=sym))  # a grid half as wide: a share clamps
+    zero = zero + (0 if sym else 0.3)  # a trained, off-integer zero point: the forward rounds it
+    w_, s_, z_ = (t.clone().requires_grad_() for t in (w, scale, zero))
+    upstream = torch.randn(out, n)
+    (fake_quantize_ste(w_, s_, z_, bits, group_size) * upstream).sum().backward()
+
+    s, z = expand_groups(scale, group_size, n), expand_groups(zero.round(), group_size, n)
+    q = quantize(w, s, z, bits)
+    inside = (torch.round(w / s) + z >= 0) & (torch.round(w / s) + z <= maxq(bits))
+    assert 0 < inside.sum() < inside.numel()
+    torch.testing.assert_close(fake_quantize_ste(w, scale, zero, bits, group_size), (q - z) * s)
+    torch.testing.assert_close(w_.grad, upstream * inside)
+    ds = upstream * torch.where(inside, q - z - w / s, q - z)
+    dz = upstream * torch.where(inside, 0.0, -s)
+    groups = torch.arange(n) // (n if group_size == -1 else group_size)
+    for name, per_weight, got in (("scale", ds, s_.grad), ("zero", dz, z_.grad)):
+        want = torch.zeros_like(scale).index_add_(1, groups, per_weight)
+        torch.testing.assert_close(got, want, msg=name)

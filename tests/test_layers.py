@@ -165,7 +165,7 @@ def test_a_layer_names_what_trains_and_writes_it_back_to_its_grid():
     model = nn.Sequential(nn.Linear(40, 24, bias=False))
     wrap_quantized(model, {"0": replace(qw)}, "none", 4)
     layer = model[0]
-    assert param_groups(model) == {"columns": [layer.salient_weight], "scales": []}
+    assert param_groups(model) == {"columns": [layer.salient_weight], "scales": [], "zeros": [], "weights": []}
     learn_scales(model)
     groups = param_groups(model)
     assert groups["columns"][0] is layer.salient_weight and groups["scales"][0] is layer.base.scale
@@ -178,6 +178,43 @@ def test_a_layer_names_what_trains_and_writes_it_back_to_its_grid():
     assert torch.equal(back.scale, qw.scale * 1.25) and torch.equal(back.salient_weight, qw.salient_weight + 0.5)
     rebuilt = SalientLinear.from_quantized(back, None, "none", 4)
     assert torch.equal(rebuilt.effective_weight(), layer.effective_weight())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_a_layer_that_trains_every_weight_freezes_to_the_codes_it_computed_with(sym):
+    """``learn_weights`` from the full-precision weight: the latent weight, scales and (asymmetric grid only) zero
+    points train; the salient columns add nothing to the base; ``write_to`` freezes the latent weight to codes that
+    give the very weight the layer computed with (salient columns' codes kept), and a layer rebuilt from the grid
+    computes the same."""
+    from dataclasses import replace
+
+    from gift_quant.layers import learn_weights, param_groups
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(3))
+    salient = torch.tensor([2, 9, 31])
+    qw = rtn(w, Grid(3, 8, sym=sym), salient)
+    model = nn.Sequential(nn.Linear(40, 24, bias=False))
+    wrap_quantized(model, {"0": replace(qw)}, "none", 4)
+    layer = model[0]
+    learn_weights(model, {"0": w + 0.1})
+    groups, base = param_groups(model), layer.base
+    assert groups["weights"] == [base.latent] and groups["scales"] == [base.scale]
+    assert groups["zeros"] == ([] if sym else [base.zero])
+    torch.testing.assert_close(base.latent[:, 3], w[:, 3] + 0.1)
+    assert not base.latent[:, salient].any()
+    with torch.no_grad():
+        base.scale.mul_(1.1)
+        base.zero.add_(0 if sym else 0.4)
+    model(torch.randn(2, 40)).sum().backward()
+    assert base.latent.grad[:, 3].abs().sum() > 0 and not base.latent.grad[:, salient].any()
+    want = layer.effective_weight().detach()
+    back = replace(qw)
+    layer.write_to(back)
+    assert not layer.trains_weights and int(back.codes.max()) <= 7
+    assert torch.equal(back.codes[:, salient], qw.codes[:, salient]) and torch.equal(back.zero, back.zero.round())
+    assert not torch.equal(back.codes, qw.codes)
+    torch.testing.assert_close(back.effective_weight(), want)
+    torch.testing.assert_close(SalientLinear.from_quantized(back, None, "none", 4).effective_weight(), want)
 
 
 def test_merging_releases_each_layer_as_its_linear_takes_its_place(monkeypatch):

@@ -77,6 +77,15 @@ def test_llama2_7b_reconstruct_plan_by_hand():
     assert parts["one batch forward and backward"] == b * s * (12 * h + 5 * i) * 2
     assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * 128 * (5 * h + 2 * i)
     assert sum(parts.values()) <= 22 * GiB
+    assert not any("latent" in name for name in parts)
+    weights = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["reconstruct.enabled=true", "model.dtype=bfloat16",
+                                                           "reconstruct.train=weights"])
+    more = plan_reconstruct(shape_of(meta_model(model_config(weights)), weights), weights, torch.device("cuda"),
+                            memory=24 * GiB)
+    linear, rows = 4 * h * h + 3 * h * i, 4 * h + 2 * i + h  # a block's linear weights, and their rows (one grid a row)
+    assert more["latent weights, grid, gradients, AdamW moments (float32)"] == 16 * (linear + 2 * rows)
+    assert more["fake-quantized weights kept for backward (float32)"] == 24 * linear
+    assert sum(more.values()) - sum(parts.values()) == 40 * linear + 32 * rows and sum(more.values()) <= 24 * GiB
 
 
 def test_plan_against_a_measured_peak_on_the_cpu():

@@ -69,6 +69,30 @@ def test_each_blocks_error_against_full_precision_falls_and_the_stage_reports_it
         assert losses[i]["after"] == pytest.approx(after, rel=1e-3)
 
 
+@pytest.mark.parametrize("init,lr", [("fp", 3e-4), ("quantized", 1e-3)])  # on its codes a weight must move half a step
+def test_every_weight_trained_lowers_each_blocks_error_and_freezes_to_codes_that_give_it(quantized, tmp_path, init, lr):
+    """train: weights. Each block's recorded losses are its real errors against the full-precision block (before: on
+    the quantize stage's codes where the latent weights start from them), training lowers them, and the codes the
+    latent weights freeze to (in range; salient indices, bits and the symmetric zero points unchanged) are the model
+    the stage leaves: each merged linear's weight is its ``QuantizedWeight``'s."""
+    fp, untrained, layers = quantized
+    model, trained, losses = _run(quantized, tmp_path, inputs="fp", train="weights", init=init, weights_lr=lr)
+    io = _block_io(fp)
+    for i, (x, kw, target) in enumerate(io):
+        after = _mse(decoder_layers(model)[i], x, kw, target)
+        assert losses[i]["after"] == pytest.approx(after, rel=1e-3)
+        assert after < 0.9 * losses[i]["before"], (i, losses[i])
+        if init == "quantized":
+            assert losses[i]["before"] == pytest.approx(_mse(decoder_layers(untrained)[i], x, kw, target), rel=1e-3)
+    changed = 0
+    for name, qw in trained.items():
+        assert int(qw.codes.max()) <= 7 and torch.equal(qw.salient_idx, layers[name].salient_idx)
+        assert torch.equal(qw.zero, layers[name].zero) and (qw.scale > 0).all()
+        torch.testing.assert_close(model.get_submodule(name).weight, qw.effective_weight())
+        changed += int((qw.codes != layers[name].codes).sum())
+    assert changed > 0
+
+
 def test_quantized_inputs_are_the_reconstructed_models_own(quantized, tmp_path):
     """inputs: quantized. Block i trains on what the reconstructed blocks before it give: the loss recorded after
     training equals block i's error on the reconstructed model's own input to it, against the full-precision block's
@@ -93,10 +117,12 @@ def test_learned_scales_move_the_scales_and_keep_the_codes(quantized, tmp_path):
     assert all(torch.equal(frozen[n].scale, qw.scale) for n, qw in layers.items())
 
 
-def test_a_kill_mid_stage_redoes_one_block_and_gives_the_uninterrupted_result(quantized, tmp_path, monkeypatch):
-    """Noise and learned scales on (the seeded parts): killed while block 1 trains, the rerun trains blocks 1 and 2
-    only and ends with the uninterrupted run's tensors, bit for bit."""
-    spec = {"noise": "gaussian", "learn_scales": True, "inputs": "quantized"}
+@pytest.mark.parametrize("spec", [{"noise": "gaussian", "learn_scales": True, "inputs": "quantized"},
+                                  {"noise": "gaussian", "train": "weights", "init": "fp", "inputs": "quantized"}],
+                         ids=["columns", "weights"])
+def test_a_kill_mid_stage_redoes_one_block_and_gives_the_uninterrupted_result(quantized, tmp_path, monkeypatch, spec):
+    """Noise and learned scales (or every weight) on (the seeded parts): killed while block 1 trains, the rerun trains
+    blocks 1 and 2 only and ends with the uninterrupted run's tensors, bit for bit."""
     _, whole, whole_losses = _run(quantized, tmp_path / "whole", **spec)
     trained = []
     real = reconstruct.train_block
@@ -116,8 +142,8 @@ def test_a_kill_mid_stage_redoes_one_block_and_gives_the_uninterrupted_result(qu
     _, resumed, losses = _run(quantized, tmp_path / "killed", **spec)
     assert len(calls) == 2 and losses == whole_losses
     for name, qw in whole.items():
-        assert torch.equal(resumed[name].salient_weight, qw.salient_weight)
-        assert torch.equal(resumed[name].scale, qw.scale)
+        for field in ("salient_weight", "scale", "codes", "zero"):
+            assert torch.equal(getattr(resumed[name], field), getattr(qw, field)), field
 
 
 def test_a_work_folder_of_another_recipe_is_refused(quantized, tmp_path):
@@ -128,3 +154,18 @@ def test_a_work_folder_of_another_recipe_is_refused(quantized, tmp_path):
         piece_checker("reconstruct")(tmp_path, "other")
     with pytest.raises(RunError, match="block-000.safetensors was written from a different recipe"):
         reconstruct.reconstruct_model(copy.deepcopy(fp), WINDOWS, copy.deepcopy(layers), spec, tmp_path, "other", 0)
+
+
+def test_a_damaged_finished_block_is_named_and_redone(quantized, tmp_path, caplog):
+    """A truncated ``block-001.safetensors`` (a disk that filled, a copy cut short): the stage's check and the rerun
+    name the file in the log, delete it and redo that block; the result is the uninterrupted run's."""
+    _, whole, whole_losses = _run(quantized, tmp_path / "whole")
+    _run(quantized, tmp_path / "damaged")
+    path = tmp_path / "damaged" / "block-001.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    piece_checker("reconstruct")(tmp_path / "damaged", "key")
+    assert not path.exists() and "block-001.safetensors: cannot read safetensors file" in caplog.text
+    path.write_bytes(b"\x00" * 7)  # not even a header length: read by the rerun itself
+    _, redone, losses = _run(quantized, tmp_path / "damaged")
+    assert losses == whole_losses and path.exists()
+    assert all(torch.equal(redone[n].salient_weight, qw.salient_weight) for n, qw in whole.items())
