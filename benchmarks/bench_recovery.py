@@ -43,6 +43,7 @@ NO_SALIENT = ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", 
               "train.scales_lr=1e-4"]
 # issue 43: every weight trained block by block (latent weights on the grid, scales), the salient columns with them
 WEIGHTS = [*RECONSTRUCT, "reconstruct.train=weights", "reconstruct.weights_lr=1e-4", "reconstruct.scales_lr=1e-4"]
+E2E = ["train.learn_scales=true", "train.scales_lr=1e-5"]  # EfficientQAT's E2E-QP learning rate of the scales
 VARIANTS: dict[str, list[str]] = {
     "today": [],
     "reconstruct (fp inputs)": RECONSTRUCT,
@@ -76,6 +77,13 @@ VARIANTS: dict[str, list[str]] = {
     "g128 k8, reconstruct + top-32 distill": [*G128, *RECONSTRUCT, *TOPK],
     "every weight, from fp": [*WEIGHTS, "reconstruct.init=fp"],
     "every weight, from gptq": [*WEIGHTS, "reconstruct.init=quantized"],
+    # the end-to-end stage after it (EfficientQAT's E2E-QP plus GIFT-SW): columns, scales and the top-32 teacher
+    "every weight, from fp, + top-32 distill + scales": [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E],
+    "every weight, from gptq, + top-32 distill + scales": [*WEIGHTS, "reconstruct.init=quantized", *TOPK, *E2E],
+    # the peer without salient columns at about the same bits on disk (groups of 32: 3.64 against 3.53)
+    "no salient columns, g32, every weight, from fp, + top-32 distill + scales":
+        ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *WEIGHTS, "reconstruct.init=fp", *TOPK,
+         *E2E],
 }
 
 

@@ -5,9 +5,11 @@
 * ``base`` is the frozen non-salient part, zero on the salient columns: integer codes with per-row
   or per-group scale/zero (``QuantBase``, one byte a weight) after quantization, or the original
   dense weight (``DenseBase``) for full-precision / pre-quantization GIFT-SW.
-* ``salient_weight`` (out, k) is the only trainable parameter, kept in float32 (the optimizer's master
-  copy) whatever the compute dtype. Its gradient comes from the small product with the gathered
-  inputs: no full weight gradient is ever formed.
+* ``salient_weight`` (out, k) is what trains, kept in float32 (the optimizer's master copy) whatever the
+  compute dtype. Its gradient comes from the small product with the gathered inputs: no full weight
+  gradient is ever formed. Optionally the grid's scales train too (``learn_scales``), or, block by block
+  in reconstruction, every quantized weight (``QuantBase.learn_weights``: a latent weight rounded onto the
+  grid in the forward pass, frozen back to codes afterwards).
 * In training mode noise is added to the base (see ``noise.py``); the frozen product is a custom
   autograd function that rebuilds the dequantized, noised weight from a seed in the backward pass
   instead of keeping it alive between forward and backward.
@@ -268,10 +270,12 @@ class SalientLinear(nn.Module):
         noisy = self.training and self.noise != "none" and self.noise_factor > 0
         seed = int(torch.randint(0, 2**62, (1,)).item()) if noisy else None
         y = self._packed_product(x) if seed is None else None
-        if y is None:
+        if y is None and self.trains_weights:  # the base is trained too: autograd through its fake-quantized weight
+            dtype = compute_dtype(x)
+            y = F.linear(x.to(dtype), self.base_weight(dtype, seed))
+        elif y is None:
             scale = self.base.scale if isinstance(self.base, QuantBase) and self.base.scale.requires_grad else None
-            y = _FrozenProduct.apply(x, self, seed, scale) if not self.trains_weights else \
-                F.linear(x.to(compute_dtype(x)), self.base_weight(compute_dtype(x), seed))  # autograd to the base
+            y = _FrozenProduct.apply(x, self, seed, scale)
         y = y + x[..., self.salient_idx] @ self.salient_weight.to(x.dtype).T
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
