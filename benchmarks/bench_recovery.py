@@ -112,6 +112,8 @@ def main() -> None:
     def run(v: str) -> dict:  # the finished runs it may copy stages from are those there when it starts
         return recover(work, slug[v], common + VARIANTS[v], [*extra, *sorted(work.iterdir())], env)
 
+    from transformers import AutoConfig  # noqa: F401 (its lazy import is not thread-safe: resolved before the pool)
+
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(args.variants, pool.map(run, args.variants)))
     table("variant", "--set", "bits/weight", "untrained", "before training", "trained", "95% interval",
