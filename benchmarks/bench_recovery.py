@@ -85,6 +85,12 @@ VARIANTS: dict[str, list[str]] = {
     "no salient columns, g32, every weight, from fp, + top-32 distill + scales":
         ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *WEIGHTS, "reconstruct.init=fp", *TOPK,
          *E2E],
+    # the scales at the learning rate the earlier no-column rows used (1e-4), with and without columns
+    "no salient columns, g32, every weight, from fp, + top-32 distill + scales 1e-4":
+        ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *WEIGHTS, "reconstruct.init=fp", *TOPK,
+         *E2E, "train.scales_lr=1e-4"],
+    "every weight, from fp, + top-32 distill + scales 1e-4": [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E,
+                                                              "train.scales_lr=1e-4"],
 }
 
 

@@ -119,7 +119,8 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
         targets = _outputs(block, fp_i, inputs)
         prefix = names[block] + "."
         mine = {n.removeprefix(prefix): qw for n, qw in results.items() if n.startswith(prefix)}
-        start = {n: block.get_submodule(n).weight.detach() for n in mine} if spec.init == "fp" else None
+        fp_start = spec.train == "weights" and spec.init == "fp"
+        start = {n: block.get_submodule(n).weight.detach() for n in mine} if fp_start else None
         wrap_quantized(block, mine, spec.noise, spec.noise_bits, device)
         block.eval()  # new layers are built in training mode: no noise outside train_block
         if spec.train == "weights":
