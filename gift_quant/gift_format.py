@@ -23,6 +23,7 @@ from .checkpoint import (
     base_state,
     check_g_idx,
     check_scales,
+    folder_config,
     read_safetensors,
     symmetric,
 )
@@ -221,9 +222,9 @@ def write(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, reci
 def is_gift_folder(folder: Path) -> bool:
     """Whether ``folder``'s config.json says ``quant_method: gift`` (an unreadable config is not one)."""
     try:
-        qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+        qc = folder_config(folder).get("quantization_config") or {}
         return qc.get("quant_method") == "gift"
-    except (json.JSONDecodeError, OSError, AttributeError):
+    except (CheckpointError, AttributeError):
         return False
 
 
