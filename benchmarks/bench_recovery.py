@@ -91,6 +91,14 @@ VARIANTS: dict[str, list[str]] = {
          *E2E, "train.scales_lr=1e-4"],
     "every weight, from fp, + top-32 distill + scales 1e-4": [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E,
                                                               "train.scales_lr=1e-4"],
+    # the second point (g128 k8, 3.44 bits): every weight with the columns, and the peer without them at about the
+    # same bits (groups of 48: 3.43), each end to end
+    "g128 k8, every weight, from fp, + top-32 distill + scales 1e-4": [*G128, *WEIGHTS, "reconstruct.init=fp", *TOPK,
+                                                                       *E2E, "train.scales_lr=1e-4"],
+    "no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4":
+        ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=48", *WEIGHTS, "reconstruct.init=fp", *TOPK,
+         *E2E, "train.scales_lr=1e-4"],
+    "g128 k8, lora baseline + top-32 distill": [*G128, "eval.baselines=[lora]", *TOPK],
 }
 
 
