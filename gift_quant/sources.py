@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -174,10 +174,10 @@ def check_text(field: str, ref: str, tokenizer, need: int) -> None:
     """A text reference exists and holds at least ``need`` tokens (one window). A hub data set is read
     here already (offline it must be in the local cache); datasets keeps it for the stage that uses it."""
     try:
-        text = read_text(ref)
+        text = next(text_pieces(ref, chars=40 * need), "")  # enough characters for `need` tokens, not the whole text
     except SourceError as e:
         raise SourceError(f"{field}: {e}") from None
-    n = tokenize(tokenizer, text[: 40 * need]).numel()  # enough characters for `need` tokens, not the whole file
+    n = tokenize(tokenizer, text).numel()
     if n < need:
         raise SourceError(f"{field} = {ref!r}: {n} tokens, fewer than one window of {need}; use a longer text or a "
                           f"shorter seq_len")
@@ -261,19 +261,50 @@ class _JsonLines(Sequence):
             raise SourceError(f"{self.path}: record {int(i)} has no readable field {self.field!r} ({e})") from None
 
 
-def read_records(ref: str, field: str) -> list:
-    """Every record's ``field`` of ``records``, in a list."""
-    return list(records(ref, field))
-
-
 def read_text(ref: str, field: str = "text") -> str:
     """All text of a reference, documents joined by blank lines (plain files are read as they are)."""
+    return "".join(text_pieces(ref, field))
+
+
+def text_pieces(ref: str, field: str = "text", *, chars: int = 1 << 16) -> Iterator[str]:
+    """``read_text(ref, field)`` in consecutive pieces of about ``chars`` characters, read as they are needed (a file
+    in chunks, records one by one), so no more than a piece is held. A piece ends just before a whitespace that
+    follows a letter or digit: byte-level BPE pre-tokenizers (GPT-2's, Llama 3's, Qwen's) always split there, so the
+    pieces tokenized one by one give the whole text's tokens (test: SmolLM2's tokenizer on the bundled C4 and
+    Wikipedia). A tokenizer that prefixes every call with a space (SentencePiece's) can differ by a token at a join."""
+    held: list[str] = []
+    size = 0
+    for raw in _raw_text(ref, field, chars):
+        held.append(raw)
+        size += len(raw)
+        if size >= chars:
+            text = "".join(held)
+            at = _last_split(text)
+            yield text[:at]
+            held, size = [text[at:]], len(text) - at
+    if size:
+        yield "".join(held)
+
+
+def _raw_text(ref: str, field: str, chars: int) -> Iterator[str]:
     path = None if ref.startswith("hf://") else local_or_package(ref)
-    if path is not None and path.is_file() and path.suffix not in (".jsonl", ".parquet"):
-        return path.read_text(encoding="utf-8")
     if path is not None and path.is_dir():
         raise SourceError(f"{ref!r}: is a folder; expected a text file, a pkg:// resource or hf://name[:config]@split")
-    return "\n\n".join(read_records(ref, field))
+    if path is not None and path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(chars):
+                yield chunk
+        return
+    for i, doc in enumerate(records(ref, field)):
+        yield "\n\n" + doc if i else doc
+
+
+def _last_split(text: str) -> int:
+    """The last index that holds a whitespace after a letter or digit, else ``len(text)``."""
+    at = len(text) - 1
+    while at > 0 and not (text[at].isspace() and text[at - 1].isalnum()):
+        at -= 1
+    return at if at > 0 else len(text)
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -1,7 +1,5 @@
 """The memory plan: shapes from the shipped configs, hand arithmetic for Llama-2-7B, a measured peak, refusal."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ from gift_quant.plan import (
 )
 from gift_quant.recipe import RecipeError
 from gift_quant.recipe_file import load_recipe, parse_recipe
+
+from .helpers import measured
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -118,12 +118,8 @@ print(json.dumps([sum(parts.values()) - before, used.added]))
 """
     root = Path(__file__).resolve().parent.parent
     for ckpt in (False, True):
-        out = subprocess.run([sys.executable, "-c", code.replace("CKPT", str(ckpt))], cwd=root, capture_output=True,
-                             text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
-                                             "MALLOC_MMAP_THRESHOLD_": "65536"})
-        assert out.returncode == 0, out.stderr[-2000:]
-        planned, measured = json.loads(out.stdout.strip().splitlines()[-1])
-        assert 1.0 <= planned / measured <= 1.5, (ckpt, planned, measured)
+        planned, used = measured(code.replace("CKPT", str(ckpt)), cwd=root)
+        assert 1.0 <= planned / used <= 1.5, (ckpt, planned, used)
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):

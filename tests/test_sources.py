@@ -1,4 +1,5 @@
 """Model and text references: package resources, GGUF conversion cache, clear errors."""
+import json
 import logging
 
 import pytest
@@ -6,11 +7,15 @@ import torch
 
 from gift_quant.data import sample_windows
 from gift_quant.sources import (
+    WIKI,
     SourceError,
     convert_gguf,
+    load_tokenizer,
     read_text,
     resolve_model,
     resolve_package_path,
+    text_pieces,
+    tokenize,
 )
 
 from .conftest import C4, SMOLLM2
@@ -31,6 +36,23 @@ def test_text_sources(tmp_path):
     assert read_text(str(tmp_path / "a.txt")) == "hello world"
     assert read_text(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
     assert read_text(C4).startswith("Restore from larger disk")
+
+
+def test_text_pieces_give_the_whole_texts_tokens(tmp_path):
+    """Training text is read and tokenized a piece at a time: the pieces join back into ``read_text``'s text, cut
+    just before a whitespace that follows a letter or digit (by hand below), at the size where there is none; with
+    pieces of 4 KB (hundreds of joins) SmolLM2's tokenizer gives the tokens of the whole text tokenized at once."""
+    tok = load_tokenizer(SMOLLM2)
+    for ref in (C4, WIKI):
+        text = read_text(ref)
+        pieces = list(text_pieces(ref, chars=4096))
+        assert len(pieces) > 300 and "".join(pieces) == text
+        assert torch.equal(torch.cat([tokenize(tok, p) for p in pieces]), tokenize(tok, text))
+    docs = ["first doc.", "second  doc", "third"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert list(text_pieces(str(tmp_path / "d.jsonl"), chars=8)) == ["first", " doc.\n\nsecond", "  doc", "\n\nthird"]
+    (tmp_path / "x.txt").write_text("x" * 20)
+    assert list(text_pieces(str(tmp_path / "x.txt"), chars=8)) == ["x" * 8, "x" * 8, "x" * 4]
 
 
 def test_sampler_is_seeded_and_windows_are_slices():

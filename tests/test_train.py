@@ -14,6 +14,7 @@ from gift_quant.recipe import TrainSpec
 from gift_quant.train import batch_indices, train
 
 from .conftest import crash_at
+from .helpers import measured
 from .train_worker import build, run
 
 
@@ -159,9 +160,47 @@ alone = [chat_examples(tok, [conversations[i]], 128) for i in rows.tolist()]
 same = all(torch.equal(ids[j], a[0][0]) and torch.equal(labels[j], a[1][0]) for j, a in enumerate(alone))
 print(json.dumps({{"n": len(examples), "shape": list(examples.ids.shape), "added": used.added, "same": same}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = measured(code)
     assert got["n"] == 100_000 and got["shape"] == [100_000, 128] and got["same"]
     assert got["added"] < 40 * 2**20, got["added"]
+
+
+def test_plain_text_is_tokenized_once_into_a_file_and_read_a_window_at_a_time(tmp_path):
+    """A text of 8 MB (the bundled C4 six times): tokenizing it into the token file and reading a step's windows adds
+    under 16 MB to the process (tokenized whole, as before, it takes far more and grows with the text), and the
+    windows equal the whole text tokenized at once. A second call reads the file without the
+    tokenizer; a changed text is tokenized again."""
+    from gift_quant.data import TextExamples, text_tokens
+    from gift_quant.sources import C4, SMOLLM2, load_tokenizer, read_text
+
+    text = tmp_path / "big.txt"
+    text.write_text(read_text(C4) * 6)
+    got = measured(f"""
+import json, torch
+from gift_quant import devices
+from gift_quant.data import TextExamples, nonoverlapping_windows, text_tokens
+from gift_quant.sources import SMOLLM2, load_tokenizer, read_text, tokenize
+tok = load_tokenizer(SMOLLM2)
+rows = torch.tensor([5, 7000, 3000, 17])
+with devices.peak(torch.device("cpu")) as used:
+    examples = TextExamples(text_tokens(tok, {str(text)!r}, {str(tmp_path / "tokens")!r}), 256)
+    ids, labels = examples.ids[rows], examples.labels[rows]
+whole = nonoverlapping_windows(tokenize(tok, read_text({str(text)!r})), 256)
+same = len(examples) == len(whole) and torch.equal(ids, whole[rows]) and torch.equal(labels, whole[rows])
+print(json.dumps({{"n": len(examples), "added": used.added, "same": same}}))
+""")
+    assert got["n"] > 7000 and got["same"]
+    assert got["added"] < 16 * 2**20, got["added"]
+
+    class Refuses:  # the same tokenizer's identity, no tokenizing
+        backend_tokenizer = load_tokenizer(SMOLLM2).backend_tokenizer
+
+        def __call__(self, *_a, **_k):
+            raise AssertionError("tokenized again")
+
+    again = TextExamples(text_tokens(Refuses(), str(text), tmp_path / "tokens"), 256)
+    assert len(again) == got["n"] and len(list((tmp_path / "tokens").iterdir())) == 1
+    with open(text, "a") as f:
+        f.write(" more words")
+    with pytest.raises(AssertionError, match="tokenized again"):
+        text_tokens(Refuses(), str(text), tmp_path / "tokens")
