@@ -1,7 +1,7 @@
 """The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
 grow with the blocks.
 
-    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6]
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks] [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
 product's ``train``, in float32 and under bf16 autocast. Each run is a process of its own with glibc's mmap
@@ -93,8 +93,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
+    ap.add_argument("--tables", nargs="+", default=["logits", "blocks"], choices=["logits", "blocks"])
+    ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
-    small, large = args.vocab
+    if "logits" in args.tables:
+        logits(*args.vocab)
+    if "blocks" in args.tables:
+        blocks(*args.blocks, args.stages)
+
+
+def logits(small: int, large: int) -> None:
     elements = 4 * 256 * (large - small)  # logit elements a micro-batch adds between the two vocabularies
     table("precision", "teacher", "planned B / logit", "measured B / logit", "planned / measured",
           f"whole stage planned / measured (vocab {large})")
@@ -106,10 +114,12 @@ def main() -> None:
             row(precision, teacher, f"{planned:.1f}", f"{measured:.1f}", f"{planned / measured:.2f}",
                 f"{b['planned'] / b['measured']:.2f}")
     print()
-    few, many = args.blocks
+
+
+def blocks(few: int, many: int, stages: list[str]) -> None:
     table("stage", "precision", "hidden", "checkpointing", "planned MB / block", "measured MB / block",
           "planned / measured", f"whole stage planned / measured ({many} blocks)")
-    for stage in ("train", "lora"):
+    for stage in stages:
         for precision in ("fp32", "bf16"):
             for hidden in (256, 512):
                 for ckpt in (False, True):

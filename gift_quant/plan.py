@@ -280,21 +280,26 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
 def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     """The LoRA baseline (``lora``): ``plan_train``'s step on the plain quantized model held dense (``p`` bytes a
     weight where the codes and grid were, nothing rebuilt), an adapter of the salient columns' trainable size in
-    their place, and in each block the inputs of the adapted linears, which autograd keeps for the adapter's
-    gradient (four distinct ones in a Llama block: attention's, o_proj's, the MLP's, down_proj's)
-    (``benchmarks/bench_plan.py``)."""
+    their place (``lora.lora_rank``, rounded as the stage rounds it), and in each block the inputs of the adapted
+    linears, which autograd keeps for the adapter's gradient: four distinct ones in a Llama block (attention's,
+    o_proj's, the MLP's, down_proj's), or under autocast from a wider model dtype each linear's own cast copy of its
+    input, and each frozen weight's cast copy (the backward to the input needs it) (``benchmarks/bench_plan.py``)."""
+    from .lora import lora_rank
+
     parts = plan_train(shape, recipe, device, memory)
     if not parts:
         return {}
     c, p = _compute_bytes(recipe, device), _BYTES[recipe.model.dtype]
     b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
-    for key in ("codes (uint8)", "grid scales and zeros", "largest frozen weight rebuilt with its noise"):
+    for key in ("codes (uint8)", "grid scales and zeros", "largest frozen weight rebuilt with its noise",
+                "salient weights, gradients, AdamW moments (float32)"):
         parts.pop(key)
-    adapter = parts.pop("salient weights, gradients, AdamW moments (float32)")  # the rank matches their count
-    weights = sum(lin.n_in * lin.n_out for lin in shape.linears)  # of a block
-    # kept a block: the adapted linears' inputs and, under autocast from a wider model dtype, each frozen weight's
-    # cast copy (the backward to the input needs it)
-    kept = b * s * (3 * h + shape.intermediate) * c + (weights * c if c < p else 0)
+    shapes = [(lin.n_in, lin.n_out) for lin in shape.linears]  # of a block
+    rank = lora_rank(sum(lin.k * lin.n_out for lin in shape.linears), shapes)
+    adapter = 16 * rank * sum(i + o for i, o in shapes) * shape.blocks
+    weights = sum(i * o for i, o in shapes)
+    inputs = sum(i for i, _ in shapes) if c < p else 3 * h + shape.intermediate
+    kept = b * s * inputs * c + (weights * c if c < p else 0)
     acts = next(k for k in parts if k.startswith("activations"))
     parts[acts] += (5 * kept // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * kept)
     dense = weights * shape.blocks * p

@@ -55,14 +55,21 @@ def test_llama2_7b_training_plan_by_hand():
     assert parts["activations (gradient checkpointing)"] == L * s * h * 2 + 5 * per_block // 2
     assert parts["logits and loss"] == s * V * 12.5
     assert sum(parts.values()) <= 20e9  # the 24 GB card's goal, as planned
-    # the LoRA baseline: the plain model dense in bf16, an adapter of the columns' size, and the adapted linears'
-    # inputs (attention, o_proj, MLP, down_proj) kept in the recomputed blocks
+    # the LoRA baseline: the plain model dense in bf16, an adapter of the columns' size at the stage's rank
+    # (round(128 (5h + 2i) / (11h + 3i)) = 70 a linear), and the adapted linears' inputs (attention, o_proj, MLP,
+    # down_proj) kept in the recomputed blocks
     lora = plan_lora(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"))
     assert lora["dense quantized weights"] == 2 * L * (4 * h * h + 3 * h * i)
-    assert lora["LoRA adapter, gradients, AdamW moments (float32)"] == 16 * L * 128 * (5 * h + 2 * i)
+    assert lora["LoRA adapter, gradients, AdamW moments (float32)"] == 16 * L * 70 * (11 * h + 3 * i)
     assert lora["activations (gradient checkpointing)"] == (L * s * h * 2 + 5 * per_block // 2
                                                              + 5 * (s * (3 * h + i) * 2) // 2)
     assert "codes (uint8)" not in lora and lora["logits and loss"] == parts["logits and loss"]
+    # a float32 model under bf16 autocast: every adapted linear keeps its own bf16 copy of its input (q, k, v, o,
+    # gate, up: h each; down: i) and of its frozen weight
+    r32 = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["train.micro_batch_size=1", "model.dtype=float32"])
+    lora32 = plan_lora(shape_of(meta_model(model_config(r32)), r32), r32, torch.device("cuda"))
+    kept = s * (6 * h + i) * 2 + (4 * h * h + 3 * h * i) * 2
+    assert lora32["activations (gradient checkpointing)"] == L * s * h * 4 + 5 * per_block // 2 + 5 * kept // 2
 
 
 def test_llama2_7b_reconstruct_plan_by_hand():
