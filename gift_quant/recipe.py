@@ -43,6 +43,11 @@ class _Section(BaseModel):
             raise ValueError(f"a boolean where {_kind(annotation)} is expected; write {_kind(annotation)}")
         return value
 
+    def unread(self) -> set[str]:
+        """Fields that this section's other settings leave unread: the stage keys hash them at their defaults, so
+        changing one reruns nothing."""
+        return set()
+
 
 def _kind(annotation: Any) -> str:
     """What a field holds, in a user's words (no Python type names in an error line)."""
@@ -214,6 +219,12 @@ class ReconstructSpec(_Section):
                                                          "while a block trains (GIFT-SW's, on the train noise grid)")
     noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise")
 
+    def unread(self) -> set[str]:
+        unread = {"init", "weights_lr"} if self.train == "columns" else {"learn_scales"}
+        if self.train == "columns" and not self.learn_scales:
+            unread.add("scales_lr")
+        return unread | ({"noise_bits"} if self.noise == "none" else set())
+
 
 GENERATED = "generated"  # train.data: text sampled from the full-precision model
 
@@ -265,6 +276,12 @@ class TrainSpec(_Section):
                                "unchanged: EfficientQAT's E2E-QP); every export writes the trained scales")
     scales_lr: float = Field(1e-5, gt=0, description="learning rate of the scales (EfficientQAT's E2E-QP: 1e-5 to "
                              "2e-5 at 7B); the salient columns keep lr")
+
+    def unread(self) -> set[str]:
+        unread = {"noise_bits", "noise_schedule"} if self.noise == "none" else set()
+        if not self.learn_scales:
+            unread.add("scales_lr")
+        return unread | ({"distill_temperature"} if self.distill == 0 else set())
 
 
 class ExportSpec(_Section):
@@ -414,8 +431,14 @@ class Recipe(_Section):
         return Path(self.output_dir.format(name=self.name))
 
     def digest(self, *sections: str) -> str:
-        """Hash of the whole recipe, or of the named sections only (what a pipeline stage depends on)."""
+        """Hash of the whole recipe, or of the named sections only (what a pipeline stage depends on); a field its
+        section leaves unread (``unread``) counts at its default."""
         data = self.model_dump(mode="json")
+        for name, section in self:
+            if isinstance(section, _Section) and section.unread():
+                fields = type(section).model_fields
+                defaults = {f: fields[f].get_default(call_default_factory=True) for f in section.unread()}
+                data[name] = section.model_copy(update=defaults).model_dump(mode="json")
         if sections:
             data = {k: data[k] for k in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

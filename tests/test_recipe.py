@@ -100,3 +100,29 @@ def test_target_typo_and_oversized_k_are_caught_before_loading():
     r = parse_recipe({"model": {"ref": "m"}, "saliency": {"k": 100}}, "t")
     with pytest.raises(RecipeError, match="saliency.k for q_proj = 100: .*outside 0..64"):
         check_targets(r, meta_model(family_config("meta-llama/Llama-2-7b-hf")))
+
+
+def test_a_field_its_section_leaves_unread_changes_no_stage_key():
+    """The reconstruct and train keys hash what their settings read: the latent weights' fields only when every
+    weight trains, the scales' learning rate only when scales train, the noise grid only with noise, the
+    teacher's temperature only with distillation; any read field still changes its key."""
+    from gift_quant.pipeline import open_run
+
+    def key(stage, *sets):
+        return open_run(load_recipe(RECIPES[0].with_name("smollm2-135m-instruct-w3.yaml"), [
+            "reconstruct.enabled=true", "reconstruct.train=columns", *sets])).key(stage)
+
+    base = key("reconstruct")
+    assert key("reconstruct", "reconstruct.weights_lr=3e-3", "reconstruct.init=quantized") == base
+    assert key("reconstruct", "reconstruct.scales_lr=3e-3", "reconstruct.noise_bits=2") == base
+    assert key("reconstruct", "reconstruct.learn_scales=true") != base
+    assert key("reconstruct", "reconstruct.lr=3e-3") != base
+    weights = key("reconstruct", "reconstruct.train=weights")
+    assert weights != base and key("reconstruct", "reconstruct.train=weights", "reconstruct.weights_lr=3e-3") != weights
+    assert key("reconstruct", "reconstruct.train=weights", "reconstruct.learn_scales=true") == weights
+    plain = ("train.distill=0", "train.distill_topk=null")
+    train = key("train", *plain)
+    assert key("train", *plain, "train.distill_temperature=2", "train.scales_lr=1e-2", "train.noise_bits=2") == train
+    assert key("train", *plain, "train.steps=7") != train
+    assert key("train", "train.distill_temperature=2") != key("train")
+    assert key("train", "train.noise=gaussian", "train.noise_bits=2") != key("train", "train.noise=gaussian")
