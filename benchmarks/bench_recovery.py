@@ -1,6 +1,7 @@
 """What each recovery addition buys at the demo point, through the product (issue 26).
 
     python benchmarks/bench_recovery.py [--variants today reconstruct ...] [--work DIR] [--jobs 2] [--tasks]
+        [--plot recovered.png]
 
 Every variant is one ``gift-quant recover`` run of the embedded SmolLM2 recipe with ``--set`` overrides (the
 table names them, on top of ``FAST``: GIFT-SW without distillation, as the issue found it), so what is measured is
@@ -115,6 +116,8 @@ def main() -> None:
                     "recipe's six (a whole validation set of each task a job, spread over cores and sessions)")
     ap.add_argument("--baselines", default="salient", help="eval.baselines of every variant (fp,salient adds the "
                     "full-precision row)")
+    ap.add_argument("--plot", default=None, help="write the trained perplexity against bits per weight of the variants "
+                    "here, those with salient columns and those without (saliency.k=0) as two frontiers")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
@@ -146,6 +149,11 @@ def main() -> None:
             f"{before:.2f}" if before else "-", f"{trained['ppl']:.2f}" if trained else "-",
             "-".join(f"{x:.2f}" for x in trained["ppl_ci95"]) if trained else "-",
             ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}")
+    if args.plot:
+        plot(args.plot, {v: (done[v]["stages"]["export"]["formats"]["gift"]["linear_bits_per_weight"],
+                             next(r["ppl"] for k, r in done[v]["rows"].items()
+                                  if ("LoRA" if "lora" in done[v]["stages"] else "GIFT-SW") in k))
+                         for v in args.variants})
     scored = [(v, label, r) for v in args.variants for label, r in done[v]["rows"].items() if "tasks" in r]
     if scored:
         tasks = task_names(scored[0][2])
@@ -153,6 +161,38 @@ def main() -> None:
         table("variant", "row", "ppl", *[f"{SHORT.get(t, t)} acc / norm" for t in tasks], "mean acc")
         for v, label, r in scored:
             row(v, label, f"{r['ppl']:.2f}", *[task_cell(r["tasks"][t]) for t in tasks], mean_cell(r["tasks"]))
+
+
+def plot(path: str, points: dict[str, tuple[float, float]]) -> None:
+    """Trained perplexity against bits per weight, a point a variant; the variants with salient columns and those
+    without (``saliency.k=0``) each joined along their frontier (the best perplexity at or below each bit count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for columns, marker in ((True, "o"), (False, "s")):
+        mine = sorted((b, p, v) for v, (b, p) in points.items() if ("saliency.k=0" not in VARIANTS[v]) == columns)
+        if not mine:
+            continue
+        label = "with salient columns" if columns else "without (finer groups)"
+        line = ax.scatter([b for b, _, _ in mine], [p for _, p, _ in mine], marker=marker, label=label)
+        front, best = [], float("inf")
+        for b, p, _ in mine:
+            if p < best:
+                front.append((b, p))
+                best = p
+        ax.plot(*zip(*front), color=line.get_facecolor()[0], alpha=0.6)
+        for b, p, v in mine:
+            ax.annotate(v, (b, p), fontsize=5, xytext=(3, 2), textcoords="offset points")
+    ax.margins(x=0.35, y=0.1)
+    ax.set_xlabel("bits per weight of the quantized linears (gift export)")
+    ax.set_ylabel("Wikipedia perplexity, trained")
+    ax.set_title("SmolLM2-135M-Instruct: recovered models (bench_recovery)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
