@@ -20,6 +20,7 @@ from .grid import QuantizedWeight
 from .layers import learn_scales, merge_to_dense, wrap_full_precision, wrap_quantized
 from .quantize import collect_stats, quantize_model, select_salient
 from .recipe import Recipe, SaliencySpec
+from .reconstruct import load_norms
 from .rundir import Run
 
 
@@ -53,6 +54,14 @@ def quantized_layers(run: Run, reconstructed: bool = True) -> dict[str, Quantize
     ``reconstructed`` is False), else the quantize stage's."""
     stage = "reconstruct" if reconstructed and "reconstruct" in run.order else "quantize"
     return load_quantized(run.stage(stage) / "quantized.safetensors")
+
+
+def reconstructed_norms(model, run: Run, reconstructed: bool = True) -> None:
+    """The norm weights the reconstruct stage trained (``reconstruct.norms``) into ``model``, where it ran (unless
+    ``reconstructed`` is False)."""
+    path = run.stage("reconstruct") / "norms.safetensors"
+    if reconstructed and "reconstruct" in run.order and path.exists():
+        load_norms(model, path)
 
 
 def teacher(run: Run, n_windows: int) -> torch.nn.Module | TopKTeacher | None:
@@ -160,6 +169,7 @@ class Post(Mode):
         kind = t.noise if noise else "none"
         model, tok = run.load_fp()
         results = quantized_layers(run, reconstructed)
+        reconstructed_norms(model, run, reconstructed)
         wrap_quantized(model, results, kind, t.noise_bits, noise_device(run, kind))
         if trained:
             load_trained(model, run)

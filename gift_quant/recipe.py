@@ -218,11 +218,15 @@ class ReconstructSpec(_Section):
     noise: Literal["gaussian", "uniform", "none"] = Field("none", description="noise on the frozen quantized weights "
                                                          "while a block trains (GIFT-SW's, on the train noise grid)")
     noise_bits: Literal[2, 3, 4, 8] = Field(4, description="grid whose step sets the noise")
+    norms: bool = Field(False, description="also train the block's norm weights (through a float32 copy); they are "
+                        "kept in reconstruct/norms.safetensors and go into every model built from the reconstruction")
+    norms_lr: float = Field(1e-5, gt=0, description="learning rate of the norms (norms: true)")
 
     def unread(self) -> set[str]:
         unread = {"init", "weights_lr"} if self.train == "columns" else {"learn_scales"}
         if self.train == "columns" and not self.learn_scales:
             unread.add("scales_lr")
+        unread |= set() if self.norms else {"norms_lr"}
         return unread | ({"noise_bits"} if self.noise == "none" else set())
 
 

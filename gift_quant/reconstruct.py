@@ -6,7 +6,9 @@ columns, and optionally the grid's scales, the codes fixed (``columns``); or eve
 quantized column a latent full-precision weight rounded onto the grid in the forward pass with straight-through
 gradients (``grid.fake_quantize_ste``), the grid's scales and asymmetric zero points, the salient columns in full
 precision as before. The latent weights start from the quantize stage's codes or from the full-precision weights
-(``init``) and are frozen to codes when the block is done; bits, groups and salient indices never change:
+(``init``) and are frozen to codes when the block is done; bits, groups and salient indices never change. With
+``norms`` the block's norm weights train too (a float32 copy cast to their dtype in the forward pass, so that a
+bfloat16 weight takes steps smaller than its precision); the stage keeps them beside the layers:
 
     loss_i = mean( (block_i^q(x_i) - block_i(x_i^fp))^2 ),   x_i^fp the full-precision model's input to block i
 
@@ -31,7 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
+from safetensors.torch import load_file
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .calibrate import BlockInputs, block_inputs, block_output, inputs_fit, of_kind
@@ -64,14 +68,67 @@ def _mean_loss(block: nn.Module, batches: list, targets: list, inputs: BlockInpu
     return float(torch.stack(losses).mean())
 
 
+class _Cast(nn.Module):
+    """Parametrization of a norm weight that trains: the float32 copy, in the dtype the module computes in."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
+
+
+def norm_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The normalization layers with a weight in ``module`` (every family's RMSNorm or LayerNorm), by name."""
+    return {n: m for n, m in module.named_modules()
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.Tensor)}
+
+
+def learn_norms(block: nn.Module) -> None:
+    """The block's norm weights made trainable: each a float32 parameter cast to the weight's dtype in the forward
+    pass (``freeze_norms`` writes it back)."""
+    for m in norm_modules(block).values():
+        parametrize.register_parametrization(m, "weight", _Cast(m.weight.dtype), unsafe=True)
+        m.parametrizations.weight.original = nn.Parameter(m.parametrizations.weight.original.detach().float())
+
+
+def trained_norms(block: nn.Module) -> list[nn.Parameter]:
+    return [m.parametrizations.weight.original for m in norm_modules(block).values()
+            if parametrize.is_parametrized(m, "weight")]
+
+
+def freeze_norms(block: nn.Module) -> None:
+    for m in norm_modules(block).values():
+        if parametrize.is_parametrized(m, "weight"):
+            weight = m.weight.detach()  # in the module's dtype
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            m.weight = nn.Parameter(weight, requires_grad=False)
+
+
+def block_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every decoder block's norm weights by their name in ``model``."""
+    names = {m: n for n, m in model.named_modules()}
+    return {f"{names[block]}.{n}.weight": m.weight.detach().cpu().contiguous()
+            for block in decoder_layers(model) for n, m in norm_modules(block).items()}
+
+
+def load_norms(model: nn.Module, path: Path) -> None:
+    """The reconstruct stage's norm weights (``norms.safetensors``) into ``model``."""
+    unknown = model.load_state_dict(load_file(path), strict=False).unexpected_keys
+    if unknown:
+        raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in the model; rerun with --from reconstruct")
+
+
 def train_block(block: nn.Module, batches: list, targets: list, spec: ReconstructSpec, inputs: BlockInputs,
                 seed: int) -> None:
     """``spec.epochs`` passes over the batches in a seeded order; AdamW on what the block's layers train (salient
-    columns; scales; latent weights and zero points), a learning rate a role, cosine to 0, no weight decay; scales
-    kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
+    columns; scales; latent weights and zero points) and its norms where they train, a learning rate a role, cosine
+    to 0, no weight decay; scales kept positive as an fp16 export holds them. The noise draws are seeded by ``seed``
     without touching the run's random state."""
-    roles = param_groups(block)
-    lrs = {"columns": spec.lr, "weights": spec.weights_lr, "scales": spec.scales_lr, "zeros": spec.scales_lr}
+    roles = {**param_groups(block), "norms": trained_norms(block)}
+    lrs = {"columns": spec.lr, "weights": spec.weights_lr, "scales": spec.scales_lr, "zeros": spec.scales_lr,
+           "norms": spec.norms_lr}
     opt = torch.optim.AdamW([{"params": roles[r], "lr": lr} for r, lr in lrs.items() if roles[r]], weight_decay=0.0)
     steps = spec.epochs * len(batches)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -97,7 +154,7 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
                       device: torch.device | str | None = None) -> list[dict[str, float]]:
     """Reconstruct every decoder block of the full-precision ``model`` in turn (see the module docstring);
     ``results`` (the quantize stage's layers by module name) get the trained salient columns and scales. The
-    model ends with the reconstructed blocks merged into dense linears. Returns each block's loss before and
+    model ends with the reconstructed blocks merged into dense linears, and their trained norms (``block_norms``). Returns each block's loss before and
     after."""
     work.mkdir(parents=True, exist_ok=True)
     layers = decoder_layers(model)
@@ -127,6 +184,8 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
             learn_weights(block, start)
         elif spec.learn_scales:
             learn_scales(block)
+        if spec.norms:
+            learn_norms(block)
         del start
         train_on = quant_i if spec.inputs == "quantized" else fp_i
         path = work / f"block-{i:03d}.safetensors"
@@ -146,6 +205,7 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
         log.info("block %d: reconstruction loss %.4g -> %.4g", i, loss["before"], loss["after"])
         for name, layer in salient_layers(block).items():
             layer.write_to(mine[name])
+        freeze_norms(block)
         fp = [(t, kw) for t, (_, kw) in zip(targets, fp)]
         quant = [(o, kw) for o, (_, kw) in zip(_outputs(block, quant_i, inputs), quant)] if spec.inputs == "quantized" \
             else fp

@@ -30,7 +30,7 @@ from .modes import Mode, plain_quantized, quantize_with, quantized_layers, teach
 from .plan import plan_evaluate, plan_generate, plan_quantize, plan_reconstruct, plan_teacher, plan_train
 from .quantize import quantize_rtn_plain
 from .recipe import GENERATED, Recipe
-from .reconstruct import reconstruct_model
+from .reconstruct import block_norms, reconstruct_model
 from .rundir import Run, Stage, piece_checker
 from .sizes import bits_per_weight, storage
 from .sources import load_tokenizer
@@ -72,13 +72,16 @@ def run_plain(run: Run, tmp: Path) -> dict:
 
 def run_reconstruct(run: Run, tmp: Path) -> dict:
     """Each decoder block's salient columns (and scales) trained against the full-precision block
-    (``reconstruct``); ``quantized.safetensors`` holds the quantize stage's layers with what it trained."""
+    (``reconstruct``); ``quantized.safetensors`` holds the quantize stage's layers with what it trained, and with
+    ``reconstruct.norms`` ``norms.safetensors`` the blocks' norm weights."""
     r = run.recipe
     model, tok = run.load_fp()
     results = load_quantized(run.stage("quantize") / "quantized.safetensors")
     losses = reconstruct_model(model, calibration_windows(r, tok), results, r.reconstruct, run.dir / "reconstruct.work",
                                run.key("reconstruct"), r.seed, run.device)
     save_quantized(results, tmp / "quantized.safetensors")
+    if r.reconstruct.norms:
+        save_file(block_norms(model), tmp / "norms.safetensors")
     before, after = (sum(b[k] for b in losses) for k in ("before", "after"))
     log.info("reconstruction: summed block loss %.4g -> %.4g (%.1f%% of it left)", before, after,
              100 * after / max(before, 1e-30))

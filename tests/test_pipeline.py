@@ -294,10 +294,10 @@ def test_learned_scales_are_refused_without_a_grid(tiny_folder, tmp_path):
 
 
 def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder, tmp_path):
-    """reconstruct.enabled with learned scales, training without them: the stage runs between quantize and train; its
-    layers keep the quantize stage's codes and indices and carry new salient columns and scales; training starts
-    from them, the gift export ships its scales, and the report scores the reconstructed model beside the
-    untrained one."""
+    """reconstruct.enabled with learned scales and norms, training without scales: the stage runs between quantize
+    and train; its layers keep the quantize stage's codes and indices and carry new salient columns and scales;
+    training starts from them, the gift export ships its scales and the blocks' trained norms, and the report scores
+    the reconstructed model beside the untrained one."""
     from safetensors.torch import load_file
 
     from gift_quant.checkpoint import load_quantized
@@ -305,6 +305,7 @@ def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder,
     out = tmp_path / "run"
     r = tweak(recipe(tiny_folder, out, ["gift"]), **{"reconstruct.enabled": True, "reconstruct.learn_scales": True,
                                                       "reconstruct.scales_lr": 1e-3, "reconstruct.lr": 1e-3,
+                                                      "reconstruct.norms": True, "reconstruct.norms_lr": 1e-2,
                                                       "eval.tasks": [], "eval.baselines": ["gptq", "salient"]})
     order = pipeline.stages(r)
     assert order.index("quantize") < order.index("reconstruct") == order.index("train") - 1
@@ -319,6 +320,10 @@ def test_reconstruct_stage_feeds_training_the_export_and_the_report(tiny_folder,
     name = "model.layers.0.self_attn.q_proj"
     shipped = load_file(out / "export/gift/model.safetensors")
     assert torch.equal(shipped[f"{name}.scales"], after[name].scale.T.to(torch.float16))
+    norms, fp = load_file(out / "reconstruct/norms.safetensors"), load_file(tiny_folder / "model.safetensors")
+    assert len(norms) == 4  # two blocks, two norms each
+    for n, w in norms.items():
+        assert not torch.equal(w, fp[n]) and torch.equal(shipped[n], w.to(shipped[n].dtype))
     log = [json.loads(line) for line in (out / "train/train_log.jsonl").read_text().splitlines()]
     assert log  # trained on top
     results = json.loads((out / "evaluate/results.json").read_text())

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from gift_quant import reconstruct
 from gift_quant.families import decoder_layers
@@ -118,12 +119,13 @@ def test_learned_scales_move_the_scales_and_keep_the_codes(quantized, tmp_path):
 
 
 @pytest.mark.parametrize("spec", [{"noise": "gaussian", "learn_scales": True, "inputs": "quantized"},
-                                  {"noise": "gaussian", "train": "weights", "init": "fp", "inputs": "quantized"}],
-                         ids=["columns", "weights"])
+                                  {"noise": "gaussian", "train": "weights", "init": "fp", "inputs": "quantized",
+                                   "norms": True, "norms_lr": 1e-2}],
+                         ids=["columns", "weights and norms"])
 def test_a_kill_mid_stage_redoes_one_block_and_gives_the_uninterrupted_result(quantized, tmp_path, monkeypatch, spec):
     """Noise and learned scales (or every weight) on (the seeded parts): killed while block 1 trains, the rerun trains
     blocks 1 and 2 only and ends with the uninterrupted run's tensors, bit for bit."""
-    _, whole, whole_losses = _run(quantized, tmp_path / "whole", **spec)
+    whole_model, whole, whole_losses = _run(quantized, tmp_path / "whole", **spec)
     trained = []
     real = reconstruct.train_block
 
@@ -139,11 +141,33 @@ def test_a_kill_mid_stage_redoes_one_block_and_gives_the_uninterrupted_result(qu
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["block-000.safetensors"]
     calls = []
     monkeypatch.setattr(reconstruct, "train_block", lambda *a, **k: (calls.append(1), real(*a, **k)))
-    _, resumed, losses = _run(quantized, tmp_path / "killed", **spec)
+    model, resumed, losses = _run(quantized, tmp_path / "killed", **spec)
     assert len(calls) == 2 and losses == whole_losses
     for name, qw in whole.items():
         for field in ("salient_weight", "scale", "codes", "zero"):
             assert torch.equal(getattr(resumed[name], field), getattr(qw, field)), field
+    norms, whole_norms = reconstruct.block_norms(model), reconstruct.block_norms(whole_model)
+    assert all(torch.equal(norms[n], w) for n, w in whole_norms.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trained_norms_are_the_models_and_a_bfloat16_norm_takes_small_steps(quantized, tmp_path, dtype):
+    """reconstruct.norms: every block's norms move and keep their dtype; the losses the stage records are the errors
+    of the blocks with their trained norms; ``load_norms`` of ``block_norms`` puts them into a fresh model. In bfloat16
+    a step of lr 1e-3 is below half a bfloat16 step near 1 (2**-8): the float32 copy that trains still moves them."""
+    fp, _, layers = quantized
+    start = copy.deepcopy(fp).to(dtype)
+    model = copy.deepcopy(start)
+    spec = ReconstructSpec(enabled=True, epochs=4, batch_size=4, lr=1e-3, inputs="fp", norms=True, norms_lr=1e-3)
+    losses = reconstruct.reconstruct_model(model, WINDOWS, copy.deepcopy(layers), spec, tmp_path, "key", seed=0)
+    norms, before = reconstruct.block_norms(model), reconstruct.block_norms(start)
+    assert len(norms) == 6 and all(w.dtype == dtype and not torch.equal(w, before[n]) for n, w in norms.items())
+    if dtype == torch.float32:
+        for i, (x, kw, target) in enumerate(_block_io(fp)):
+            assert losses[i]["after"] == pytest.approx(_mse(decoder_layers(model)[i], x, kw, target), rel=1e-3)
+    save_file(norms, tmp_path / "norms.safetensors")
+    reconstruct.load_norms(start, tmp_path / "norms.safetensors")
+    assert all(torch.equal(w, start.get_parameter(n)) for n, w in norms.items())
 
 
 def test_a_work_folder_of_another_recipe_is_refused(quantized, tmp_path):
