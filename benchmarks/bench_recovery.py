@@ -100,6 +100,11 @@ VARIANTS: dict[str, list[str]] = {
         ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=48", *WEIGHTS, "reconstruct.init=fp", *TOPK,
          *E2E, "train.scales_lr=1e-4"],
     "g128 k8, lora baseline + top-32 distill": [*G128, "eval.baselines=[lora]", *TOPK],
+    # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
+    "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*WEIGHTS, "reconstruct.init=fp",
+                                                                       "reconstruct.norms=true",
+                                                                       "reconstruct.norms_lr=1e-4", *TOPK, *E2E,
+                                                                       "train.scales_lr=1e-4"],
 }
 
 
