@@ -41,7 +41,7 @@ def main() -> None:
     windows = windows_read(len(ids), spec, 1, seed=0)
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    cache = teacher_topk(teacher, ids[windows], args.k, 1.0, spec.micro_batch_size, work / "cache", "bench")
+    cache = teacher_topk(teacher, ids, windows, args.k, 1.0, spec.micro_batch_size, work / "cache", "bench")
     cache_s = (time.time() - t0) / len(windows)
     topk = TopKTeacher({**cache, "windows": windows}, len(ids), 1.0)
     teachers = {"none": None, "full teacher": teacher, f"top-{args.k} cache": topk}

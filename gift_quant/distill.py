@@ -47,19 +47,21 @@ def topk_distill_loss(student: torch.Tensor, logp: torch.Tensor, idx: torch.Tens
 
 
 @torch.no_grad()
-def teacher_topk(teacher: nn.Module, ids: torch.Tensor, k: int, temperature: float, batch_size: int,
+def teacher_topk(teacher: nn.Module, ids, windows: torch.Tensor, k: int, temperature: float, batch_size: int,
                  work: Path, key: str) -> dict[str, torch.Tensor]:
-    """The teacher's top-k log-probabilities (float32) and ids (int32) of every window of ``ids``, positions
-    ``0 .. seq_len-2``; each batch waits in ``work`` (``rundir.save_piece``) until all are done."""
+    """The teacher's top-k log-probabilities (float32) and ids (int32) of the rows ``windows`` of ``ids`` (a tensor,
+    or training examples read a batch at a time), positions ``0 .. seq_len-2``; each batch waits in ``work``
+    (``rundir.save_piece``) until all are done."""
     work.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
     teacher.eval()
     logp, idx = [], []
-    for j in tqdm(range(0, len(ids), batch_size), desc="teacher top-k", unit="batch"):
+    for j in tqdm(range(0, len(windows), batch_size), desc="teacher top-k", unit="batch"):
         path = work / f"batch-{j // batch_size:05d}.safetensors"
         done = load_piece(path, key, "teacher")
         if done is None:
-            logits = teacher(input_ids=ids[j : j + batch_size].to(device), use_cache=False).logits[:, :-1]
+            x = ids[windows[j : j + batch_size]].to(device)
+            logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]
             top = F.log_softmax(logits.float() / temperature, -1).topk(k, dim=-1)
             piece = {"logp": top.values.cpu().contiguous(), "idx": top.indices.to(torch.int32).cpu().contiguous()}
             save_piece(path, piece, key)

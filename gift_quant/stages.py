@@ -111,7 +111,7 @@ def run_teacher(run: Run, tmp: Path) -> dict:
     model.to(run.device)
     ids, _ = training_examples(r, tok, run.dir)
     windows = windows_read(len(ids), t, int(os.environ.get("WORLD_SIZE", "1")), r.seed)
-    cache = teacher_topk(model, ids[windows], t.distill_topk, t.distill_temperature, t.micro_batch_size,
+    cache = teacher_topk(model, ids, windows, t.distill_topk, t.distill_temperature, t.micro_batch_size,
                          run.dir / "teacher.work", run.key("teacher"))
     save_file({**cache, "windows": windows}, tmp / "teacher.safetensors")
     size = sum(v.numel() * v.element_size() for v in cache.values())

@@ -56,7 +56,7 @@ def test_training_on_the_whole_vocabulary_cache_follows_the_full_teacher(tmp_pat
         return model, summary
 
     def cached(k):
-        cache = teacher_topk(teacher, ids[windows], k, 1.0, 4, tmp_path / f"cache{k}", "key")
+        cache = teacher_topk(teacher, ids, windows, k, 1.0, 4, tmp_path / f"cache{k}", "key")
         return TopKTeacher({**cache, "windows": windows}, len(ids), 1.0)
 
     full_model, full = trained(teacher, "full")
