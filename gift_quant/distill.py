@@ -85,11 +85,35 @@ class FullTeacher:
         return distill_loss(student, teacher, labels, self.temperature)
 
 
+class RowsOnDisk:
+    """One tensor of a safetensors file read a row at a time (memory-mapped by ``safe_open``): ``rows_on_disk[rows]``
+    for a tensor of row numbers is what the step needs, not the whole cache."""
+
+    def __init__(self, path: Path, name: str):
+        from safetensors import safe_open
+
+        self.file = safe_open(str(path), framework="pt")
+        self.tensor = self.file.get_slice(name)
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.tensor[r : r + 1][0] for r in rows.tolist()])
+
+
+def read_cache(path: Path) -> dict:
+    """The teacher stage's cache (``teacher.safetensors``) as ``TopKTeacher`` reads it: the window list in memory,
+    the log-probabilities and ids read a step's rows at a time (the whole cache is 8 bytes a token and k)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        windows = f.get_tensor("windows")
+    return {"logp": RowsOnDisk(path, "logp"), "idx": RowsOnDisk(path, "idx"), "windows": windows}
+
+
 class TopKTeacher:
     """The cached teacher as the training step reads it: ``rows[i]`` is where window ``i`` of the training text
-    sits in the cache (-1: not cached, which the step refuses by name)."""
+    sits in the cache (-1: not cached, which the step refuses by name). ``cache``: tensors, or ``read_cache``'s."""
 
-    def __init__(self, cache: dict[str, torch.Tensor], n_windows: int, temperature: float):
+    def __init__(self, cache: dict, n_windows: int, temperature: float):
         self.logp, self.idx, self.temperature = cache["logp"], cache["idx"], temperature
         self.rows = torch.full((n_windows,), -1, dtype=torch.long)
         self.rows[cache["windows"].long()] = torch.arange(len(cache["windows"]))

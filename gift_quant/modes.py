@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from . import gptq_checkpoint
 from .checkpoint import load_quantized
 from .data import calibration_windows
-from .distill import TopKTeacher
+from .distill import TopKTeacher, read_cache
 from .gptq import compensate
 from .gptq_checkpoint import GPTQCheckpoint
 from .grid import QuantizedWeight
@@ -71,7 +71,7 @@ def teacher(run: Run, n_windows: int) -> torch.nn.Module | TopKTeacher | None:
     if t.distill == 0:
         return None
     if "teacher" in run.order:
-        return TopKTeacher(load_file(run.stage("teacher") / "teacher.safetensors"), n_windows, t.distill_temperature)
+        return TopKTeacher(read_cache(run.stage("teacher") / "teacher.safetensors"), n_windows, t.distill_temperature)
     return run.load_fp()[0]
 
 

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from gift_quant.distill import TopKTeacher, distill_loss, teacher_topk, topk_distill_loss
+from gift_quant.distill import TopKTeacher, distill_loss, read_cache, teacher_topk, topk_distill_loss
 from gift_quant.recipe import RecipeError, TrainSpec
 from gift_quant.train import train, windows_read
 
@@ -41,8 +42,9 @@ def test_the_whole_vocabulary_is_the_full_kl_and_fewer_tokens_never_exceed_it(te
 
 
 def test_training_on_the_whole_vocabulary_cache_follows_the_full_teacher(tmp_path):
-    """The tiny model's 256 tokens cached whole: every step's loss and the trained columns equal the run with the
-    teacher model beside every step; with k = 8 the run differs but still trains."""
+    """The tiny model's 256 tokens cached whole, saved and read back a step's rows at a time as the train stage reads
+    it (``read_cache``): every step's loss and the trained columns equal the run with the teacher model beside every
+    step; with k = 8 (in memory) the run differs but still trains."""
     spec = TrainSpec(steps=4, lr=3e-2, micro_batch_size=4, grad_accum=1, seq_len=32, warmup_ratio=0.0, noise="none",
                      distill=1.0, checkpoint_every=10)
     teacher = tiny_llama(seed=5)
@@ -57,15 +59,16 @@ def test_training_on_the_whole_vocabulary_cache_follows_the_full_teacher(tmp_pat
 
     def cached(k):
         cache = teacher_topk(teacher, ids, windows, k, 1.0, 4, tmp_path / f"cache{k}", "key")
-        return TopKTeacher({**cache, "windows": windows}, len(ids), 1.0)
+        return {**cache, "windows": windows}
 
     full_model, full = trained(teacher, "full")
-    cache_model, whole = trained(cached(256), "whole")
+    save_file(cached(256), tmp_path / "teacher.safetensors")
+    cache_model, whole = trained(TopKTeacher(read_cache(tmp_path / "teacher.safetensors"), len(ids), 1.0), "whole")
     assert whole["final_loss"] == pytest.approx(full["final_loss"], rel=1e-4)
     for (n, a), (_, b) in zip(full_model.named_parameters(), cache_model.named_parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    _, cut = trained(cached(8), "cut")
+    _, cut = trained(TopKTeacher(cached(8), len(ids), 1.0), "cut")
     assert cut["final_loss"] != full["final_loss"] and math.isfinite(cut["final_loss"])
 
 
