@@ -140,7 +140,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(args.variants, pool.map(run, args.variants)))
     table("variant", "--set", "bits/weight", "untrained", "before training", "trained", "95% interval",
-          "stage s (added)", "train s/step")
+          "stage s (added)", "train s/step", "peak GiB (reconstruct, train)")
     for v in args.variants:
         rows, stages = done[v]["rows"], done[v]["stages"]
         untrained = next((r["ppl"] for k, r in rows.items() if k.endswith(("salient columns", "salient columns)"))), None)
@@ -153,7 +153,9 @@ def main() -> None:
         row(v, " ".join(VARIANTS[v]) or "-", f"{bits:.2f}", f"{untrained:.2f}" if untrained else "-",
             f"{before:.2f}" if before else "-", f"{trained['ppl']:.2f}" if trained else "-",
             "-".join(f"{x:.2f}" for x in trained["ppl_ci95"]) if trained else "-",
-            ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}")
+            ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}",
+            ", ".join(f"{stages[s]['peak_memory_bytes'] / 2**30:.2f}" if s in stages else "-"
+                      for s in ("reconstruct", "lora" if "lora" in stages else "train")))
     if args.plot:
         plot(args.plot, {v: (done[v]["stages"]["export"]["formats"]["gift"]["linear_bits_per_weight"],
                              next(r["ppl"] for k, r in done[v]["rows"].items()
