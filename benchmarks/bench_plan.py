@@ -1,7 +1,7 @@
 """The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
 grow with the blocks.
 
-    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks] [--stages train lora]
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed] [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
 product's ``train``, in float32 and under bf16 autocast. Each run is a process of its own with glibc's mmap
@@ -14,6 +14,8 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
   count, for the train stage and for the LoRA baseline's (``plan.plan_lora``: the dense quantized model with a
   PEFT adapter of the salient columns' size). The difference between the two depths is what a block's activations
   cost, printed per block in MB.
+* Fixed: with gradient checkpointing, the whole stage at hidden 128 to 768 (six blocks): what one recomputed block
+  and its backward hold beside the block inputs, and what the runtime holds whatever the size.
 
 Each row: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which are in memory
 before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size. The goal is
@@ -93,13 +95,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
-    ap.add_argument("--tables", nargs="+", default=["logits", "blocks"], choices=["logits", "blocks"])
+    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed"], choices=["logits", "blocks", "fixed"])
     ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
     if "logits" in args.tables:
         logits(*args.vocab)
     if "blocks" in args.tables:
         blocks(*args.blocks, args.stages)
+    if "fixed" in args.tables:
+        fixed(args.blocks[1], args.stages)
 
 
 def logits(small: int, large: int) -> None:
@@ -128,6 +132,21 @@ def blocks(few: int, many: int, stages: list[str]) -> None:
                     measured = (b["measured"] - a["measured"]) / (many - few) / 1e6
                     row(stage, precision, hidden, "yes" if ckpt else "no", f"{planned:.2f}", f"{measured:.2f}",
                         f"{planned / measured:.2f}", f"{b['planned'] / b['measured']:.2f}")
+
+
+
+def fixed(blocks: int, stages: list[str]) -> None:
+    """With gradient checkpointing the stage holds the block inputs and what one block's recomputation and backward
+    need beside them: the whole stage, planned against measured, across hidden sizes (the block inputs and the
+    recomputed block grow with it; what does not grow is the runtime's own)."""
+    print()
+    table("stage", "precision", "hidden", f"planned MB ({blocks} blocks)", "measured MB", "planned / measured")
+    for stage in stages:
+        for precision in ("fp32", "bf16"):
+            for hidden in (128, 256, 384, 512, 768):
+                got = measure(512, precision, "none", blocks, hidden, True, stage)
+                row(stage, precision, hidden, f"{got['planned'] / 1e6:.1f}", f"{got['measured'] / 1e6:.1f}",
+                    f"{got['planned'] / got['measured']:.2f}")
 
 
 if __name__ == "__main__":

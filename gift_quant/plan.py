@@ -24,7 +24,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   norms, lm_head) ``p`` each; activations ``b * s * ((3h + 2kv + 3i) * c + 8h)`` a block (GIFT-SW layers keep
   only their inputs' salient columns, the fused attention no probabilities, the norms their float32 input), kept
   for all ``L`` blocks, or with gradient checkpointing only the block inputs ``L * b * s * h * p`` (the residual
-  stream stays in the model's dtype under autocast) plus two and a half blocks' worth (the recomputed block, its gradients and what the allocator has not reused yet); logits
+  stream stays in the model's dtype under autocast) plus one and a half blocks' worth (the recomputed block and its
+  gradients: measured at hidden 128 to 768, ``benchmarks/bench_plan.py --tables fixed``); logits
   ``b * s * V * 12.5`` (the loss's float32 log-softmax, its gradient and the shifted copy; measured, in float32
   and bf16 alike, by ``LOGIT_BYTES``); the dequantized frozen weight of the largest layer, rebuilt with its noise,
   ``7 * out * in * c``; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU) plus
@@ -261,7 +262,7 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
     # kernel no probabilities, the norms their input in float32 (benchmarks/bench_plan.py)
     per_block = b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h)
     # checkpointing keeps each block's input, the residual stream, in the model's dtype (autocast casts only products)
-    acts = L * b * s * h * p + 5 * per_block // 2 if t.gradient_checkpointing else (L + 1) * per_block
+    acts = L * b * s * h * p + 3 * per_block // 2 if t.gradient_checkpointing else (L + 1) * per_block
     out = {**weights,
            "other parameters (embeddings, norms, head)": shape.other_params * p,
            "salient weights, gradients, AdamW moments (float32)": 16 * salient,
@@ -301,7 +302,7 @@ def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | 
     inputs = sum(i for i, _ in shapes) if c < p else 3 * h + shape.intermediate
     kept = b * s * inputs * c + (weights * c if c < p else 0)
     acts = next(k for k in parts if k.startswith("activations"))
-    parts[acts] += (5 * kept // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * kept)
+    parts[acts] += (3 * kept // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * kept)
     dense = weights * shape.blocks * p
     return {"dense quantized weights": dense, "LoRA adapter, gradients, AdamW moments (float32)": adapter, **parts}
 
