@@ -12,12 +12,10 @@ give the same windows.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-from common import row, run_child, table
+from common import row, run_measured, table
 
 CHILD = """
 import sys, tempfile, time, torch
@@ -41,15 +39,6 @@ emit({"seconds": time.time() - t0, "added": used.added, "windows": n, "sum": int
 """
 
 
-def measure(path: Path, way: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    got, done = run_child([sys.executable, "-c", CHILD, str(path), way], cwd=Path(__file__).resolve().parent.parent,
-                          env=env)
-    if got is None:
-        raise RuntimeError(done.stderr[-2000:])
-    return got
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, nargs="+", default=[1, 3, 6])
@@ -63,7 +52,7 @@ def main() -> None:
         for copies in args.copies:
             path = Path(d) / f"c4x{copies}.txt"
             path.write_text(c4 * copies)
-            whole, pieces = measure(path, "whole"), measure(path, "pieces")
+            whole, pieces = run_measured(CHILD, str(path), "whole"), run_measured(CHILD, str(path), "pieces")
             same = whole["windows"] == pieces["windows"] and whole["sum"] == pieces["sum"]
             row(f"{path.stat().st_size / 1e6:.1f}", whole["windows"], f"{whole['seconds']:.1f}",
                 f"{whole['added'] / 2**20:.0f}", f"{pieces['seconds']:.1f}", f"{pieces['added'] / 2**20:.1f}",

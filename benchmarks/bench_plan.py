@@ -24,11 +24,8 @@ a plan at most 10% above what is measured, never below.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-from common import row, run_child, table
+from common import row, run_measured, table
 
 CHILD = """
 import gc, sys, tempfile, torch
@@ -83,12 +80,8 @@ emit({"planned": planned, "measured": used.added})
 
 def measure(vocab: int, precision: str, teacher: str = "none", blocks: int = 2, hidden: int = 64,
             checkpointing: bool = False, stage: str = "train") -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    args = [str(vocab), precision, teacher, str(blocks), str(hidden), "1" if checkpointing else "0", stage]
-    got, done = run_child([sys.executable, "-c", CHILD, *args], cwd=Path(__file__).resolve().parent.parent, env=env)
-    if got is None:
-        raise RuntimeError(done.stderr[-2000:])
-    return got
+    return run_measured(CHILD, str(vocab), precision, teacher, str(blocks), str(hidden), "1" if checkpointing else "0",
+                        stage)
 
 
 def main() -> None:

@@ -60,6 +60,18 @@ def run_child(cmd: list[str], **kwargs) -> tuple[dict | None, subprocess.Complet
     return result(done.stdout), done
 
 
+def run_measured(child: str, *args: str) -> dict:
+    """``child`` (Python source that ends with ``emit``) in a process of its own from the repository root, on one
+    thread, glibc's mmap threshold pinned so that its RSS follows what is alive (what ``devices.peak`` reads)."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    got, done = run_child([sys.executable, "-c", child, *args], cwd=Path(__file__).resolve().parent.parent, env=env)
+    if got is None:
+        raise RuntimeError(done.stderr[-2000:])
+    return got
+
+
 def recover(work: Path, name: str, sets: list[str], reuse: list[Path] = (), env: dict | None = None) -> dict:
     """One ``gift-quant recover`` run of the demo recipe with ``--set`` overrides, in ``work/name`` (a finished run
     there is read, not rerun, where its report is this recipe's; an unfinished one resumes). ``reuse``: run folders

@@ -49,10 +49,14 @@ def load_trained(model, run: Run) -> None:
             tensors[n].copy_(v)
 
 
+def _from_reconstruct(run: Run, reconstructed: bool) -> bool:
+    return reconstructed and "reconstruct" in run.order
+
+
 def quantized_layers(run: Run, reconstructed: bool = True) -> dict[str, QuantizedWeight]:
     """The quantized layers the train stage starts from: the reconstruct stage's where it ran (unless
     ``reconstructed`` is False), else the quantize stage's."""
-    stage = "reconstruct" if reconstructed and "reconstruct" in run.order else "quantize"
+    stage = "reconstruct" if _from_reconstruct(run, reconstructed) else "quantize"
     return load_quantized(run.stage(stage) / "quantized.safetensors")
 
 
@@ -60,7 +64,7 @@ def reconstructed_norms(model, run: Run, reconstructed: bool = True) -> None:
     """The norm weights the reconstruct stage trained (``reconstruct.norms``) into ``model``, where it ran (unless
     ``reconstructed`` is False)."""
     path = run.stage("reconstruct") / "norms.safetensors"
-    if reconstructed and "reconstruct" in run.order and path.exists():
+    if _from_reconstruct(run, reconstructed) and path.exists():
         load_norms(model, path)
 
 
