@@ -115,9 +115,14 @@ def block_norms(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_norms(model: nn.Module, path: Path) -> None:
     """The reconstruct stage's norm weights (``norms.safetensors``) into ``model``."""
-    unknown = model.load_state_dict(load_file(path), strict=False).unexpected_keys
+    _load_into(model, load_file(path), path, "the model")
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path, where: str) -> None:
+    """What the stage saved in ``path`` into ``module``; a tensor ``module`` does not hold is refused by name."""
+    unknown = module.load_state_dict(tensors, strict=False).unexpected_keys
     if unknown:
-        raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in the model; rerun with --from reconstruct")
+        raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in {where}; rerun with --from reconstruct")
 
 
 def train_block(block: nn.Module, batches: list, targets: list, spec: ReconstructSpec, inputs: BlockInputs,
@@ -154,8 +159,8 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
                       device: torch.device | str | None = None) -> list[dict[str, float]]:
     """Reconstruct every decoder block of the full-precision ``model`` in turn (see the module docstring);
     ``results`` (the quantize stage's layers by module name) get the trained salient columns and scales. The
-    model ends with the reconstructed blocks merged into dense linears, and their trained norms (``block_norms``). Returns each block's loss before and
-    after."""
+    model ends with the reconstructed blocks merged into dense linears, and their trained norms (``block_norms``).
+    Returns each block's loss before and after."""
     work.mkdir(parents=True, exist_ok=True)
     layers = decoder_layers(model)
     home = next(model.parameters()).device
@@ -196,10 +201,7 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
             loss = {"before": before, "after": _mean_loss(block, train_on, targets, inputs)}
             save_piece(path, trainable_state(block), key, losses=json.dumps(loss))
         else:
-            unknown = block.load_state_dict(done[0], strict=False).unexpected_keys
-            if unknown:
-                raise CheckpointError(f"{path}: tensors {unknown[:3]} are not in block {i}; rerun with "
-                                      f"--from reconstruct")
+            _load_into(block, done[0], path, f"block {i}")
             loss = json.loads(done[1]["losses"])
         losses.append(loss)
         log.info("block %d: reconstruction loss %.4g -> %.4g", i, loss["before"], loss["after"])
