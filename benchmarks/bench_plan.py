@@ -32,7 +32,7 @@ import gc, sys, tempfile, torch
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from common import emit
-from gpu_check import config, quantized_model
+from gpu_check import config, quantized_model, warm_up
 from gift_quant import devices
 from gift_quant.distill import TopKTeacher
 from gift_quant.plan import meta_model, plan_lora, plan_train, shape_of
@@ -42,8 +42,11 @@ vocab, precision, teacher_kind, blocks, hidden, ckpt, stage = sys.argv[1:]
 vocab, blocks, hidden = int(vocab), int(blocks), int(hidden)
 cfg = config(True, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=blocks,
              vocab_size=vocab)
-model = quantized_model(cfg, torch.device("cpu"), torch.float32, 0 if stage == "lora" else 4)
-if stage == "lora":  # the LoRA stage's model: the dense quantized weights, an adapter of the columns' size
+
+
+def adapt(model):  # the LoRA stage's model: the dense quantized weights, an adapter of the columns' size
+    if stage != "lora":
+        return model
     from peft import LoraConfig, get_peft_model
     from gift_quant.layers import merge_to_dense
     from gift_quant.lora import lora_rank
@@ -51,8 +54,11 @@ if stage == "lora":  # the LoRA stage's model: the dense quantized weights, an a
     merge_to_dense(model)
     shapes = [(m.in_features, m.out_features) for n, m in model.named_modules() if n.endswith(tuple(ALL_PROJECTIONS))]
     rank = lora_rank(4 * sum(o for _, o in shapes), shapes)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                             target_modules=ALL_PROJECTIONS))
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=ALL_PROJECTIONS))
+
+
+model = adapt(quantized_model(cfg, torch.device("cpu"), torch.float32, 0 if stage == "lora" else 4))
 distill = {"none": {}, "top-32": {"distill": 1.0, "distill_topk": 32}, "full": {"distill": 1.0}}[teacher_kind]
 r = parse_recipe({"model": {"ref": "-"}, "saliency": {"k": 4},
                   "train": {"steps": 2, "micro_batch_size": 4, "seq_len": 256, "precision": precision,
@@ -68,6 +74,7 @@ if teacher_kind == "top-32":  # the cache is on the CPU before the stage; a full
 plan = plan_lora if stage == "lora" else plan_train
 parts = plan(shape_of(meta_model(cfg), r), r, torch.device("cpu"))
 planned = sum(v for k, v in parts.items() if not k.startswith(("codes", "grid", "other", "dense")))  # resident
+warm_up(cfg, r.train, torch.device("cpu"), adapt)
 gc.collect()
 with tempfile.TemporaryDirectory() as w, devices.peak(torch.device("cpu")) as used:
     if teacher_kind == "full":

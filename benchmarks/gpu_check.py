@@ -36,6 +36,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +125,20 @@ def quantized_model(cfg, device: torch.device, dtype: torch.dtype, k: int, noise
     model = build(cfg, device, dtype)
     wrap_quantized(model, rtn_with_columns(model, Grid(3), seeded_columns(k)), noise, 4)
     return model
+
+
+def warm_up(cfg, spec: TrainSpec, device: torch.device,
+            adapt: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
+    """One step of ``train`` with ``spec`` (no teacher) on ``cfg`` cut to one block (``adapt`` makes its model the
+    measured stage's kind), so that what the runtime takes on first use is in memory before a measurement of
+    ``train``'s own: lazy imports, thread pools, and the CPU kernel libraries' caches, which oneDNN keeps per shape
+    (hence the measured model's widths). The plan counts tensors, as ``torch.cuda.max_memory_allocated`` does."""
+    ids = torch.randint(0, cfg.vocab_size, (spec.micro_batch_size, spec.seq_len))
+    one = type(cfg)(**{**cfg.to_dict(), "num_hidden_layers": 1})
+    with tempfile.TemporaryDirectory() as w:
+        train(adapt(quantized_model(one, device, torch.float32, 4)), ids, ids.clone(),
+              spec.model_copy(update={"steps": 1, "distill": 0.0}), Path(w), device=device, checkpoints=False)
+    devices.release(device)
 
 
 def _train_row(label: str, model: nn.Module, spec: TrainSpec, device: torch.device, vocab: int, work: Path,
