@@ -46,6 +46,17 @@ NO_SALIENT = ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", 
 # issue 43: every weight trained block by block (latent weights on the grid, scales), the salient columns with them
 WEIGHTS = [*RECONSTRUCT, "reconstruct.train=weights", "reconstruct.weights_lr=1e-4", "reconstruct.scales_lr=1e-4"]
 E2E = ["train.learn_scales=true", "train.scales_lr=1e-5"]  # EfficientQAT's E2E-QP learning rate of the scales
+# every weight from fp, then the columns, the scales (lr 1e-4: the no-column peer barely moves at 1e-5) and the
+# top-32 teacher end to end: the best recovery measured, with columns or without
+EVERY_WEIGHT_E2E = [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E, "train.scales_lr=1e-4"]
+W4 = ["quant.bits=4", *G128]  # the third point: W4 g128 k8
+
+
+def no_columns(group: int) -> list[str]:
+    """The peer: no salient columns, groups of ``group`` (chosen for about the bits on disk of the columns' point)."""
+    return ["saliency.k=0", "saliency.k_overrides={}", f"quant.group_size={group}"]
+
+
 VARIANTS: dict[str, list[str]] = {
     "today": [],
     "reconstruct (fp inputs)": RECONSTRUCT,
@@ -87,24 +98,24 @@ VARIANTS: dict[str, list[str]] = {
         ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *WEIGHTS, "reconstruct.init=fp", *TOPK,
          *E2E],
     # the scales at the learning rate the earlier no-column rows used (1e-4), with and without columns
-    "no salient columns, g32, every weight, from fp, + top-32 distill + scales 1e-4":
-        ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=32", *WEIGHTS, "reconstruct.init=fp", *TOPK,
-         *E2E, "train.scales_lr=1e-4"],
-    "every weight, from fp, + top-32 distill + scales 1e-4": [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E,
-                                                              "train.scales_lr=1e-4"],
+    "no salient columns, g32, every weight, from fp, + top-32 distill + scales 1e-4": [*no_columns(32),
+                                                                                        *EVERY_WEIGHT_E2E],
+    "every weight, from fp, + top-32 distill + scales 1e-4": EVERY_WEIGHT_E2E,
     # the second point (g128 k8, 3.44 bits): every weight with the columns, and the peer without them at about the
     # same bits (groups of 48: 3.43), each end to end
-    "g128 k8, every weight, from fp, + top-32 distill + scales 1e-4": [*G128, *WEIGHTS, "reconstruct.init=fp", *TOPK,
-                                                                       *E2E, "train.scales_lr=1e-4"],
-    "no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4":
-        ["saliency.k=0", "saliency.k_overrides={}", "quant.group_size=48", *WEIGHTS, "reconstruct.init=fp", *TOPK,
-         *E2E, "train.scales_lr=1e-4"],
+    "g128 k8, every weight, from fp, + top-32 distill + scales 1e-4": [*G128, *EVERY_WEIGHT_E2E],
+    "no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4": [*no_columns(48),
+                                                                                        *EVERY_WEIGHT_E2E],
     "g128 k8, lora baseline + top-32 distill": [*G128, "eval.baselines=[lora]", *TOPK],
+    # the third point, W4 g128 k8, and its peer at about the same bits (groups of 48, as at W3)
+    "w4 g128 k8, every weight, from fp, + top-32 distill + scales 1e-4": [*W4, *EVERY_WEIGHT_E2E],
+    "w4 g128 k8, reconstruct + top-32 distill": [*W4, *RECONSTRUCT, *TOPK],
+    "w4, no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4":
+        ["quant.bits=4", *no_columns(48), *EVERY_WEIGHT_E2E],
+    "w4 g128 k8, lora baseline + top-32 distill": [*W4, "eval.baselines=[lora]", *TOPK],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
-    "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*WEIGHTS, "reconstruct.init=fp",
-                                                                       "reconstruct.norms=true",
-                                                                       "reconstruct.norms_lr=1e-4", *TOPK, *E2E,
-                                                                       "train.scales_lr=1e-4"],
+    "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
+                                                                       "reconstruct.norms_lr=1e-4"],
 }
 
 
