@@ -19,7 +19,7 @@ from pathlib import Path
 from common import row, smollm2, table
 
 from gift_quant.data import nonoverlapping_windows
-from gift_quant.distill import TopKTeacher, teacher_topk
+from gift_quant.distill import TopKTeacher, read_cache, teacher_topk
 from gift_quant.grid import Grid
 from gift_quant.layers import wrap_quantized
 from gift_quant.quantize import rtn_with_columns, seeded_columns
@@ -41,9 +41,10 @@ def main() -> None:
     windows = windows_read(len(ids), spec, 1, seed=0)
     work = Path(tempfile.mkdtemp())
     t0 = time.time()
-    cache = teacher_topk(teacher, ids, windows, args.k, 1.0, spec.micro_batch_size, work / "cache", "bench")
+    teacher_topk(teacher, ids, windows, work / "teacher.safetensors", k=args.k, temperature=1.0,
+                 batch_size=spec.micro_batch_size, work=work / "cache", key="bench")
     cache_s = (time.time() - t0) / len(windows)
-    topk = TopKTeacher({**cache, "windows": windows}, len(ids), 1.0)
+    topk = TopKTeacher(read_cache(work / "teacher.safetensors"), len(ids), 1.0)
     teachers = {"none": None, "full teacher": teacher, f"top-{args.k} cache": topk}
     times: dict[str, list[float]] = {k: [] for k in teachers}
     for r in range(args.rounds):

@@ -73,6 +73,58 @@ def safetensors_keys(path: Path, fix: str = REDO_STAGE) -> list[str]:
         return list(f.keys())
 
 
+def save_concatenated(pieces: list[Path], path: Path, extra: dict[str, torch.Tensor]) -> int:
+    """One safetensors file holding, for each tensor name of ``pieces`` (safetensors files alike in names, dtypes and
+    all but the first dimension), the pieces' tensors joined along the first dimension, and ``extra``'s tensors:
+    what ``save_file({**{n: torch.cat(...)}, **extra})`` writes, read back the same, with one piece's tensor in
+    memory at a time (a cache of a hundred thousand windows need not fit twice in host memory). Writes the format
+    (an 8-byte little-endian header length, the JSON header, the tensors' bytes in its order) by hand: safetensors
+    has no writer that appends. Returns the bytes of tensor data."""
+    import math
+    import struct
+
+    def described(f, name: str) -> tuple[str, list[int]]:
+        sl = f.get_slice(name)
+        return sl.get_dtype(), list(sl.get_shape())
+
+    with _opened(pieces[0], REDO_STAGE) as f:
+        first = {name: described(f, name) for name in f.keys()}
+    rows = dict.fromkeys(first, 0)
+    for piece in pieces:
+        with _opened(piece, REDO_STAGE) as f:
+            for name, (dtype, shape) in first.items():
+                got = described(f, name) if name in f.keys() else None
+                if got is None or got[0] != dtype or got[1][1:] != shape[1:]:
+                    raise CheckpointError(f"{piece}: tensor {name} is {got or 'missing'}, the first piece's "
+                                          f"{dtype} {shape}: the pieces do not join; {REDO_STAGE}")
+                rows[name] += got[1][0]
+    names = {v: k for k, v in HEADER_DTYPES.items()}
+    layout = [(n, d, [rows[n], *s[1:]]) for n, (d, s) in first.items()]
+    layout += [(n, names[t.dtype], list(t.shape)) for n, t in extra.items()]
+    header, offset = {}, 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * HEADER_DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for name in first:
+            for piece in pieces:
+                with _opened(piece, REDO_STAGE) as f:
+                    out.write(_raw(f.get_tensor(name)))
+        for tensor in extra.values():
+            out.write(_raw(tensor))
+    return offset
+
+
+def _raw(tensor: torch.Tensor):
+    """A tensor's bytes in memory order (little-endian on every machine torch runs on), as safetensors stores them:
+    a view, not a copy."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def check_scales(where: Path | str, name: str, scales: torch.Tensor) -> None:
     """Grid scales must be finite and positive: a NaN or a zero step would otherwise surface hours later as a
     NaN loss or perplexity."""

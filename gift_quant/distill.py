@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import save_concatenated
 from .rundir import load_piece, save_piece
 
 
@@ -47,29 +48,27 @@ def topk_distill_loss(student: torch.Tensor, logp: torch.Tensor, idx: torch.Tens
 
 
 @torch.no_grad()
-def teacher_topk(teacher: nn.Module, ids, windows: torch.Tensor, k: int, temperature: float, batch_size: int,
-                 work: Path, key: str) -> dict[str, torch.Tensor]:
-    """The teacher's top-k log-probabilities (float32) and ids (int32) of the rows ``windows`` of ``ids`` (a tensor,
-    or training examples read a batch at a time), positions ``0 .. seq_len-2``; each batch waits in ``work``
-    (``rundir.save_piece``) until all are done."""
+def teacher_topk(teacher: nn.Module, ids, windows: torch.Tensor, out: Path, *, k: int, temperature: float,
+                 batch_size: int, work: Path, key: str) -> int:
+    """``out``, the teacher cache: the teacher's top-k log-probabilities (``logp``, float32) and token ids (``idx``,
+    int32) at positions ``0 .. seq_len-2`` of the rows ``windows`` of ``ids`` (a tensor, or training examples read
+    a batch at a time), and ``windows``. Each batch waits in ``work`` (``rundir.save_piece``: a rerun resumes) until
+    all are done; the file is then joined from them a piece at a time (``checkpoint.save_concatenated``: the cache
+    grows with the steps, 8 bytes a token and k). Returns its bytes of tensor data."""
     work.mkdir(parents=True, exist_ok=True)
     device = next(teacher.parameters()).device
     teacher.eval()
-    logp, idx = [], []
+    pieces = []
     for j in tqdm(range(0, len(windows), batch_size), desc="teacher top-k", unit="batch"):
         path = work / f"batch-{j // batch_size:05d}.safetensors"
-        done = load_piece(path, key, "teacher")
-        if done is None:
+        if load_piece(path, key, "teacher") is None:
             x = ids[windows[j : j + batch_size]].to(device)
             logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]
             top = F.log_softmax(logits.float() / temperature, -1).topk(k, dim=-1)
-            piece = {"logp": top.values.cpu().contiguous(), "idx": top.indices.to(torch.int32).cpu().contiguous()}
-            save_piece(path, piece, key)
-        else:
-            piece = done[0]
-        logp.append(piece["logp"])
-        idx.append(piece["idx"])
-    return {"logp": torch.cat(logp), "idx": torch.cat(idx)}
+            save_piece(path, {"logp": top.values.cpu().contiguous(),
+                              "idx": top.indices.to(torch.int32).cpu().contiguous()}, key)
+        pieces.append(path)
+    return save_concatenated(pieces, out, {"windows": windows})
 
 
 class FullTeacher:

@@ -111,10 +111,9 @@ def run_teacher(run: Run, tmp: Path) -> dict:
     model.to(run.device)
     ids, _ = training_examples(r, tok, run.dir)
     windows = windows_read(len(ids), t, int(os.environ.get("WORLD_SIZE", "1")), r.seed)
-    cache = teacher_topk(model, ids, windows, t.distill_topk, t.distill_temperature, t.micro_batch_size,
-                         run.dir / "teacher.work", run.key("teacher"))
-    save_file({**cache, "windows": windows}, tmp / "teacher.safetensors")
-    size = sum(v.numel() * v.element_size() for v in cache.values())
+    size = teacher_topk(model, ids, windows, tmp / "teacher.safetensors", k=t.distill_topk,
+                        temperature=t.distill_temperature, batch_size=t.micro_batch_size, work=run.dir / "teacher.work",
+                        key=run.key("teacher"))
     log.info("teacher: top-%d of %d windows cached (%.1f MB)", t.distill_topk, len(windows), size / 1e6)
     return {"windows": len(windows), "of": len(ids), "k": t.distill_topk, "bytes": size}
 
