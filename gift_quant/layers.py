@@ -162,14 +162,17 @@ class _FrozenProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
-            grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
-            del w
-        if ctx.needs_input_grad[3]:  # d loss / d W = grad_out^T x, one weight-sized float32 tensor, then per group
-            x, = ctx.saved_tensors
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-            grad_scale = ctx.layer.base.scale_grad(grad_w)
+        # in the dtypes written here, whatever the caller's autocast (under bfloat16 autocast the float32 weight
+        # gradient would come out in bfloat16)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
+                grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
+                del w
+            if ctx.needs_input_grad[3]:  # d loss / d W = grad_out^T x, one weight-sized float32 tensor, then per group
+                x, = ctx.saved_tensors
+                grad_w = grad_out.reshape(-1, grad_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                grad_scale = ctx.layer.base.scale_grad(grad_w)
         return grad_x, None, None, grad_scale
 
 

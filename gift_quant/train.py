@@ -276,12 +276,13 @@ def _step(loop: _Loop, step: int) -> float:
         idx = batch_indices(len(loop.ids), step, micro, spec, acc.process_index, loop.world, loop.seed)
         x, y = loop.ids[idx].to(acc.device), loop.labels[idx].to(acc.device)
         ctx = acc.no_sync(loop.model) if micro < spec.grad_accum - 1 else nullcontext()
-        with ctx, acc.autocast():
-            out = loop.model(input_ids=x, labels=y, use_cache=False)
-            loss = out.loss
-            if loop.teacher is not None and spec.distill > 0:
-                loss = loss + spec.distill * loop.teacher.loss(out.logits, x, idx, y)
-            del out  # the logits (in bf16 also accelerate's float32 copy) are not needed through backward
+        with ctx:
+            with acc.autocast():  # the forward and the loss; backward outside it, as torch recommends
+                out = loop.model(input_ids=x, labels=y, use_cache=False)
+                loss = out.loss
+                if loop.teacher is not None and spec.distill > 0:
+                    loss = loss + spec.distill * loop.teacher.loss(out.logits, x, idx, y)
+                del out  # the logits (in bf16 also accelerate's float32 copy) are not needed through backward
             acc.backward(loss / spec.grad_accum)
         step_loss += loss.item() / spec.grad_accum
     losses = acc.gather(torch.tensor([step_loss], device=acc.device))
