@@ -1,7 +1,8 @@
 """The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
 grow with the blocks.
 
-    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed] [--stages train lora]
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed stages]
+        [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
 product's ``train``, in float32 and under bf16 autocast. Each run is a process of its own with glibc's mmap
@@ -15,11 +16,17 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
   PEFT adapter of the salient columns' size). The difference between the two depths is what a block's activations
   cost, printed per block in MB.
 * Fixed: with gradient checkpointing, the whole stage at hidden 128 to 768 (six blocks): what one recomputed block
-  and its backward hold beside the block inputs, and what the runtime holds whatever the size.
+  and its backward hold beside the block inputs.
+* Stages: every stage of ``gift-quant recover`` (quantize, reconstruct of every weight, the top-32 teacher, train,
+  the LoRA baseline, export, evaluate) on a tiny Llama of SmolLM2's vocabulary (hidden 256, four blocks), the model
+  saved and run in float32 and in bfloat16, with and without the teacher: the plan (``pipeline.plan_recipe``) against what each
+  stage added to the process (its manifest's ``peak_memory_added_bytes``), the run done once before in the same
+  process at the same shapes.
 
-Each row: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which are in memory
-before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size. The goal is
-a plan at most 10% above what is measured, never below.
+Each row of the first three: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which
+are in memory before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size.
+Every measurement follows a warm-up at the same widths (``gpu_check.warm_up``): the plan counts tensors, not what the
+process takes on first use. The goal is a plan at most 10% above what is measured, never below.
 """
 from __future__ import annotations
 
@@ -85,6 +92,62 @@ emit({"planned": planned, "measured": used.added})
 """
 
 
+STAGES_CHILD = """
+import json, sys, tempfile, torch
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from common import emit
+from gpu_check import config
+from transformers import AutoModelForCausalLM
+from gift_quant import pipeline
+from gift_quant.recipe_file import parse_recipe
+from gift_quant.sources import SMOLLM2, load_tokenizer
+dtype, teacher = sys.argv[1:]
+work = Path(tempfile.mkdtemp())
+tok = load_tokenizer(SMOLLM2)
+torch.manual_seed(0)
+cfg = config(True, hidden_size=256, intermediate_size=704, num_hidden_layers=4, vocab_size=len(tok))
+AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).save_pretrained(work / "model")  # as hubs ship
+tok.save_pretrained(work / "model")
+distill = {"distill": 1.0, "distill_topk": 32} if teacher == "top-32" else {"distill": 0.0, "distill_topk": None}
+
+
+def recipe(out):
+    return parse_recipe({"name": "bench", "model": {"ref": str(work / "model"), "dtype": dtype}, "device": "cpu",
+                         "output_dir": str(work / out),
+                         "calibration": {"n_samples": 8, "seq_len": 256, "batch_size": 4},
+                         "saliency": {"k": 8}, "quant": {"bits": 3, "group_size": 64},
+                         "reconstruct": {"enabled": True, "train": "weights", "epochs": 1, "batch_size": 4},
+                         "train": {"steps": 4, "micro_batch_size": 4, "seq_len": 256, "checkpoint_every": 1000,
+                                   **distill},
+                         "eval": {"ppl_seq_len": 256, "ppl_max_windows": 8, "batch_size": 4, "tasks": [],
+                                  "baselines": ["salient", "lora"]},
+                         "export": {"formats": ["gift"]}}, "bench")
+
+
+pipeline.recover(recipe("warm"))  # first use at these shapes: imports, thread pools, the kernels' caches
+r = recipe("run")
+pipeline.recover(r)
+planned = pipeline.plan_recipe(r, torch.device("cpu"))["stages"]
+got = {}
+for name in pipeline.stages(r):
+    added = json.loads((work / "run" / name / "manifest.json").read_text())["peak_memory_added_bytes"]
+    got[name] = [planned[name]["bytes"] if name in planned else None, added]
+emit(got)
+"""
+
+
+def stage_table() -> None:
+    """Every stage of a tiny run, planned against what it added to the process."""
+    print()
+    table("stage", "model dtype", "teacher", "planned MB", "measured MB", "planned / measured")
+    for dtype in ("float32", "bfloat16"):
+        for teacher in ("none", "top-32"):
+            for stage, (planned, used) in run_measured(STAGES_CHILD, dtype, teacher).items():
+                row(stage, dtype, teacher, f"{planned / 1e6:.1f}" if planned else "-", f"{used / 1e6:.1f}",
+                    f"{planned / used:.2f}" if planned and used > 0 else "-")
+
+
 def measure(vocab: int, precision: str, teacher: str = "none", blocks: int = 2, hidden: int = 64,
             checkpointing: bool = False, stage: str = "train") -> dict:
     return run_measured(CHILD, str(vocab), precision, teacher, str(blocks), str(hidden), "1" if checkpointing else "0",
@@ -95,7 +158,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
-    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed"], choices=["logits", "blocks", "fixed"])
+    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages"],
+                    choices=["logits", "blocks", "fixed", "stages"])
     ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
     if "logits" in args.tables:
@@ -104,6 +168,8 @@ def main() -> None:
         blocks(*args.blocks, args.stages)
     if "fixed" in args.tables:
         fixed(args.blocks[1], args.stages)
+    if "stages" in args.tables:
+        stage_table()
 
 
 def logits(small: int, large: int) -> None:

@@ -29,9 +29,13 @@ def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
     out = []
     for b in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
         ids = windows[b : b + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(len(ids), -1).double().mean(1).cpu())
+        logits = model(ids, use_cache=False).logits
+        # a window at a time: its float32 copy and log-softmax beside the batch's logits, not the whole batch's
+        # (the same numbers: the loss of a row does not depend on the others)
+        nll = torch.stack([F.cross_entropy(logits[j, :-1].float(), ids[j, 1:], reduction="none")
+                           for j in range(len(ids))])
+        del logits
+        out.append(nll.double().mean(1).cpu())
     return torch.cat(out)
 
 

@@ -139,7 +139,8 @@ def _run_stage(run: Run, name: str, write: bool = True, **kwargs) -> None:
                 extra = STAGES[name].run(run, tmp, **kwargs)
             finally:
                 devices.release(run.device)
-        extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak}
+        extra = {**extra, "device": str(run.device), "peak_memory_bytes": used.peak,
+                 "peak_memory_added_bytes": used.added}
         manifest = run.manifest(name, time.time() - t0, file_hashes(tmp), extra)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("stage %s: finished in %.0f s", name, time.time() - t0)

@@ -21,17 +21,19 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
-  norms, lm_head) ``p`` each; activations ``b * s * ((3h + 2kv + 3i) * c + 8h)`` a block (GIFT-SW layers keep
-  only their inputs' salient columns, the fused attention no probabilities, the norms their float32 input), kept
-  for all ``L`` blocks, or with gradient checkpointing only the block inputs ``L * b * s * h * p`` (the residual
-  stream stays in the model's dtype under autocast) plus one and a half blocks' worth (the recomputed block and its
-  gradients: measured at hidden 128 to 768, ``benchmarks/bench_plan.py --tables fixed``); logits
-  ``b * s * V * 12.5`` (the loss's float32 log-softmax, its gradient and the shifted copy; measured, in float32
-  and bf16 alike, by ``LOGIT_BYTES``); the dequantized frozen weight of the largest layer, rebuilt with its noise,
-  ``7 * out * in * c``; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU) plus
-  ``b * s * V * 20`` (its logits and both log-softmaxes), or the top-k cache's batch plus ``b * s * V * 4``.
-* evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * 8``
-  (capped at 1 GiB as ``perplexity`` caps them).
+  norms, lm_head) ``p`` each; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU), or the
+  top-k cache's batch. Activations kept: ``b * s * ((3h + 2kv + 3i) * c + 8h)`` a block (GIFT-SW layers keep
+  only their inputs' salient columns, the fused attention no probabilities, the norms their float32 input; learned
+  scales add each linear's whole input) for all ``L`` blocks, or with gradient checkpointing only the block inputs
+  ``L * b * s * h * p`` (the residual stream stays in the model's dtype under autocast). Beside them the larger of
+  two phases that are not alive at once: the loss's logits ``b * s * V * 13`` (the float32 log-softmax, its
+  gradient and the shifted copy; ``LOGIT_BYTES``), plus ``b * s * V * 20`` for a full teacher or ``4`` for the
+  top-k cache; and the backward's, a block's gradients or the largest frozen weight rebuilt (``out * in * c``
+  dequantized, twice that with its noise; with learned scales ``8 * out * in``, the weight's float32 gradient and
+  float codes), or with checkpointing the recomputed block beside that weight or 1.6 blocks (the recomputed block
+  and its gradients). Measured against the stage at hidden 128 to 768 by ``benchmarks/bench_plan.py``.
+* evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * p`` (``b`` capped
+  as ``perplexity`` caps it), and one window's float32 log-softmax ``s * V * 8``.
 * reconstruct, generate and teacher: see their functions.
 * On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block.
 * On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
@@ -242,8 +244,9 @@ def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
 
 # Bytes a training step holds per logit element (micro-batch x sequence x vocabulary), whatever the compute dtype:
 # the loss's, and what each kind of distillation adds to it. Measured by benchmarks/bench_plan.py (RESULTS.md, "memory
-# plan"), each set at most 10% above the measurement.
-LOGIT_BYTES = {"loss": 12.5, "top-k": 4, "full teacher": 20}
+# plan"), each set at most 10% above the measurement: the loss's 12.0-12.1 measured, planned at 13 because the
+# logits' phase is often the step's peak, and what the allocator keeps beside the tensors varies by machine.
+LOGIT_BYTES = {"loss": 13, "top-k": 4, "full teacher": 20}
 
 
 def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
@@ -252,59 +255,88 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
     if not t.enabled:
         return {}
     c = _compute_bytes(recipe, device)
-    b, s, h, L = t.micro_batch_size, t.seq_len, shape.hidden, shape.blocks
     if t.mode == "post":
         weights = _weights_quantized(shape, recipe)
     else:  # pre / fp: the dense frozen weights
-        weights = {"frozen dense weights": sum(lin.n_in * lin.n_out for lin in shape.linears) * L * p}
-    salient = sum(lin.k * lin.n_out for lin in shape.linears) * L
-    # what autograd keeps of a block: GIFT-SW layers keep only their inputs' salient columns, the fused attention
-    # kernel no probabilities, the norms their input in float32 (benchmarks/bench_plan.py)
-    per_block = b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h)
-    # checkpointing keeps each block's input, the residual stream, in the model's dtype (autocast casts only products)
-    acts = L * b * s * h * p + 3 * per_block // 2 if t.gradient_checkpointing else (L + 1) * per_block
-    out = {**weights,
-           "other parameters (embeddings, norms, head)": shape.other_params * p,
-           "salient weights, gradients, AdamW moments (float32)": 16 * salient,
-           "activations" + (" (gradient checkpointing)" if t.gradient_checkpointing else ""): acts,
-           "logits and loss": int(b * s * shape.vocab * LOGIT_BYTES["loss"]),
-           "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * c}
-    if t.distill > 0 and t.distill_topk is not None:  # the cache of the windows read, on the CPU; one batch's here
-        out["distillation teacher (top-k cache, one batch) and loss"] = (b * s * t.distill_topk * 8
-                                                                         + b * s * shape.vocab * LOGIT_BYTES["top-k"])
-    elif t.distill > 0:
-        out["distillation teacher and loss"] = (shape.params * (2 if c == 2 else p)
-                                                + b * s * shape.vocab * LOGIT_BYTES["full teacher"])
-    return out
+        weights = {"frozen dense weights": sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks * p}
+    salient = sum(lin.k * lin.n_out for lin in shape.linears) * shape.blocks
+    per_block = _block_kept(shape, recipe, c)
+    if t.learn_scales:  # the scales' gradient needs each linear's whole input
+        per_block += t.micro_batch_size * t.seq_len * (3 * shape.hidden + shape.intermediate) * c
+    # the largest frozen weight rebuilt in a forward or backward: the dequantized weight and its noise in the compute
+    # dtype, or with learned scales the weight's float32 gradient and the float codes it is summed against
+    largest = max(lin.n_in * lin.n_out for lin in shape.linears)
+    rebuilt = largest * max(c * (2 if t.noise != "none" else 1), 8 if t.learn_scales else 0)
+    logits, teacher = _logits(shape, recipe, c, p)
+    return {**weights, "other parameters (embeddings, norms, head)": shape.other_params * p,
+            "salient weights, gradients, AdamW moments (float32)": 16 * salient, **teacher,
+            **_step(shape, recipe, per_block, rebuilt, logits)}
+
+
+def _block_kept(shape: Shape, recipe: Recipe, c: int) -> int:
+    """What autograd keeps of a block: GIFT-SW layers keep only their inputs' salient columns, the fused attention
+    kernel no probabilities, the norms their input in float32 (``benchmarks/bench_plan.py``)."""
+    b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
+    return b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h)
+
+
+def _logits(shape: Shape, recipe: Recipe, c: int, p: int) -> tuple[int, dict[str, int]]:
+    """The loss's logits (with the teacher's where one distills) and the teacher's own part: the top-k cache's
+    batch (the cache itself stays on the CPU), or the full-precision model."""
+    t = recipe.train
+    tokens = t.micro_batch_size * t.seq_len
+    logits = int(tokens * shape.vocab * LOGIT_BYTES["loss"])
+    if t.distill > 0 and t.distill_topk is not None:
+        return (logits + tokens * shape.vocab * LOGIT_BYTES["top-k"],
+                {"distillation teacher (top-k cache, one batch)": tokens * t.distill_topk * 8})
+    if t.distill > 0:
+        return (logits + tokens * shape.vocab * LOGIT_BYTES["full teacher"],
+                {"distillation teacher": shape.params * (2 if c == 2 else p)})
+    return logits, {}
+
+
+def _step(shape: Shape, recipe: Recipe, per_block: int, rebuilt: int, logits: int) -> dict[str, int]:
+    """A step's activations, in two phases that are not alive at once (``benchmarks/bench_plan.py``). Kept through
+    the step: every block's ``per_block``, or with gradient checkpointing only the block inputs (the residual stream,
+    in the model's dtype: autocast casts only products). Beside it the larger of the loss's phase, ``logits``, and
+    the backward's: a block's gradients or a ``rebuilt`` weight, whichever is larger, or with checkpointing the
+    recomputed block beside the rebuilt weight or the recomputed block and its gradients, 1.6 blocks (1.46-1.53
+    measured at hidden 128 to 768, ``bench_plan.py --tables fixed``)."""
+    t, p = recipe.train, _BYTES[recipe.model.dtype]
+    if t.gradient_checkpointing:
+        inputs = shape.blocks * t.micro_batch_size * t.seq_len * shape.hidden * p
+        kept, backward = {"activations (gradient checkpointing)": inputs}, max(8 * per_block // 5, per_block + rebuilt)
+    else:
+        kept, backward = {"activations": shape.blocks * per_block}, max(per_block, rebuilt)
+    phase = "logits and loss" if logits >= backward else "one block's backward"
+    return {**kept, f"{phase} (the larger of the two phases)": max(logits, backward)}
 
 
 def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     """The LoRA baseline (``lora``): ``plan_train``'s step on the plain quantized model held dense (``p`` bytes a
     weight where the codes and grid were, nothing rebuilt), an adapter of the salient columns' trainable size in
     their place (``lora.lora_rank``, rounded as the stage rounds it), and in each block the inputs of the adapted
-    linears, which autograd keeps for the adapter's gradient: four distinct ones in a Llama block (attention's,
-    o_proj's, the MLP's, down_proj's), or under autocast from a wider model dtype each linear's own cast copy of its
-    input, and each frozen weight's cast copy (the backward to the input needs it) (``benchmarks/bench_plan.py``)."""
+    linears, which autograd keeps for the adapter's gradient: in a Llama block the normed inputs of attention and of
+    the MLP and down_proj's input (o_proj's is the attention's output, which its kernel keeps anyway), or under
+    autocast from a wider model dtype each linear's own cast copy of its input, and each frozen weight's cast copy
+    (the backward to the input needs it) (``benchmarks/bench_plan.py``)."""
     from .lora import lora_rank
 
-    parts = plan_train(shape, recipe, device, memory)
-    if not parts:
+    if not recipe.train.enabled:
         return {}
     c, p = _compute_bytes(recipe, device), _BYTES[recipe.model.dtype]
     b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
-    for key in ("codes (uint8)", "grid scales and zeros", "largest frozen weight rebuilt with its noise",
-                "salient weights, gradients, AdamW moments (float32)"):
-        parts.pop(key)
     shapes = [(lin.n_in, lin.n_out) for lin in shape.linears]  # of a block
     rank = lora_rank(sum(lin.k * lin.n_out for lin in shape.linears), shapes)
     adapter = 16 * rank * sum(i + o for i, o in shapes) * shape.blocks
     weights = sum(i * o for i, o in shapes)
-    inputs = sum(i for i, _ in shapes) if c < p else 3 * h + shape.intermediate
+    inputs = sum(i for i, _ in shapes) if c < p else 2 * h + shape.intermediate
     kept = b * s * inputs * c + (weights * c if c < p else 0)
-    acts = next(k for k in parts if k.startswith("activations"))
-    parts[acts] += (3 * kept // 2 if recipe.train.gradient_checkpointing else (shape.blocks + 1) * kept)
-    dense = weights * shape.blocks * p
-    return {"dense quantized weights": dense, "LoRA adapter, gradients, AdamW moments (float32)": adapter, **parts}
+    logits, teacher = _logits(shape, recipe, c, p)
+    return {"dense quantized weights": weights * shape.blocks * p,
+            "LoRA adapter, gradients, AdamW moments (float32)": adapter,
+            "other parameters (embeddings, norms, head)": shape.other_params * p, **teacher,
+            **_step(shape, recipe, _block_kept(shape, recipe, c) + kept, 0, logits)}
 
 
 def plan_generate(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
@@ -326,7 +358,7 @@ def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
     forward = _forward(shape, b, s, p, device)
     return {"model (merged to plain linears)": shape.params * p, "one batch forward": forward,
-            "logits": b * s * shape.vocab * 8}
+            "logits, and one window's float32 copy and log-softmax": b * s * shape.vocab * p + s * shape.vocab * 8}
 
 
 def plan(recipe: Recipe, device: torch.device, stages: list[Stage], shape: Shape | None = None,

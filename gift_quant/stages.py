@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import exports, lora
+from . import devices, exports, lora
 from .checkpoint import load_quantized, save_quantized
 from .data import calibration_windows, eval_windows, training_examples
 from .distill import teacher_topk
@@ -287,6 +287,7 @@ def run_evaluate(run: Run, tmp: Path) -> dict:
         cache = work / key / _file_name(label)
         rows[label] = {**score(run, tmp, label, model, tok, windows, cache), "source": source}
         del model
+        devices.release(run.device)  # a loaded LoRA or accelerate model is held by a reference cycle
     (tmp / "results.json").write_text(json.dumps(rows, indent=2))
     return {"variants": list(rows)}
 

