@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,8 +165,9 @@ class _FrozenProduct(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_scale = None
         # in the dtypes written here, whatever the caller's autocast (under bfloat16 autocast the float32 weight
-        # gradient would come out in bfloat16)
-        with torch.autocast(grad_out.device.type, enabled=False):
+        # gradient would come out in bfloat16); a device without autocast (meta) has none to turn off
+        kind = grad_out.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
             if ctx.needs_input_grad[0]:
                 w = ctx.layer.base_weight(ctx.dtype, ctx.seed)
                 grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
