@@ -88,15 +88,25 @@ def write(model, tokenizer, results: dict[str, QuantizedWeight], out: Path, reci
 
 def gptq_kernel(folder: Path, device: torch.device | str) -> dict:
     """``from_pretrained`` arguments that make gptqmodel use a kernel taking a GPTQ folder's grid. On the CPU its
-    automatic choice is ``TorchFusedLinear`` (torch's int4 matmul), which takes ``INT4_GROUPS`` only and fails
-    at the first forward on a per-row grid (one group of ``in_features``) or another group size; its plain torch
-    kernel (``gptq_torch``) takes every grid. Elsewhere, and for the groups the fused kernel takes: none."""
+    automatic choice is torch's int4 matmul, which takes ``INT4_GROUPS`` only, whole groups only (every layer's
+    inputs a multiple of the group size: SmolLM2's 576 is not one of 128) and outputs in sixteens, and fails at the
+    first forward otherwise; its plain torch kernel (``gptq_torch``) takes every grid. Elsewhere, and for the
+    grids the int4 matmul takes: none."""
+    from safetensors import safe_open
     from transformers import GPTQConfig
 
     qc = folder_config(folder).get("quantization_config") or {}
-    if torch.device(device).type != "cpu" or qc.get("group_size") in INT4_GROUPS:
+    if torch.device(device).type != "cpu":
         return {}
-    return {"quantization_config": GPTQConfig(bits=qc["bits"], backend="gptq_torch")}
+    bits, group = qc["bits"], qc.get("group_size")
+    if group in INT4_GROUPS:
+        shapes = []
+        for f in Path(folder).glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                shapes += [st.get_slice(k).get_shape() for k in st.keys() if k.endswith(".qweight")]
+        if all((rows * 32 // bits) % group == 0 and out % 16 == 0 for rows, out in shapes):
+            return {}
+    return {"quantization_config": GPTQConfig(bits=bits, backend="gptq_torch")}
 
 
 def load(folder: Path, dtype: torch.dtype | None, device: torch.device | str):
