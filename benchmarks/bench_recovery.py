@@ -50,6 +50,7 @@ E2E = ["train.learn_scales=true", "train.scales_lr=1e-5"]  # EfficientQAT's E2E-
 # top-32 teacher end to end: the best recovery measured, with columns or without
 EVERY_WEIGHT_E2E = [*WEIGHTS, "reconstruct.init=fp", *TOPK, *E2E, "train.scales_lr=1e-4"]
 W4 = ["quant.bits=4", *G128]  # the third point: W4 g128 k8
+W2 = ["quant.bits=2", *G128[:2], "quant.group_size=64"]  # the fourth point: W2 g64 k8
 
 
 def no_columns(group: int) -> list[str]:
@@ -113,6 +114,12 @@ VARIANTS: dict[str, list[str]] = {
     "w4, no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4":
         ["quant.bits=4", *no_columns(48), *EVERY_WEIGHT_E2E],
     "w4 g128 k8, lora baseline + top-32 distill": [*W4, "eval.baselines=[lora]", *TOPK],
+    # the fourth point, W2 g64 k8, and its peer at about the same bits (groups of 32)
+    "w2 g64 k8, every weight, from fp, + top-32 distill + scales 1e-4": [*W2, *EVERY_WEIGHT_E2E],
+    "w2 g64 k8, reconstruct + top-32 distill": [*W2, *RECONSTRUCT, *TOPK],
+    "w2, no salient columns, g32, every weight, from fp, + top-32 distill + scales 1e-4":
+        ["quant.bits=2", *no_columns(32), *EVERY_WEIGHT_E2E],
+    "w2 g64 k8, lora baseline + top-32 distill": [*W2, "eval.baselines=[lora]", *TOPK],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
