@@ -120,6 +120,12 @@ VARIANTS: dict[str, list[str]] = {
     "w2, no salient columns, g32, every weight, from fp, + top-32 distill + scales 1e-4":
         ["quant.bits=2", *no_columns(32), *EVERY_WEIGHT_E2E],
     "w2 g64 k8, lora baseline + top-32 distill": [*W2, "eval.baselines=[lora]", *TOPK],
+    # at 2 bits the blocks trained on full-precision inputs do not compose: each block reads its quantized
+    # predecessors' outputs instead (EfficientQAT's Block-AP)
+    "w2 g64 k8, every weight, quantized inputs, from fp, + top-32 distill + scales 1e-4":
+        [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized"],
+    "w2, no salient columns, g32, every weight, quantized inputs, from fp, + top-32 distill + scales 1e-4":
+        ["quant.bits=2", *no_columns(32), *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized"],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
