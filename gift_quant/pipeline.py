@@ -165,7 +165,7 @@ def quantize(recipe: Recipe, trust_remote_code: bool = False) -> dict:
         rundir.remove_leftovers(run.dir)
         if not run.is_done("quantize"):
             _run_stage(run, "quantize")
-    model, tok = run.mode.recovered(run, trained=False)
+    model, tok = run.mode.recovered(run, trained=False, reconstructed=False)  # this stage's result, not a later one's
     merge_to_dense(model)
     model.to(run.device)
     return {"run": str(run.dir), "perplexity": perplexity(model.eval(), eval_windows(run.recipe, tok),

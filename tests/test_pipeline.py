@@ -442,3 +442,12 @@ def test_a_finished_stage_leaves_no_model_behind(tiny_folder, tmp_path, monkeypa
         gc.enable()
         AcceleratorState._reset_state(reset_partial_state=True)
     assert after["train"] is True
+
+
+def test_quantize_command_scores_its_own_stage_whatever_stages_follow(tiny_folder, tmp_path):
+    """``gift-quant quantize`` runs only the quantize stage: a recipe that reconstructs after it scores the same
+    model (it once looked for the reconstruct stage's layers, which this command never makes)."""
+    alone = pipeline.quantize(recipe(tiny_folder, tmp_path / "alone"))
+    followed = pipeline.quantize(tweak(recipe(tiny_folder, tmp_path / "followed"), **{"reconstruct.enabled": True}))
+    assert followed["perplexity"] == alone["perplexity"] and math.isfinite(alone["perplexity"])
+    assert not (tmp_path / "followed/reconstruct").exists()
