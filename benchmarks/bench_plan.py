@@ -1,7 +1,7 @@
 """The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
 grow with the blocks.
 
-    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed stages]
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed stages gptq]
         [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
@@ -22,6 +22,9 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
   saved and run in float32 and in bfloat16, with and without the teacher: the plan (``pipeline.plan_recipe``) against what each
   stage added to the process (its manifest's ``peak_memory_added_bytes``), the run done once before in the same
   process at the same shapes.
+
+* GPTQ: one linear quantized by ``gptq.gptq`` (the clipping search, then the column loop), per layer shape from the
+  tiny model's to Llama-3-8B's MLP, against the quantize stage's term for it (``plan.gptq_bytes``).
 
 Each row of the first three: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which
 are in memory before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size.
@@ -137,6 +140,43 @@ emit(got)
 """
 
 
+GPTQ_CHILD = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+from common import emit
+from gift_quant import devices
+from gift_quant.gptq import gptq
+from gift_quant.plan import Linear, gptq_bytes
+from gift_quant.recipe_file import parse_recipe
+n_out, n_in, group, bits = map(int, sys.argv[1:])
+r = parse_recipe({"name": "bench", "model": {"ref": "unused"}, "quant": {"bits": bits, "group_size": group}}, "bench")
+g = torch.Generator().manual_seed(0)
+w = torch.randn(n_out, n_in, generator=g) * 0.02
+x = torch.randn(2 * n_in, n_in, generator=g)
+h = x.T @ x  # a Hessian of full rank, as calibration gives
+del x
+gptq(w[:8, :64], h[:64, :64], r.quant.grid(), torch.arange(8))  # first use: thread pools, kernels
+with devices.peak(torch.device("cpu")) as used:
+    gptq(w, h, r.quant.grid(), torch.arange(8), r.quant.damp, r.quant.block_size)
+emit({"planned": gptq_bytes(Linear("w", n_in, n_out, 8), r), "measured": used.added})
+"""
+
+# (out, in) of the layers measured: the tiny model's MLP, a 1B model's (TinyLlama) and Llama-3-8B's down and up
+GPTQ_SHAPES = [(704, 256), (256, 704), (2048, 5632), (5632, 2048), (4096, 14336), (14336, 4096)]
+
+
+def gptq_table() -> None:
+    """GPTQ on one linear (``plan.gptq_bytes``, the quantize stage's term) against what the call adds, per layer shape
+    at the recipes' grids (the clipping search on, groups of 128 or per row)."""
+    print()
+    table("out x in", "bits", "groups", "planned MB", "measured MB", "planned / measured")
+    for n_out, n_in in GPTQ_SHAPES:
+        for bits, group in ((3, 128), (2, 64), (4, -1)):
+            got = run_measured(GPTQ_CHILD, str(n_out), str(n_in), str(group), str(bits))
+            row(f"{n_out} x {n_in}", bits, group, f"{got['planned'] / 1e6:.1f}", f"{got['measured'] / 1e6:.1f}",
+                f"{got['planned'] / got['measured']:.2f}")
+
+
 def stage_table() -> None:
     """Every stage of a tiny run, planned against what it added to the process."""
     print()
@@ -158,8 +198,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
-    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages"],
-                    choices=["logits", "blocks", "fixed", "stages"])
+    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages", "gptq"],
+                    choices=["logits", "blocks", "fixed", "stages", "gptq"])
     ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
     if "logits" in args.tables:
@@ -170,6 +210,8 @@ def main() -> None:
         fixed(args.blocks[1], args.stages)
     if "stages" in args.tables:
         stage_table()
+    if "gptq" in args.tables:
+        gptq_table()
 
 
 def logits(small: int, large: int) -> None:

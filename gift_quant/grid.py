@@ -110,7 +110,9 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     range is shrunk by each ratio of ``linspace(1, clip_min, clip_steps)`` and every row keeps the
     ratio of least squared error (the first such ratio on a tie); ratio 1 is always a candidate, so the
     search is never worse than no clipping. All ratios are scored at once from each row sorted once
-    (``clip_errors``), not by rounding the row once a ratio.
+    (``clip_errors``), not by rounding the row once a ratio, a chunk of rows at a time (``search_rows``): the
+    search's memory is bounded whatever the weight (a 7B layer at groups of 128 has half a million rows, whose
+    candidates alone would take gigabytes).
     """
     w = w.float()
     wm = w if mask is None else torch.where(mask, w, 0.0)  # one weight-sized tensor at most: 7B layers are large
@@ -119,22 +121,46 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
         return _params_from_range(xmin, xmax, grid)
     r = torch.linspace(1.0, grid.clip_min, grid.clip_steps, device=w.device).view(-1, 1, 1)
-    scale, zero = _params_from_range(r * xmin, r * xmax, grid)  # (ratios, rows, 1)
-    err = clip_errors(wm, scale, zero, grid.bits)
-    # equal errors (a row that two ratios represent alike) differ by rounding alone: within it, the first ratio
-    tied = err <= err.min(0).values + _TIE * torch.linalg.vector_norm(wm, dim=1, keepdim=True).double() ** 2
-    pick = tied.to(torch.uint8).argmax(0, keepdim=True)  # argmax: the first of the tied
-    return scale.gather(0, pick).squeeze(0), zero.gather(0, pick).squeeze(0)
+    step = search_rows(w.shape[1], grid)
+    scales, zeros = [], []
+    for part, lo, hi in zip(wm.split(step), xmin.split(step), xmax.split(step)):
+        scale, zero = _params_from_range(r * lo, r * hi, grid)  # (ratios, rows, 1)
+        err = clip_errors(part, scale, zero, grid.bits)
+        # equal errors (a row that two ratios represent alike) differ by rounding alone: within it, the first ratio
+        tied = err <= err.min(0).values + _TIE * torch.linalg.vector_norm(part, dim=1, keepdim=True).double() ** 2
+        pick = tied.to(torch.uint8).argmax(0, keepdim=True)  # argmax: the first of the tied
+        scales.append(scale.gather(0, pick).squeeze(0))
+        zeros.append(zero.gather(0, pick).squeeze(0))
+    return torch.cat(scales), torch.cat(zeros)
 
 
 _SEARCH_ELEMENTS = 2**22  # entries of a work tensor of the clipping search at once (float64: 32 MiB each)
 _TIE = 1e-10  # errors this close, relative to the row's sum of squares, are one error
 
 
+def search_rows(g: int, grid: Grid) -> int:
+    """Rows of ``g`` entries that the clipping search scores at once: the row, or its thresholds of every
+    candidate (``clip_steps * maxq``), fill a work tensor of ``_SEARCH_ELEMENTS``."""
+    return max(1, _SEARCH_ELEMENTS // max(g, grid.clip_steps * maxq(grid.bits)))
+
+
+def search_bytes(rows: int, g: int, grid: Grid) -> int:
+    """Peak bytes of the clipping search over ``rows`` rows of ``g`` entries (the memory plan's term): in a chunk
+    of ``search_rows``, seven float64 work tensors of the thresholds (``clip_errors``: the thresholds, their counts,
+    the gathered prefix sums, their products and differences) and the chunk's rows sorted, in float64, with their
+    prefix sums and the sort's indices (24 bytes an entry); nothing where the search is off
+    (``benchmarks/bench_plan.py --tables gptq``)."""
+    if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
+        return 0
+    r = min(rows, search_rows(g, grid))
+    return 56 * r * grid.clip_steps * maxq(grid.bits) + 24 * r * g
+
+
 def clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Squared rounding error of each row of ``wm`` (rows, g) on each candidate grid (``scale``, ``zero``:
     (candidates, rows, 1)), over the entries the mask kept (the others are zero in ``wm``): ``(candidates,
-    rows, 1)``, in float64.
+    rows, 1)``, in float64. Its work tensors hold ``candidates * maxq`` entries a row (``row_params`` calls it
+    a chunk of rows at a time).
 
     Why sorted: with the zero point taken off, the codes ``c`` run from ``-zero`` to ``top = maxq - zero``, and
     code ``c`` takes the entries between the thresholds ``t = (c -/+ 1/2) * s`` (the clamp puts everything
@@ -148,20 +174,16 @@ def clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     other side than ``round(w / s)`` puts it, where its error is the same to that rounding. A masked entry is
     zero, which lies in the code of level zero: it adds nothing."""
     g = wm.shape[1]
-    step = max(1, _SEARCH_ELEMENTS // max(g, scale.shape[0] * maxq(bits)))  # rows a chunk: the row, or its thresholds
-    out = []
-    for part, s, z in zip(wm.split(step), scale.split(step, 1), zero.split(step, 1)):
-        v = part.sort(dim=1).values.double()
-        prefix = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # prefix[:, i]: the sum of the i smallest
-        s, z = s.double().squeeze(-1).T, z.double().squeeze(-1).T  # (r, candidates)
-        codes = torch.arange(maxq(bits), dtype=torch.float64, device=wm.device) - z.unsqueeze(-1)  # below each t
-        t = ((codes + 0.5) * s.unsqueeze(-1)).flatten(1)  # (r, candidates * maxq)
-        n = torch.searchsorted(v, t)
-        inner = (prefix.gather(1, n) - n * t).view(*s.shape, -1).sum(-1)
-        top = (maxq(bits) - z) * s
-        err = top * (g * top - 2 * prefix.narrow(1, g, 1)) + 2 * s * inner + v.pow(2).sum(1, keepdim=True)
-        out.append(err.T)
-    return torch.cat(out, 1).unsqueeze(-1)
+    v = wm.sort(dim=1).values.double()
+    prefix = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # prefix[:, i]: the sum of the i smallest
+    s, z = scale.double().squeeze(-1).T, zero.double().squeeze(-1).T  # (r, candidates)
+    codes = torch.arange(maxq(bits), dtype=torch.float64, device=wm.device) - z.unsqueeze(-1)  # below each t
+    t = ((codes + 0.5) * s.unsqueeze(-1)).flatten(1)  # (r, candidates * maxq)
+    n = torch.searchsorted(v, t)
+    inner = (prefix.gather(1, n) - n * t).view(*s.shape, -1).sum(-1)
+    top = (maxq(bits) - z) * s
+    err = top * (g * top - 2 * prefix.narrow(1, g, 1)) + 2 * s * inner + v.pow(2).sum(1, keepdim=True)
+    return err.T.unsqueeze(-1)
 
 
 def grid_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

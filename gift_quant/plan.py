@@ -13,12 +13,12 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   inputs and outputs of all calibration windows ``2 * n * s * h * p`` when they fit (else one batch
   of them, the rest waits in pinned CPU memory); the float32 input statistics of the largest layer
   ``4 * in^2`` (true-sequential measures one input group at a time); then the larger of GPTQ's
-  working set ``max(4 * in^2 + 6 * out * in, 20 * out * in)`` (in its column loop one dampened,
-  permuted copy of the Hessian, factored in place, beside the updated weight and the codes; before it,
-  the saliency metric's and the grid's searches, about five float32 copies of the weight) and one
-  batch's forward ``b * s * (4h + 2kv + 3i) * c``; and the outputs of the block's finished layers served to
-  its later passes, ``n * s * p * sum(out)`` over every layer but the last, as far as the budget of
-  ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
+  working set ``max(4 * in^2 + 11 * out * in, 14 * out * in + search)`` (8 for a per-row grid; in its column
+  loop one dampened, permuted copy of the Hessian, factored in place, beside the updated weight, the codes and
+  the updates; before it, the grid's clipping search, a chunk of rows at a time, beside the weight's float32
+  copies: ``gptq_bytes``) and one batch's forward ``b * s * (4h + 2kv + 3i) * c``; and the outputs of the
+  block's finished layers served to its later passes, ``n * s * p * sum(out)`` over every layer but the last,
+  as far as the budget of ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
   norms, lm_head) ``p`` each; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU), or the
@@ -52,6 +52,7 @@ import torch
 
 from .calibrate import inputs_fit, served_budget
 from .devices import GiB, capacity
+from .grid import search_bytes
 from .recipe import Recipe, RecipeError
 from .saliency import resolve_k
 
@@ -187,7 +188,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     served = min(cal.n_samples * s * p * sum(lin.n_out for lin in shape.linears[:-1]),
                  served_budget(inputs // 2, device, shape.block_params * p, left)) if fits else 0
     biggest_in = max(lin.n_in for lin in shape.linears)
-    gptq = max(max(4 * lin.n_in**2 + 6 * lin.n_out * lin.n_in, 20 * lin.n_out * lin.n_in) for lin in shape.linears)
+    gptq = max(gptq_bytes(lin, recipe) for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
     return {"block weights": shape.block_params * p,
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
@@ -195,6 +196,21 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
             "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
             "GPTQ or one batch forward, the larger": max(gptq, forward),
             "final layers' outputs served to later passes": served, **_model_on_cpu(shape, recipe, device)}
+
+
+def gptq_bytes(lin: Linear, recipe: Recipe) -> int:
+    """GPTQ's working set on one linear, the larger of its two phases: first the grid's clipping search over every
+    row and group (``grid.search_bytes``) beside the weight's float32 copies (the weight and its masked copy, 8
+    bytes a weight; in groups 14: padded into groups, masked, and the mask); then one dampened, permuted copy of the
+    Hessian, factored in place, beside the weight in its processing order, the codes, a lazy block's update of the
+    later columns and the finished layer (``4 * in^2 + 11 * out * in``) (``benchmarks/bench_plan.py --tables
+    gptq``)."""
+    q = recipe.quant
+    g = lin.n_in if q.group_size == -1 else min(q.group_size, lin.n_in)
+    rows = lin.n_out * math.ceil(lin.n_in / g)
+    weight = lin.n_out * lin.n_in
+    copies = 8 if rows == lin.n_out else 14
+    return max(4 * lin.n_in**2 + 11 * weight, copies * weight + search_bytes(rows, g, q.grid()))
 
 
 def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:

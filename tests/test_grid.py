@@ -15,6 +15,7 @@ from gift_quant.grid import (
     quantize,
     row_params,
     rtn,
+    search_rows,
 )
 
 
@@ -107,10 +108,16 @@ def _least_error_ratio(w: torch.Tensor, mask: torch.Tensor, grid: Grid) -> tuple
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym,sym_step", [(True, "paper"), (True, "gptq"), (False, "paper")])
-def test_clipping_search_equals_float64_rounding_of_every_ratio(bits, sym, sym_step):
+@pytest.mark.parametrize("chunk", [None, 2835])
+def test_clipping_search_equals_float64_rounding_of_every_ratio(bits, sym, sym_step, chunk, monkeypatch):
     """The search scores each ratio from the sorted row and its prefix sums; the reference rounds every entry
     for every ratio. Same ratio in every row: rows with an outlier, masked entries, a row of one value, an
-    all-zero row and one whose two ratios represent it alike (an exact tie: the first ratio)."""
+    all-zero row and one whose two ratios represent it alike (an exact tie: the first ratio). ``chunk``: work
+    tensors of that many entries, so the rows are searched a few at a time (the last chunk partial), as a
+    large layer's are."""
+    if chunk is not None:
+        monkeypatch.setattr("gift_quant.grid._SEARCH_ELEMENTS", chunk)
+        assert 1 < search_rows(96, Grid(bits, clip_min=0.2, clip_steps=81)) < 64
     g = torch.Generator().manual_seed(bits * 10 + len(sym_step) + sym)
     w = torch.randn(64, 96, generator=g) * 0.05
     w[::3, 7] *= 25  # outliers

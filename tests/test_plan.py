@@ -179,9 +179,12 @@ def test_plan_a_24gib_gpu_without_one(capsys):
     assert result["device"] == "cuda:0" and result["capacity_bytes"] == 24 * 2**30
     assert result["usable_bytes"] == 23 * 2**30  # 1 GiB kept for the CUDA context
     # quantize, bf16 weights: one block, 128 x 2048 block inputs and outputs (they fit in 24 GiB), the float32
-    # statistics of down_proj's 11008 inputs, and the larger of GPTQ's working set (down_proj's, whose searches
-    # before the column loop take more than the loop's permuted Hessian) and a batch's forward (4 x 2048, bf16)
-    gptq = max(4 * i * i + 6 * h * i, 20 * h * i)
+    # statistics of down_proj's 11008 inputs, and the larger of GPTQ's working set (down_proj's column loop: its
+    # permuted Hessian beside 11 bytes a weight; the clipping search before it, over 2**22 // 11008 = 381 rows of
+    # the per-row grid at a time, takes less) and a batch's forward (4 x 2048, bf16)
+    search = 56 * 381 * 81 * 7 + 24 * 381 * i
+    gptq = max(4 * i * i + 11 * h * i, 8 * h * i + search)
+    assert gptq == 4 * i * i + 11 * h * i
     forward = 4 * s * (4 * h + 2 * h + 3 * i) * 2
     block, inputs = 2 * (4 * h * h + 3 * h * i + 2 * h), 2 * 128 * s * h * 2
     # and the outputs of q, k, v, o, gate and up (all but down) served to later passes, 20 GB in bf16: cut to what
