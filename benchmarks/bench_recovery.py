@@ -126,6 +126,9 @@ VARIANTS: dict[str, list[str]] = {
         [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized"],
     "w2, no salient columns, g32, every weight, quantized inputs, from fp, + top-32 distill + scales 1e-4":
         ["quant.bits=2", *no_columns(32), *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized"],
+    # and at EfficientQAT's learning rate of the weights at 2 bits (2e-5): is 1e-4 what overfits the blocks there?
+    "w2 g64 k8, every weight at lr 2e-5, quantized inputs, from fp, + top-32 distill + scales 1e-4":
+        [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.weights_lr=2e-5"],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
