@@ -111,8 +111,8 @@ def row_params(w: torch.Tensor, grid: Grid, mask: torch.Tensor | None = None) ->
     ratio of least squared error (the first such ratio on a tie); ratio 1 is always a candidate, so the
     search is never worse than no clipping. All ratios are scored at once from each row sorted once
     (``clip_errors``), not by rounding the row once a ratio, a chunk of rows at a time (``search_rows``): the
-    search's memory is bounded whatever the weight (a 7B layer at groups of 128 has half a million rows, whose
-    candidates alone would take gigabytes).
+    search's memory is bounded whatever the weight (a 7B layer at groups of 128 has half a million rows, and
+    every candidate of each is a few float64 numbers).
     """
     w = w.float()
     wm = w if mask is None else torch.where(mask, w, 0.0)  # one weight-sized tensor at most: 7B layers are large
