@@ -53,6 +53,8 @@ def _opened(path: Path, fix: str):
     file) as one ``CheckpointError`` naming the file and ``fix`` (what to do)."""
     from safetensors import safe_open
 
+    if not Path(path).exists():  # not "corrupt": nothing was written there
+        raise CheckpointError(f"{path}: no such file: {fix}")
     try:
         with safe_open(str(path), "pt") as f:
             yield f

@@ -66,6 +66,8 @@ def test_native_file_round_trip_and_errors(tmp_path):
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_quantized(tmp_path / "trunc.safetensors")
+    with pytest.raises(CheckpointError, match="absent.safetensors: no such file: rerun the stage"):  # not "corrupt"
+        load_quantized(tmp_path / "absent.safetensors")
 
     name = next(iter(results))
     missing = dict(results)
