@@ -129,6 +129,9 @@ VARIANTS: dict[str, list[str]] = {
     # and at EfficientQAT's learning rate of the weights at 2 bits (2e-5): is 1e-4 what overfits the blocks there?
     "w2 g64 k8, every weight at lr 2e-5, quantized inputs, from fp, + top-32 distill + scales 1e-4":
         [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.weights_lr=2e-5"],
+    # not the learning rate (2e-5 is worse): the start, GPTQ's codes instead of round-to-nearest from fp
+    "w2 g64 k8, every weight from gptq, quantized inputs, + top-32 distill + scales 1e-4":
+        [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.init=quantized"],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
