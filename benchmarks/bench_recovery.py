@@ -132,6 +132,9 @@ VARIANTS: dict[str, list[str]] = {
     # not the learning rate (2e-5 is worse): the start, GPTQ's codes instead of round-to-nearest from fp
     "w2 g64 k8, every weight from gptq, quantized inputs, + top-32 distill + scales 1e-4":
         [*W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.init=quantized"],
+    # a second seed (another calibration draw, its own quantize stage) of the per-row k16 pair that differs by 2.2%,
+    # beside "reconstruct + top-32 distill, seed 1"
+    "every weight, from fp, + top-32 distill + scales 1e-4, seed 1": ["seed=1", *EVERY_WEIGHT_E2E],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
