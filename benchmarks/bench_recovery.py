@@ -1,7 +1,7 @@
 """What each recovery addition buys at the demo point, through the product (issue 26).
 
     python benchmarks/bench_recovery.py [--variants today reconstruct ...] [--work DIR] [--jobs 2] [--tasks]
-        [--plot recovered.png]
+        [--plot recovered.png] [--read]
 
 Every variant is one ``gift-quant recover`` run of the embedded SmolLM2 recipe with ``--set`` overrides (the
 table names them, on top of ``FAST``: GIFT-SW without distillation, as the issue found it), so what is measured is
@@ -22,7 +22,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import recover, row, table
+from common import finished, recover, row, table
 
 from gift_quant.report import SHORT, mean_cell, task_cell, task_names
 
@@ -154,6 +154,9 @@ def main() -> None:
                     "recipe's six (a whole validation set of each task a job, spread over cores and sessions)")
     ap.add_argument("--baselines", default="salient", help="eval.baselines of every variant (fp,salient adds the "
                     "full-precision row)")
+    ap.add_argument("--read", action="store_true", help="only read the finished runs in --work, as they are (no "
+                    "stage runs, no key check): each run's recipe fields that differ from the variant's today are "
+                    "printed beside the table")
     ap.add_argument("--plot", default=None, help="write the trained perplexity against bits per weight of the variants "
                     "here, those with salient columns and those without (saliency.k=0) as two frontiers")
     args = ap.parse_args()
@@ -170,8 +173,11 @@ def main() -> None:
 
     from transformers import AutoConfig  # noqa: F401 (its lazy import is not thread-safe: resolved before the pool)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        done = dict(zip(args.variants, pool.map(run, args.variants)))
+    if args.read:
+        done = {v: finished(work, slug[v], common + VARIANTS[v]) for v in args.variants}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done = dict(zip(args.variants, pool.map(run, args.variants)))
     table("variant", "--set", "bits/weight", "untrained", "before training", "trained", "95% interval",
           "stage s (added)", "train s/step", "peak GiB (reconstruct, train)")
     for v in args.variants:
@@ -189,6 +195,9 @@ def main() -> None:
             ", ".join(f"{s} {t:.0f}" for s, t in added.items()) or "-", f"{per_step:.2f}",
             ", ".join(f"{stages[s]['peak_memory_bytes'] / 2**30:.2f}" if s in stages else "-"
                       for s in ("reconstruct", "lora" if "lora" in stages else "train")))
+    for v in args.variants:
+        if done[v].get("differs"):
+            print(f"\n{v}: made with " + ", ".join(f"{k}={a} (today {b})" for k, (a, b) in done[v]["differs"].items()))
     if args.plot:
         plot(args.plot, {v: (done[v]["stages"]["export"]["formats"]["gift"]["linear_bits_per_weight"],
                              next(r["ppl"] for k, r in done[v]["rows"].items()
@@ -205,32 +214,41 @@ def main() -> None:
 
 def plot(path: str, points: dict[str, tuple[float, float]]) -> None:
     """Trained perplexity against bits per weight, a point a variant; the variants with salient columns and those
-    without (``saliency.k=0``) each joined along their frontier (the best perplexity at or below each bit count)."""
+    without (``saliency.k=0``) each joined along their frontier (the best perplexity at or below each bit count),
+    whose points carry their perplexity (the table names the variants). Left every point on a log scale (2 bits
+    fail by orders of magnitude), right the points from 3 bits on a linear one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for columns, marker in ((True, "o"), (False, "s")):
-        mine = sorted((b, p, v) for v, (b, p) in points.items() if ("saliency.k=0" not in VARIANTS[v]) == columns)
-        if not mine:
-            continue
-        label = "with salient columns" if columns else "without (finer groups)"
-        line = ax.scatter([b for b, _, _ in mine], [p for _, p, _ in mine], marker=marker, label=label)
-        front, best = [], float("inf")
-        for b, p, _ in mine:
-            if p < best:
-                front.append((b, p))
-                best = p
-        ax.plot(*zip(*front), color=line.get_facecolor()[0], alpha=0.6)
-        for b, p, v in mine:
-            ax.annotate(v, (b, p), fontsize=5, xytext=(3, 2), textcoords="offset points")
-    ax.margins(x=0.35, y=0.1)
-    ax.set_xlabel("bits per weight of the quantized linears (gift export)")
-    ax.set_ylabel("Wikipedia perplexity, trained")
-    ax.set_title("SmolLM2-135M-Instruct: recovered models (bench_recovery)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, low in zip(axes, (0.0, 3.0)):
+        for columns, marker in ((True, "o"), (False, "s")):
+            mine = sorted((b, p) for v, (b, p) in points.items()
+                          if ("saliency.k=0" not in VARIANTS[v]) == columns and b >= low)
+            if not mine:
+                continue
+            label = "with salient columns" if columns else "without (finer groups)"
+            line = ax.scatter(*zip(*mine), marker=marker, label=label)
+            front, best = [], float("inf")
+            for b, p in mine:
+                if p < best:
+                    front.append((b, p))
+                    best = p
+            ax.plot(*zip(*front), color=line.get_facecolor()[0], alpha=0.6)
+            for b, p in front:
+                text = f"{p:.2f}" if p < 1000 else f"{p:,.0f}"
+                ax.annotate(text, (b, p), fontsize=7, xytext=(4, 3 if columns else -9), textcoords="offset points")
+        ax.margins(x=0.15, y=0.1)
+        ax.set_xlabel("bits per weight of the quantized linears (gift export)")
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("Wikipedia perplexity, trained (log scale)")
+    axes[1].set_ylabel("Wikipedia perplexity, trained")
+    axes[0].set_title("every point")
+    axes[1].set_title("from 3 bits on")
+    fig.suptitle("SmolLM2-135M-Instruct: recovered models (bench_recovery)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

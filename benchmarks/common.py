@@ -97,8 +97,34 @@ def recover(work: Path, name: str, sets: list[str], reuse: list[Path] = (), env:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{res.stderr[-3000:]}")
+    return _read(out)
+
+
+def finished(work: Path, name: str, sets: list[str]) -> dict:
+    """The finished run in ``work/name`` read as it is, nothing run and no key checked (as ``recover`` returns it),
+    with ``differs``: each recipe field, dotted, in which that run differs from the demo recipe with ``sets`` today
+    (``(then, now)``; a field added since reads ``None`` then), so a reader sees what the numbers were made with."""
+    out = work / name
+    if not (out / "report" / "manifest.json").exists():
+        raise SystemExit(f"{out}: no finished run to read")
+    now = _run([*sets, f"name={name}"], out).recipe.model_dump(mode="json")
+    return {**_read(out), "differs": _differs(json.loads((out / "recipe.json").read_text()), now)}
+
+
+def _read(out: Path) -> dict:
     stages = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/manifest.json")}
     return {"rows": json.loads((out / "evaluate" / "results.json").read_text()), "stages": stages}
+
+
+def _differs(then: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
+    got = {}
+    for k in sorted(set(then) | set(now)):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            got.update(_differs(a, b, f"{prefix}{k}."))
+        elif a != b:
+            got[prefix + k] = (a, b)
+    return got
 
 
 def _run(sets: list[str], out: Path):
