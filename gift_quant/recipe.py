@@ -207,9 +207,10 @@ class ReconstructSpec(_Section):
         "is done (EfficientQAT's Block-AP, with the salient columns in full precision)")
     init: Literal["fp", "quantized"] = Field(
         "fp", description="train: weights: where the latent weights start: the full-precision weights (rounded onto "
-        "the quantize stage's grid) or its result (GPTQ's or RTN's codes). fp by measurement: a latent weight on its "
-        "grid point must travel half a step to change its code, and few steps a block leave GPTQ's codes as they are "
-        "(benchmarks/RESULTS.md, issue 43)")
+        "the quantize stage's grid) or its result (GPTQ's or RTN's codes). fp by measurement at 3 bits: a latent "
+        "weight on its grid point must travel half a step to change its code, and few steps a block leave GPTQ's "
+        "codes as they are; at 2 bits, where round-to-nearest from fp starts far behind GPTQ, quantized measured "
+        "better (benchmarks/RESULTS.md, issue 43)")
     weights_lr: float = Field(1e-5, gt=0, description="learning rate of the latent weights (train: weights)")
     learn_scales: bool = Field(False, description="also train the grid's per-row / per-group scales (train: columns; "
                                                    "train: weights always trains them)")
