@@ -1,5 +1,5 @@
-"""The train stage's memory plan against what the stage takes: the terms that grow with the logits, and those that
-grow with the blocks.
+"""The memory plan against what the stages take: the train stage's terms that grow with the logits and those that
+grow with the blocks, every stage of a run, and GPTQ's working set.
 
     python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed stages gptq]
         [--stages train lora]
@@ -21,7 +21,8 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
   the LoRA baseline, export, evaluate) on a tiny Llama of SmolLM2's vocabulary (hidden 256, four blocks), the model
   saved and run in float32 and in bfloat16, with and without the teacher: the plan (``pipeline.plan_recipe``) against what each
   stage added to the process (its manifest's ``peak_memory_added_bytes``), the run done once before in the same
-  process at the same shapes.
+  process at the same shapes; and beside it what the stage allocated, its RSS less the pages of memory-mapped files
+  (the checkpoint read in place), which the plan does not count (``SAMPLER``).
 
 * GPTQ: one linear quantized by ``gptq.gptq`` (the clipping search, then the column loop), per layer shape from the
   tiny model's to Llama-3-8B's MLP, against the quantize stage's term for it (``plan.gptq_bytes``).
@@ -130,13 +131,64 @@ def recipe(out):
 
 pipeline.recover(recipe("warm"))  # first use at these shapes: imports, thread pools, the kernels' caches
 r = recipe("run")
-pipeline.recover(r)
+with sampled() as samples:
+    pipeline.recover(r)
 planned = pipeline.plan_recipe(r, torch.device("cpu"))["stages"]
 got = {}
 for name in pipeline.stages(r):
     added = json.loads((work / "run" / name / "manifest.json").read_text())["peak_memory_added_bytes"]
-    got[name] = [planned[name]["bytes"] if name in planned else None, added]
+    got[name] = [planned[name]["bytes"] if name in planned else None, added, allocated(samples, name, added)]
 emit(got)
+"""
+
+# What a stage allocated, apart from the pages of memory-mapped files (the checkpoint read in place) that the RSS
+# counts too: anonymous and file-backed RSS sampled every 2 ms, each stage cut out by the pipeline's log lines. The
+# stage's added RSS less its file pages' growth, or the largest anonymous growth sampled, whichever is larger: both
+# are at most what was allocated at the peak.
+SAMPLER = """
+import logging, threading, time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def rss() -> tuple[int, int]:
+    got = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(got["RssAnon"].split()[0]) * 1024, int(got["RssFile"].split()[0]) * 1024
+
+
+@contextmanager
+def sampled():
+    samples, marks, stop = [], [], threading.Event()
+
+    class Marks(logging.Handler):
+        def emit(self, record):
+            marks.append((time.monotonic(), record.getMessage()))
+
+    def sample():
+        while not stop.is_set():
+            samples.append((time.monotonic(), *rss()))
+            time.sleep(0.002)
+
+    handler, log = Marks(), logging.getLogger("gift_quant.pipeline")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield {"samples": samples, "marks": marks}
+    finally:
+        stop.set()
+        thread.join()
+        log.removeHandler(handler)
+
+
+def allocated(got: dict, name: str, added: int) -> int:
+    start = next(t for t, m in got["marks"] if m == f"stage {name}: running")
+    end = next(t for t, m in got["marks"] if m.startswith(f"stage {name}: finished"))
+    inside = [(a, f) for t, a, f in got["samples"] if start <= t <= end]
+    if not inside:
+        return added
+    return max(added - (max(f for _, f in inside) - inside[0][1]), max(a for a, _ in inside) - inside[0][0])
 """
 
 
@@ -180,12 +232,14 @@ def gptq_table() -> None:
 def stage_table() -> None:
     """Every stage of a tiny run, planned against what it added to the process."""
     print()
-    table("stage", "model dtype", "teacher", "planned MB", "measured MB", "planned / measured")
+    table("stage", "model dtype", "teacher", "planned MB", "measured MB (RSS)", "planned / measured",
+          "allocated MB (RSS less mapped files)", "planned / allocated")
     for dtype in ("float32", "bfloat16"):
         for teacher in ("none", "top-32"):
-            for stage, (planned, used) in run_measured(STAGES_CHILD, dtype, teacher).items():
+            for stage, (planned, used, alloc) in run_measured(SAMPLER + STAGES_CHILD, dtype, teacher).items():
                 row(stage, dtype, teacher, f"{planned / 1e6:.1f}" if planned else "-", f"{used / 1e6:.1f}",
-                    f"{planned / used:.2f}" if planned and used > 0 else "-")
+                    f"{planned / used:.2f}" if planned and used > 0 else "-", f"{alloc / 1e6:.1f}",
+                    f"{planned / alloc:.2f}" if planned and alloc > 0 else "-")
 
 
 def measure(vocab: int, precision: str, teacher: str = "none", blocks: int = 2, hidden: int = 64,

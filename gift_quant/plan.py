@@ -35,7 +35,9 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
 * evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * p`` (``b`` capped
   as ``perplexity`` caps it), and one window's float32 log-softmax ``s * V * 8``.
 * reconstruct, generate and teacher: see their functions.
-* On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block.
+* On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block. There a
+  checkpoint stored in the run's dtype is memory-mapped: what the stages read of it in place (the model, or its
+  embeddings, norms and head beside the quantized weights) is page cache, not counted (``_loaded``).
 * On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
   a block are added (no fused kernel there).
 """
@@ -59,6 +61,7 @@ from .saliency import resolve_k
 if TYPE_CHECKING:
     from .rundir import Stage
 
+OTHER = "other parameters (embeddings, norms, head)"
 CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -84,6 +87,7 @@ class Shape:
     block_params: int
     other_params: int  # embeddings, norms, lm_head (once when tied)
     linears: tuple[Linear, ...]
+    stored: str | None = None  # the checkpoint's dtype as its config says (None: it does not say)
 
     @property
     def params(self) -> int:
@@ -149,7 +153,12 @@ def shape_of(model, recipe: Recipe) -> Shape:
         blocks=len(blocks), hidden=hidden, kv=by["k_proj"].n_out if "k_proj" in by else hidden,
         intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=text.num_attention_heads,
         vocab=model.get_output_embeddings().out_features, block_params=block_params,
-        other_params=total - len(blocks) * block_params, linears=tuple(linears))
+        other_params=total - len(blocks) * block_params, linears=tuple(linears), stored=_stored(model.config))
+
+
+def _stored(config) -> str | None:
+    dtype = getattr(config, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def _compute_bytes(recipe: Recipe, device: torch.device) -> int:
@@ -213,9 +222,19 @@ def gptq_bytes(lin: Linear, recipe: Recipe) -> int:
     return max(4 * lin.n_in**2 + 11 * weight, copies * weight + search_bytes(rows, g, q.grid()))
 
 
+def _loaded(shape: Shape, recipe: Recipe, device: torch.device, part: str, n_params: int) -> dict[str, int]:
+    """``part``, ``n_params`` parameters as loaded from the checkpoint, unless transformers maps the file into
+    memory (a checkpoint stored in the run's dtype, on the CPU): then what a stage reads of them are the page
+    cache's pages, which the kernel drops and reads again as memory runs short: nothing allocated
+    (``benchmarks/bench_plan.py --tables stages``, its allocated column). A config that names no dtype counts."""
+    if device.type == "cpu" and shape.stored == recipe.model.dtype:
+        return {}
+    return {part: n_params * _BYTES[recipe.model.dtype]}
+
+
 def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
     """A block-by-block stage's whole model, where it waits on the device itself (the CPU)."""
-    return {"model on the CPU": shape.params * _BYTES[recipe.model.dtype]} if device.type == "cpu" else {}
+    return _loaded(shape, recipe, device, "model on the CPU", shape.params) if device.type == "cpu" else {}
 
 
 def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
@@ -233,7 +252,8 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
             "one batch forward and backward": per_block,
             "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p,
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
-            **_model_on_cpu(shape, recipe, device)}
+            **_model_on_cpu(shape, recipe, device),
+            **(_weights_quantized(shape, recipe) if device.type == "cpu" else {})}  # every layer's, waiting there
 
 
 def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
@@ -284,7 +304,7 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
     largest = max(lin.n_in * lin.n_out for lin in shape.linears)
     rebuilt = largest * max(c * (2 if t.noise != "none" else 1), 8 if t.learn_scales else 0)
     logits, teacher = _logits(shape, recipe, c, p)
-    return {**weights, "other parameters (embeddings, norms, head)": shape.other_params * p,
+    return {**weights, **_loaded(shape, recipe, device, OTHER, shape.other_params),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **teacher,
             **_step(shape, recipe, per_block, rebuilt, logits)}
 
@@ -351,20 +371,22 @@ def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | 
     logits, teacher = _logits(shape, recipe, c, p)
     return {"dense quantized weights": weights * shape.blocks * p,
             "LoRA adapter, gradients, AdamW moments (float32)": adapter,
-            "other parameters (embeddings, norms, head)": shape.other_params * p, **teacher,
+            **_loaded(shape, recipe, device, OTHER, shape.other_params), **teacher,
             **_step(shape, recipe, _block_kept(shape, recipe, c) + kept, 0, logits)}
 
 
 def plan_generate(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     g, p = recipe.generate, _BYTES[recipe.model.dtype]
-    return {"model": shape.params * p, "key-value cache": 2 * g.batch_size * g.seq_len * shape.kv * shape.blocks * p,
+    return {**_loaded(shape, recipe, device, "model", shape.params),
+            "key-value cache": 2 * g.batch_size * g.seq_len * shape.kv * shape.blocks * p,
             "one step's forward and logits": _forward(shape, g.batch_size, 1, p, device) + g.batch_size * shape.vocab * 8}
 
 
 def plan_teacher(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     t, p = recipe.train, _BYTES[recipe.model.dtype]
     b, s = t.micro_batch_size, t.seq_len
-    return {"model": shape.params * p, "one batch forward": _forward(shape, b, s, p, device),
+    return {**_loaded(shape, recipe, device, "model", shape.params),
+            "one batch forward": _forward(shape, b, s, p, device),
             "logits and their log-softmax (float32)": b * s * shape.vocab * (p + 8)}
 
 

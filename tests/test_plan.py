@@ -1,5 +1,6 @@
 """The memory plan: shapes from the shipped configs, hand arithmetic for Llama-2-7B, a measured peak, refusal."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,46 @@ print(json.dumps([sum(parts.values()) - before, used.added]))
     for ckpt in (False, True):
         planned, used = measured(code.replace("CKPT", str(ckpt)), cwd=root)
         assert 1.0 <= planned / used <= 1.5, (ckpt, planned, used)
+
+
+@pytest.mark.parametrize("run_dtype", ["float32", "bfloat16"])
+def test_a_checkpoint_in_the_runs_dtype_is_mapped_not_allocated(tmp_path, run_dtype):
+    """What the CPU plan of the block-by-block stages assumes of transformers: a safetensors checkpoint loaded in
+    its own dtype is memory-mapped (its pages are the page cache's: the anonymous RSS does not grow by the model),
+    one loaded in another dtype is converted into memory; the plan counts the model in the second case only, and
+    whole where the config names no dtype."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=32768, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)  # float32, as its config then says
+    code = f"""
+import gc, json, torch
+from pathlib import Path
+from gift_quant import sources
+def anon():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+sources.load_tokenizer = lambda *_a: None  # the model alone: a tokenizer's small allocations stay in the heap
+model, _ = sources.load_model({str(tmp_path)!r}, torch.{run_dtype})  # first use: imports, caches
+del model
+gc.collect()
+before = anon()
+model, _ = sources.load_model({str(tmp_path)!r}, torch.{run_dtype})
+added = anon() - before
+print(json.dumps([added, sum(p.numel() * p.element_size() for p in model.parameters())]))
+"""
+    added, size = measured(code, cwd=Path(__file__).resolve().parent.parent)
+    mapped = run_dtype == "float32"
+    assert (added < 0.05 * size) if mapped else (added > 0.95 * size), (added, size)
+    r = parse_recipe({"model": {"ref": str(tmp_path), "dtype": run_dtype}, "device": "cpu"})
+    shape = shape_of(meta_model(model_config(r)), r)
+    assert shape.stored == "float32"
+    cpu = plan_mod.plan_quantize(shape, r, torch.device("cpu"), 8 * GiB)
+    assert cpu.get("model on the CPU", 0) == (0 if mapped else shape.params * 2)
+    unknown = plan_mod.plan_quantize(replace(shape, stored=None), r, torch.device("cpu"), 8 * GiB)
+    assert unknown["model on the CPU"] == shape.params * {"float32": 4, "bfloat16": 2}[run_dtype]
+    assert "model on the CPU" not in plan_mod.plan_quantize(shape, r, torch.device("cuda"), 80 * GiB)
 
 
 def test_a_run_that_does_not_fit_is_refused_with_the_knob(monkeypatch):
