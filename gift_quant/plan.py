@@ -233,8 +233,14 @@ def _loaded(shape: Shape, recipe: Recipe, device: torch.device, part: str, n_par
 
 
 def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
-    """A block-by-block stage's whole model, where it waits on the device itself (the CPU)."""
-    return _loaded(shape, recipe, device, "model on the CPU", shape.params) if device.type == "cpu" else {}
+    """A block-by-block stage's whole model, where it waits on the device itself (the CPU). From a memory-mapped
+    checkpoint only the targeted linears' weights that the stage writes back (quantize its dequantized codes,
+    reconstruct the merged blocks), each page copied on write, by the last block all of them."""
+    if device.type != "cpu":
+        return {}
+    written = shape.blocks * sum(lin.n_in * lin.n_out for lin in shape.linears)
+    return _loaded(shape, recipe, device, "model on the CPU", shape.params) or {
+        "the blocks' weights written back (copied from the mapped checkpoint)": written * _BYTES[recipe.model.dtype]}
 
 
 def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
