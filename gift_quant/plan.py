@@ -37,7 +37,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
 * reconstruct, generate and teacher: see their functions.
 * On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block. There a
   checkpoint stored in the run's dtype is memory-mapped: what the stages read of it in place (the model, or its
-  embeddings, norms and head beside the quantized weights) is page cache, not counted (``_loaded``).
+  embeddings, norms and head beside the quantized weights) is page cache, not counted (``_loaded``); the weights
+  quantize and reconstruct write back into its blocks are (``_model_on_cpu``).
 * On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
   a block are added (no fused kernel there).
 """

@@ -174,7 +174,8 @@ print(json.dumps([added, sum(p.numel() * p.element_size() for p in model.paramet
     assert cpu.get("model on the CPU", 0) == (0 if mapped else shape.params * 2)
     h, i = 256, 704  # the weights quantize writes back into the mapped blocks: q, o and k, v at half width; the MLP
     written = 2 * (2 * h * h + 2 * h * h // 2 + 3 * h * i) * 4
-    assert cpu.get("the blocks' weights written back (copied from the mapped checkpoint)", 0) == (written if mapped else 0)
+    written_part = "the blocks' weights written back (copied from the mapped checkpoint)"
+    assert cpu.get(written_part, 0) == (written if mapped else 0)
     unknown = plan_mod.plan_quantize(replace(shape, stored=None), r, torch.device("cpu"), 8 * GiB)
     assert unknown["model on the CPU"] == shape.params * {"float32": 4, "bfloat16": 2}[run_dtype]
     assert "model on the CPU" not in plan_mod.plan_quantize(shape, r, torch.device("cuda"), 80 * GiB)
