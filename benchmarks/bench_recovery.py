@@ -135,6 +135,10 @@ VARIANTS: dict[str, list[str]] = {
     # a second seed (another calibration draw, its own quantize stage) of the per-row k16 pair that differs by 2.2%,
     # beside "reconstruct + top-32 distill, seed 1"
     "every weight, from fp, + top-32 distill + scales 1e-4, seed 1": ["seed=1", *EVERY_WEIGHT_E2E],
+    # the W2 pair within 1.4% (every weight from GPTQ's codes, the columns alone) at a second seed
+    "w2 g64 k8, every weight from gptq, quantized inputs, + top-32 distill + scales 1e-4, seed 1":
+        ["seed=1", *W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.init=quantized"],
+    "w2 g64 k8, reconstruct + top-32 distill, seed 1": ["seed=1", *W2, *RECONSTRUCT, *TOPK],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
