@@ -148,12 +148,11 @@ emit(got)
 SAMPLER = """
 import logging, threading, time
 from contextlib import contextmanager
-from pathlib import Path
+from gift_quant.devices import _status_bytes
 
 
 def rss() -> tuple[int, int]:
-    got = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(got["RssAnon"].split()[0]) * 1024, int(got["RssFile"].split()[0]) * 1024
+    return _status_bytes("RssAnon"), _status_bytes("RssFile")
 
 
 @contextmanager

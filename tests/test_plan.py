@@ -150,11 +150,10 @@ def test_a_checkpoint_in_the_runs_dtype_is_mapped_not_allocated(tmp_path, run_dt
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)  # float32, as its config then says
     code = f"""
 import gc, json, torch
-from pathlib import Path
 from gift_quant import sources
+from gift_quant.devices import _status_bytes
 def anon():
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
-    return int(line.split()[1]) * 1024
+    return _status_bytes("RssAnon")
 sources.load_tokenizer = lambda *_a: None  # the model alone: a tokenizer's small allocations stay in the heap
 model, _ = sources.load_model({str(tmp_path)!r}, torch.{run_dtype})  # first use: imports, caches
 del model
