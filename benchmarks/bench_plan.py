@@ -1,7 +1,8 @@
 """The memory plan against what the stages take: the train stage's terms that grow with the logits and those that
 grow with the blocks, every stage of a run, and GPTQ's working set.
 
-    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6] [--tables logits blocks fixed stages gptq]
+    python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6]
+        [--tables logits blocks fixed stages gptq reconstruct]
         [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
@@ -23,6 +24,9 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
   stage added to the process (its manifest's ``peak_memory_added_bytes``), the run done once before in the same
   process at the same shapes; and beside it what the stage allocated, its RSS less the pages of memory-mapped files
   (the checkpoint read in place), which the plan does not count (``SAMPLER``).
+
+* Reconstruct: ``reconstruct_model`` alone (the salient columns, or every weight) on a tiny Llama of two blocks held
+  in memory, in float32 and bfloat16, against the reconstruct stage's terms (``plan.plan_reconstruct``).
 
 * GPTQ: one linear quantized by ``gptq.gptq`` (the clipping search, then the column loop), per layer shape from the
   tiny model's to Llama-3-8B's MLP, against the quantize stage's term for it (``plan.gptq_bytes``).
@@ -212,6 +216,45 @@ with devices.peak(torch.device("cpu")) as used:
 emit({"planned": gptq_bytes(Linear("w", n_in, n_out, 8), r), "measured": used.added})
 """
 
+RECONSTRUCT_CHILD = """
+import gc, sys, tempfile, torch
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from common import emit
+from gpu_check import config
+from transformers import AutoModelForCausalLM
+from gift_quant import devices
+from gift_quant.plan import meta_model, plan_reconstruct, shape_of
+from gift_quant.quantize import quantize_model
+from gift_quant.recipe_file import parse_recipe
+from gift_quant.reconstruct import reconstruct_model
+dtype, hidden, train = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = config(True, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=2, vocab_size=512)
+r = parse_recipe({"model": {"ref": "-", "dtype": dtype}, "device": "cpu", "saliency": {"k": 8},
+                  "calibration": {"n_samples": 8, "seq_len": 256, "batch_size": 4},
+                  "quant": {"bits": 3, "group_size": 64},
+                  "reconstruct": {"enabled": True, "train": train, "epochs": 1, "batch_size": 4}})
+torch.manual_seed(0)
+windows = torch.randint(0, 512, (8, 256))
+
+
+def run():  # the model in memory (nothing mapped), quantized, then a fresh copy reconstructed against it
+    model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
+    results = quantize_model(model, windows, r.saliency, r.quant, batch_size=4)
+    model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
+    gc.collect()
+    with tempfile.TemporaryDirectory() as w, devices.peak(torch.device("cpu")) as used:
+        reconstruct_model(model, windows, results, r.reconstruct, Path(w), "key", 0)
+    return used.added
+
+
+run()  # first use at these shapes
+measured = run()
+parts = plan_reconstruct(shape_of(meta_model(cfg), r), r, torch.device("cpu"))
+before = ("model", "codes", "grid")  # in memory before the call: the model, every layer's codes and grid
+emit({"planned": sum(v for k, v in parts.items() if not k.startswith(before)), "measured": measured})
+"""
+
 # (out, in) of the layers measured: the tiny model's MLP, a 1B model's (TinyLlama) and Llama-3-8B's down and up
 GPTQ_SHAPES = [(704, 256), (256, 704), (2048, 5632), (5632, 2048), (4096, 14336), (14336, 4096)]
 
@@ -241,6 +284,19 @@ def stage_table() -> None:
                     f"{planned / alloc:.2f}" if planned and alloc > 0 else "-")
 
 
+def reconstruct_table() -> None:
+    """``reconstruct.reconstruct_model`` alone on a tiny Llama of two blocks held in memory, planned (the stage's
+    terms, less what is in memory before the call) against what the call adds."""
+    print()
+    table("model dtype", "hidden", "trains", "planned MB", "measured MB", "planned / measured")
+    for dtype in ("float32", "bfloat16"):
+        for hidden in (256, 512):
+            for train in ("columns", "weights"):
+                got = run_measured(RECONSTRUCT_CHILD, dtype, str(hidden), train)
+                row(dtype, hidden, train, f"{got['planned'] / 1e6:.1f}", f"{got['measured'] / 1e6:.1f}",
+                    f"{got['planned'] / got['measured']:.2f}")
+
+
 def measure(vocab: int, precision: str, teacher: str = "none", blocks: int = 2, hidden: int = 64,
             checkpointing: bool = False, stage: str = "train") -> dict:
     return run_measured(CHILD, str(vocab), precision, teacher, str(blocks), str(hidden), "1" if checkpointing else "0",
@@ -251,8 +307,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
-    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages", "gptq"],
-                    choices=["logits", "blocks", "fixed", "stages", "gptq"])
+    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages", "gptq", "reconstruct"],
+                    choices=["logits", "blocks", "fixed", "stages", "gptq", "reconstruct"])
     ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
     if "logits" in args.tables:
@@ -265,6 +321,8 @@ def main() -> None:
         stage_table()
     if "gptq" in args.tables:
         gptq_table()
+    if "reconstruct" in args.tables:
+        reconstruct_table()
 
 
 def logits(small: int, large: int) -> None:
