@@ -139,6 +139,11 @@ VARIANTS: dict[str, list[str]] = {
     "w2 g64 k8, every weight from gptq, quantized inputs, + top-32 distill + scales 1e-4, seed 1":
         ["seed=1", *W2, *EVERY_WEIGHT_E2E, "reconstruct.inputs=quantized", "reconstruct.init=quantized"],
     "w2 g64 k8, reconstruct + top-32 distill, seed 1": ["seed=1", *W2, *RECONSTRUCT, *TOPK],
+    # the W4 rows within 1% (every weight, the columns alone, no columns at g48) at a second seed
+    "w4 g128 k8, every weight, from fp, + top-32 distill + scales 1e-4, seed 1": ["seed=1", *W4, *EVERY_WEIGHT_E2E],
+    "w4 g128 k8, reconstruct + top-32 distill, seed 1": ["seed=1", *W4, *RECONSTRUCT, *TOPK],
+    "w4, no salient columns, g48, every weight, from fp, + top-32 distill + scales 1e-4, seed 1":
+        ["seed=1", "quant.bits=4", *no_columns(48), *EVERY_WEIGHT_E2E],
     # the block's norms trained with every weight (reconstruct.norms), at the latent weights' learning rate
     "every weight and norms, from fp, + top-32 distill + scales 1e-4": [*EVERY_WEIGHT_E2E, "reconstruct.norms=true",
                                                                        "reconstruct.norms_lr=1e-4"],
