@@ -18,13 +18,13 @@ from pathlib import Path
 
 from common import row, smollm2, table
 
-from gift_quant.data import nonoverlapping_windows
+from gift_quant.data import text_windows
 from gift_quant.distill import TopKTeacher, read_cache, teacher_topk
 from gift_quant.grid import Grid
 from gift_quant.layers import wrap_quantized
 from gift_quant.quantize import rtn_with_columns, seeded_columns
 from gift_quant.recipe import TrainSpec
-from gift_quant.sources import C4, read_text, tokenize
+from gift_quant.sources import C4
 from gift_quant.train import train, windows_read
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     teacher, tok = smollm2()
-    ids = nonoverlapping_windows(tokenize(tok, read_text(C4)), 256)
+    ids = text_windows(tok, C4, 256)
     spec = TrainSpec(steps=args.steps, lr=1e-3, micro_batch_size=4, seq_len=256, noise="none", distill=1.0,
                      warmup_ratio=0.0)
     windows = windows_read(len(ids), spec, 1, seed=0)

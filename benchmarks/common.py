@@ -21,17 +21,17 @@ DEMO = "smollm2-135m-instruct-w3"  # the embedded recipe the product-driven benc
 def calibration(tok, n: int, seed: int = 0):
     """``n`` random C4 windows of 512 tokens (the calibration text of every benchmark)."""
     from gift_quant.data import sample_windows
-    from gift_quant.sources import C4, read_text, tokenize
+    from gift_quant.sources import C4, text_ids
 
-    return sample_windows(tokenize(tok, read_text(C4)), n, WINDOW, seed=seed)
+    return sample_windows(text_ids(tok, C4), n, WINDOW, seed=seed)
 
 
 def heldout(tok, n: int):
     """The first ``n`` consecutive Wikipedia windows of 512 tokens (held-out perplexity)."""
-    from gift_quant.data import nonoverlapping_windows
-    from gift_quant.sources import WIKI, read_text, tokenize
+    from gift_quant.data import text_windows
+    from gift_quant.sources import WIKI
 
-    return nonoverlapping_windows(tokenize(tok, read_text(WIKI)), WINDOW, n)
+    return text_windows(tok, WIKI, WINDOW, n)
 
 
 def smollm2():

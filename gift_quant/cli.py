@@ -84,11 +84,10 @@ def _parser() -> argparse.ArgumentParser:
 def _eval(args) -> dict:
     import torch
 
-    from .data import nonoverlapping_windows
+    from .data import text_windows
     from .evaluate import perplexity, zero_shot
     from .exports import load
     from .layers import merge_to_dense
-    from .sources import read_text, tokenize
 
     model, tok = load(args.model, None if args.dtype == "auto" else getattr(torch, args.dtype), args.device)
     merge_to_dense(model)  # a gift folder's layers as plain linears: no dequantization on every forward
@@ -96,7 +95,7 @@ def _eval(args) -> dict:
                "device": args.device, "limit": args.limit, "seconds": {}}
     if args.ppl_data:
         t = time.time()
-        windows = nonoverlapping_windows(tokenize(tok, read_text(args.ppl_data)), args.ppl_seq_len, args.ppl_max_windows)
+        windows = text_windows(tok, args.ppl_data, args.ppl_seq_len, args.ppl_max_windows)
         summary["ppl"] = perplexity(model, windows, args.batch_size)
         summary["ppl_windows"] = [len(windows), args.ppl_seq_len]
         summary["seconds"]["ppl"] = round(time.time() - t, 1)

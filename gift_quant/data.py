@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from .recipe import GENERATED
-from .sources import SourceError, local_or_package, read_text, records, text_pieces, tokenize
+from .sources import SourceError, local_or_package, records, text_ids, text_pieces
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -169,12 +169,18 @@ def _template(tokenizer, msgs: list[dict], generation_prompt: bool) -> list[int]
 
 def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     c = recipe.calibration
-    return sample_windows(tokenize(tokenizer, read_text(c.data)), c.n_samples, c.seq_len, recipe.seed)
+    return sample_windows(text_ids(tokenizer, c.data), c.n_samples, c.seq_len, recipe.seed)
 
 
 def eval_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     e = recipe.eval
-    return nonoverlapping_windows(tokenize(tokenizer, read_text(e.ppl_data)), e.ppl_seq_len, e.ppl_max_windows)
+    return text_windows(tokenizer, e.ppl_data, e.ppl_seq_len, e.ppl_max_windows)
+
+
+def text_windows(tokenizer, ref: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """``nonoverlapping_windows`` of a text, tokenized only as far as the windows reach."""
+    limit = None if max_windows is None else max_windows * seq_len
+    return nonoverlapping_windows(text_ids(tokenizer, ref, limit), seq_len, max_windows)
 
 
 def training_examples(recipe: Recipe, tokenizer, run_dir: Path) -> tuple:

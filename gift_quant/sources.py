@@ -310,3 +310,37 @@ def _last_split(text: str) -> int:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one token sequence (1-D int64)."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def text_ids(tokenizer, ref: str, limit: int | None = None) -> torch.Tensor:
+    """The first ``limit`` tokens of ``read_text(ref)`` (every token without it), 1-D int64, tokenized a piece at a
+    time (``text_pieces``) and only as far as ``limit`` needs: the tokenizer's encoding of a whole text holds
+    hundreds of bytes a token at once, and what the heap takes for it stays there after (``tests/test_sources.py``
+    measures both); these pieces hold their ids. The tokens are the whole text's: a tokenizer that splits a text
+    otherwise at the pieces' joins (``splits_at_joins``) reads it whole, as before."""
+    if not splits_at_joins(tokenizer):
+        log.info("%s: the tokenizer splits otherwise at a join of pieces; tokenizing the whole text", ref)
+        return tokenize(tokenizer, read_text(ref))[:limit]
+    held, n = [], 0
+    for piece in text_pieces(ref):
+        held.append(torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.int32))
+        n += len(held[-1])
+        if limit is not None and n >= limit:
+            break
+    return torch.cat(held)[:limit].long() if held else torch.zeros(0, dtype=torch.long)
+
+
+# joins of the kinds ``text_pieces`` cuts at: a space or a newline after a letter or a digit
+_JOINS = "The river rose 42 feet\nand the old bridge closed at 9 tonight"
+
+
+def splits_at_joins(tokenizer) -> bool:
+    """Whether the pieces of ``text_pieces`` tokenized one by one give the whole text's tokens with ``tokenizer``,
+    tried at each join of a sample: true of byte-level BPE (GPT-2's, Llama 3's, Qwen's), false of a tokenizer that
+    prefixes every call with a space (SentencePiece's: Llama 2's, Mistral's, Gemma's)."""
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    whole = ids(_JOINS)
+    cuts = [i for i in range(1, len(_JOINS)) if _JOINS[i].isspace() and _JOINS[i - 1].isalnum()]
+    return all(ids(_JOINS[:i]) + ids(_JOINS[i:]) == whole for i in cuts)

@@ -14,11 +14,14 @@ from gift_quant.sources import (
     read_text,
     resolve_model,
     resolve_package_path,
+    splits_at_joins,
+    text_ids,
     text_pieces,
     tokenize,
 )
 
 from .conftest import C4, SMOLLM2
+from .helpers import measured
 
 
 def test_missing_package_and_file_give_clear_errors():
@@ -53,6 +56,55 @@ def test_text_pieces_give_the_whole_texts_tokens(tmp_path):
     assert list(text_pieces(str(tmp_path / "d.jsonl"), chars=8)) == ["first", " doc.\n\nsecond", "  doc", "\n\nthird"]
     (tmp_path / "x.txt").write_text("x" * 20)
     assert list(text_pieces(str(tmp_path / "x.txt"), chars=8)) == ["x" * 8, "x" * 8, "x" * 4]
+
+
+def test_calibration_and_evaluation_text_is_tokenized_in_pieces_to_the_whole_texts_tokens(tmp_path):
+    """``text_ids`` (calibration and evaluation windows) gives the tokens of the whole text tokenized at once, or
+    their first ``limit``; a tokenizer that prefixes every call with a space (a SentencePiece-like one built here:
+    a join would add a token) is seen by ``splits_at_joins`` and reads the text whole, to the same tokens."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = load_tokenizer(SMOLLM2)
+    assert splits_at_joins(tok)
+    for ref in (C4, WIKI):
+        whole = tokenize(tok, read_text(ref))
+        assert torch.equal(text_ids(tok, ref), whole)
+        assert torch.equal(text_ids(tok, ref, 5000), whole[:5000])
+    words = sorted(set(read_text(WIKI)[:20000].split()))
+    vocab = {"[UNK]": 0, **{"\u2581" + w: i + 1 for i, w in enumerate(words)}}
+    sp = Tokenizer(models.WordLevel({**vocab, "\u2581": len(vocab)}, unk_token="[UNK]"))
+    sp.normalizer = normalizers.Prepend("\u2581")  # SentencePiece's dummy prefix, on every call
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    sp = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="[UNK]")
+    (tmp_path / "t.txt").write_text(read_text(WIKI)[:300000])
+    pieces = list(text_pieces(str(tmp_path / "t.txt")))
+    assert len(pieces) > 3 and torch.cat([tokenize(sp, p) for p in pieces]).numel() > tokenize(sp, read_text(
+        str(tmp_path / "t.txt"))).numel()  # a token more at each join
+    assert not splits_at_joins(sp)
+    assert torch.equal(text_ids(sp, str(tmp_path / "t.txt")), tokenize(sp, read_text(str(tmp_path / "t.txt"))))
+
+
+def test_text_tokenized_in_pieces_holds_its_ids_not_the_encoding():
+    """The held-out Wikipedia text (about 580k tokens): tokenized whole at once the process grows by the tokenizer's
+    encoding (hundreds of bytes a token); a piece at a time (``text_ids``) by little more than the ids."""
+    code = f"""
+import gc, json, torch
+from gift_quant import devices
+from gift_quant.sources import SMOLLM2, WIKI, load_tokenizer, read_text, text_ids, tokenize
+tok = load_tokenizer(SMOLLM2)
+tokenize(tok, "first use of the tokenizer")
+gc.collect()
+with devices.peak(torch.device("cpu")) as pieces:
+    n = text_ids(tok, WIKI).numel()
+gc.collect()
+with devices.peak(torch.device("cpu")) as whole:
+    tokenize(tok, read_text(WIKI))
+print(json.dumps([n, pieces.added, whole.added]))
+"""
+    n, pieces, whole = measured(code)
+    assert pieces < 24 * n, (n, pieces)  # the int32 pieces, their int64 copy, a piece's encoding
+    assert whole > 100 * n, (n, whole)
 
 
 def test_sampler_is_seeded_and_windows_are_slices():
