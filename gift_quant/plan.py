@@ -33,7 +33,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   float codes), or with checkpointing the recomputed block beside that weight or 1.6 blocks (the recomputed block
   and its gradients). Measured against the stage at hidden 128 to 768 by ``benchmarks/bench_plan.py``.
 * evaluate: the merged model ``p * params``, one batch's forward and its logits ``b * s * V * p`` (``b`` capped
-  as ``perplexity`` caps it), and one window's float32 log-softmax ``s * V * 8``.
+  as ``perplexity`` caps it), and one window's float32 log-softmax ``s * V * 4``, beside its float32 copy where the
+  logits are narrower (``s * V * 8`` then).
 * reconstruct, generate and teacher: see their functions.
 * On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block. There a
   checkpoint stored in the run's dtype is memory-mapped: what the stages read of it in place (the model, or its
@@ -402,8 +403,9 @@ def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     s = e.ppl_seq_len
     b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
     forward = _forward(shape, b, s, p, device)
+    window = s * shape.vocab * (4 if p == 4 else 8)  # float32 logits are not copied (``evaluate.window_nll``)
     return {"model (merged to plain linears)": shape.params * p, "one batch forward": forward,
-            "logits, and one window's float32 copy and log-softmax": b * s * shape.vocab * p + s * shape.vocab * 8}
+            "logits, and one window's float32 copy and log-softmax": b * s * shape.vocab * p + window}
 
 
 def plan(recipe: Recipe, device: torch.device, stages: list[Stage], shape: Shape | None = None,

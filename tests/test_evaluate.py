@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from gift_quant.data import nonoverlapping_windows
 from gift_quant.evaluate import PAPER_TASKS, perplexity, task_manager, zero_shot
+from gift_quant.plan import Shape, plan_evaluate
+from gift_quant.recipe_file import parse_recipe
 from gift_quant.sources import resolve_model, resolve_package_path
 
 from .conftest import SMOLLM2, tiny_llama
@@ -87,11 +89,13 @@ def test_perplexity_equals_hand_computed_mean_nll():
     assert perplexity(model, windows, batch_size=3) == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
-def test_perplexity_holds_the_batch_logits_and_one_windows_log_softmax():
-    """A model whose logits are 4 x 256 x 32768 float32 (128 MiB): scoring the batch adds under 1.5 times the logits
-    (they and one window's log-softmax; flattening the shifted batch copied it, and its log-softmax, three times),
-    and the window NLLs equal the flattened computation's."""
-    got = measured("""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_perplexity_holds_the_batch_logits_and_one_windows_log_softmax(dtype):
+    """A model whose logits are 4 x 256 x 32768 (128 MiB in float32): scoring the batch adds what the evaluate
+    stage's plan counts for them, to within 3% below and 10% above: they and one window's log-softmax, beside its
+    float32 copy where the logits are bfloat16; in float32 under 1.5 times the logits (flattening the shifted batch
+    copied it, and its log-softmax, three times). The window NLLs equal the flattened computation's."""
+    got = measured(f"""
 import json, torch
 import torch.nn.functional as F
 from types import SimpleNamespace
@@ -103,22 +107,30 @@ V = 32768
 class Logits(torch.nn.Module):  # the logits of a window depend on its tokens only
     def __init__(self):
         super().__init__()
-        self.head = torch.nn.Linear(1, V, bias=False)
+        self.head = torch.nn.Linear(1, V, bias=False, dtype=torch.{dtype})
 
     def get_output_embeddings(self):
         return self.head
 
     def forward(self, ids, use_cache=False):
-        return SimpleNamespace(logits=self.head(ids[..., None].float().sin()))
+        return SimpleNamespace(logits=self.head(ids[..., None].float().sin().to(self.head.weight.dtype)))
 
 
 model, ids = Logits(), torch.randint(0, V, (4, 256), generator=torch.Generator().manual_seed(0))
+window_nll(model, ids[:1, :8], batch_size=1)  # first use: kernels, progress bar
 with devices.peak(torch.device("cpu")) as used:
     nll = window_nll(model, ids, batch_size=4)
 with torch.no_grad():
     logits = model(ids).logits
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, -1)
-print(json.dumps({"added": used.added, "logits": logits.numel() * 4, "same": torch.equal(nll, ref.double().mean(1))}))
+    ref = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(4, -1)
+print(json.dumps({{"added": used.added, "logits": logits.numel() * logits.element_size(),
+                  "same": torch.equal(nll, ref.double().mean(1))}}))
 """)
     assert got["same"]
-    assert got["added"] < 1.5 * got["logits"], (got["added"], got["logits"])
+    if dtype == "float32":
+        assert got["added"] < 1.5 * got["logits"], (got["added"], got["logits"])
+    r = parse_recipe({"model": {"ref": "-", "dtype": dtype}, "eval": {"ppl_seq_len": 256, "batch_size": 4}}, "t")
+    shape = Shape(blocks=1, hidden=0, kv=0, intermediate=0, heads=1, vocab=32768, block_params=0, other_params=0,
+                  linears=())  # the logits alone: no forward, no model
+    planned = sum(plan_evaluate(shape, r, torch.device("cuda")).values())
+    assert 0.97 <= planned / got["added"] <= 1.1, (planned, got["added"])
