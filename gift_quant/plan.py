@@ -246,19 +246,24 @@ def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
 
 
 def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
-    """One block with GIFT-SW layers, the block inputs, targets and quantized inputs (where they fit), one batch's
-    forward and backward, the salient columns' AdamW state."""
+    """One block with GIFT-SW layers, the block inputs, targets and quantized inputs (where they fit), the salient
+    columns' AdamW state, and the larger of one batch's forward and backward and the largest frozen weight rebuilt
+    with its noise (not alive at once). What the forward keeps for the backward, a token: ``(4h + 2kv + 6i) * p``,
+    the loss's float32 copies where ``p`` is narrower (``(4 - p) * h``), and with ``train: weights`` each linear's
+    whole input (``2h * p``) (``benchmarks/bench_plan.py --tables reconstruct``)."""
     cal, rec, p = recipe.calibration, recipe.reconstruct, _BYTES[recipe.model.dtype]
     b, s, h = rec.batch_size, cal.seq_len, shape.hidden
     inputs = 4 * cal.n_samples * s * h * p
     fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
     salient = sum(lin.k * lin.n_out for lin in shape.linears)
-    per_block = b * s * (8 * h + 4 * shape.kv + 5 * shape.intermediate) * p + _attention(shape, b, s, p, device)
+    token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
+    step = b * s * token + _attention(shape, b, s, p, device)
+    rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
     return {"block weights (full precision and codes)": shape.block_params * (p + 1),
             "block inputs, targets and quantized inputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else 4 * b * s * h * p,
-            "one batch forward and backward": per_block,
-            "largest frozen weight rebuilt with its noise": 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p,
+            "one batch forward and backward" if step >= rebuilt else "largest frozen weight rebuilt with its noise":
+                max(step, rebuilt),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
             **_model_on_cpu(shape, recipe, device),
             **(_weights_quantized(shape, recipe) if device.type == "cpu" else {})}  # every layer's, waiting there
@@ -266,16 +271,16 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
 
 def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
     """``reconstruct.train: weights``: every linear of the block a float32 latent weight with its gradient and AdamW's
-    two moments (16 bytes an entry, the grid's parameters alike), and the fake-quantized weights the backward keeps
-    (``grid.fake_quantize_ste``: the expanded scales, the clamp's input, ``codes - zero`` and the weight the product
-    saves, with the gradient being formed: 6 float32 tensors a weight entry, counted from the autograd graph)."""
+    two moments (16 bytes an entry, the grid's parameters alike), and what the backward keeps of the fake-quantized
+    weights (``grid.fake_quantize_ste``): 3 float32 tensors a weight entry (``benchmarks/bench_plan.py --tables
+    reconstruct``: a batch's step less its tokens' part and the latent weights' gradient)."""
     if recipe.reconstruct.train != "weights":
         return {}
     g = recipe.quant.group_size
     weights = sum(lin.n_in * lin.n_out for lin in shape.linears)
     grid = sum(lin.n_out * (1 if g == -1 else math.ceil(lin.n_in / g)) for lin in shape.linears)
     return {"latent weights, grid, gradients, AdamW moments (float32)": 16 * (weights + 2 * grid),
-            "fake-quantized weights kept for backward (float32)": 6 * 4 * weights}
+            "fake-quantized weights kept for backward (float32)": 3 * 4 * weights}
 
 
 def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
