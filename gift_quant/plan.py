@@ -201,7 +201,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(gptq_bytes(lin, recipe) for lin in shape.linears)
     forward = _forward(shape, b, s, p, device)
-    return {"block weights": shape.block_params * p,
+    return {**_loaded(shape, recipe, device, "block weights", shape.block_params),
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else batch,
             "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
@@ -259,14 +259,15 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
     step = b * s * token + _attention(shape, b, s, p, device)
     rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
-    return {"block weights (full precision and codes)": shape.block_params * (p + 1),
+    cpu = device.type == "cpu"  # where every layer's codes wait beside the block (``_weights_quantized``)
+    return {**_loaded(shape, recipe, device, "block weights (full precision)", shape.block_params),
+            **({} if cpu else {"block codes (uint8)": shape.block_params}),
             "block inputs, targets and quantized inputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else 4 * b * s * h * p,
             "one batch forward and backward" if step >= rebuilt else "largest frozen weight rebuilt with its noise":
                 max(step, rebuilt),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
-            **_model_on_cpu(shape, recipe, device),
-            **(_weights_quantized(shape, recipe) if device.type == "cpu" else {})}  # every layer's, waiting there
+            **_model_on_cpu(shape, recipe, device), **(_weights_quantized(shape, recipe) if cpu else {})}
 
 
 def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:

@@ -84,7 +84,7 @@ def test_llama2_7b_reconstruct_plan_by_hand():
     parts = plan_reconstruct(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"), memory=24 * GiB)
     h, i, s, n, b = 4096, 11008, 2048, r.calibration.n_samples, r.reconstruct.batch_size
     block = 4 * h * h + 3 * h * i + 2 * h
-    assert parts["block weights (full precision and codes)"] == 3 * block
+    assert parts["block weights (full precision)"] == 2 * block and parts["block codes (uint8)"] == block
     assert parts["block inputs, targets and quantized inputs"] == 4 * n * s * h * 2 == 8 * GiB
     assert parts["one batch forward and backward"] == b * s * ((4 * h + 2 * h + 6 * i) * 2 + 2 * h)  # kv = h (MHA)
     assert parts["salient weights, gradients, AdamW moments (float32)"] == 16 * 128 * (5 * h + 2 * i)
@@ -173,6 +173,7 @@ print(json.dumps([added, sum(p.numel() * p.element_size() for p in model.paramet
     assert shape.stored == "float32"
     cpu = plan_mod.plan_quantize(shape, r, torch.device("cpu"), 8 * GiB)
     assert cpu.get("model on the CPU", 0) == (0 if mapped else shape.params * 2)
+    assert cpu.get("block weights", 0) == (0 if mapped else shape.block_params * 2)  # the block is the model's
     h, i = 256, 704  # the weights quantize writes back into the mapped blocks: q, o and k, v at half width; the MLP
     written = 2 * (2 * h * h + 2 * h * h // 2 + 3 * h * i) * 4
     written_part = "the blocks' weights written back (copied from the mapped checkpoint)"
