@@ -165,7 +165,8 @@ def reconstruct_model(model: nn.Module, windows: torch.Tensor, results: dict[str
     layers = decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
-    names = {m: n for n, m in model.named_modules()}
+    blocks = {id(block) for block in layers}  # the blocks' names alone: a map of every module would keep each
+    names = {m: n for n, m in model.named_modules() if id(m) in blocks}  # replaced linear (and its weight) alive
     captured = block_inputs(model, windows, spec.batch_size)
     n_bytes = sum(h.numel() * h.element_size() for h, _ in captured)
     block_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())

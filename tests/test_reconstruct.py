@@ -118,6 +118,30 @@ def test_learned_scales_move_the_scales_and_keep_the_codes(quantized, tmp_path):
     assert all(torch.equal(frozen[n].scale, qw.scale) for n, qw in layers.items())
 
 
+def test_a_blocks_replaced_linears_are_freed_before_the_next_block(quantized, tmp_path, monkeypatch):
+    """Each block's linears are replaced by GIFT-SW layers and, once trained, merged into new dense ones: the
+    replaced modules (with their weights, on the device where the block trains) must not outlive their block, or
+    every block's weights pile up there (a map of every module to its name held them until the stage ended)."""
+    import gc
+    import weakref
+
+    fp, _, layers = quantized
+    model = copy.deepcopy(fp)
+    first = [weakref.ref(m) for m in decoder_layers(model)[0].modules() if isinstance(m, torch.nn.Linear)]
+    alive = []
+    real = reconstruct.train_block
+
+    def train_block(block, *a, **k):
+        gc.collect()
+        alive.append(sum(r() is not None for r in first))
+        return real(block, *a, **k)
+
+    monkeypatch.setattr(reconstruct, "train_block", train_block)
+    spec = ReconstructSpec(enabled=True, epochs=1, batch_size=4)
+    reconstruct.reconstruct_model(model, WINDOWS, copy.deepcopy(layers), spec, tmp_path, "key", seed=0)
+    assert len(first) == 7 and alive == [0, 0, 0]
+
+
 @pytest.mark.parametrize("spec", [{"noise": "gaussian", "learn_scales": True, "inputs": "quantized"},
                                   {"noise": "gaussian", "train": "weights", "init": "fp", "inputs": "quantized",
                                    "norms": True, "norms_lr": 1e-2}],
