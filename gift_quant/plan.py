@@ -23,7 +23,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   16 bytes (float32 weight, gradient and AdamW's two moments); the other parameters (embeddings,
   norms, lm_head) ``p`` each; a distillation teacher ``2 * params`` in bf16 (its own dtype on the CPU), or the
   top-k cache's batch. Activations kept: ``b * s * ((3h + 2kv + 3i) * c + 8h)`` a block (GIFT-SW layers keep
-  only their inputs' salient columns, the fused attention no probabilities, the norms their float32 input; learned
+  only their inputs' salient columns, the fused attention no probabilities (eager attention adds them), the norms
+  their float32 input; learned
   scales add each linear's whole input) for all ``L`` blocks, or with gradient checkpointing only the block inputs
   ``L * b * s * h * p`` (the residual stream stays in the model's dtype under autocast). Beside them the larger of
   two phases that are not alive at once: the loss's logits ``b * s * V * 13`` (the float32 log-softmax, its
@@ -40,8 +41,8 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
   checkpoint stored in the run's dtype is memory-mapped: what the stages read of it in place (the model, or its
   embeddings, norms and head beside the quantized weights) is page cache, not counted (``_loaded``); the weights
   quantize and reconstruct write back into its blocks are (``_model_on_cpu``).
-* On the CPU, and for the attention of a CPU forward, attention probabilities ``b * heads * s^2 * c``
-  a block are added (no fused kernel there).
+* Where the model computes attention eagerly (no fused kernel: Gemma 2's softcapping), attention probabilities
+  ``b * heads * s^2 * c`` a block are added to every forward, and kept for the backward (``_attention``).
 """
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ class Shape:
     other_params: int  # embeddings, norms, lm_head (once when tied)
     linears: tuple[Linear, ...]
     stored: str | None = None  # the checkpoint's dtype as its config says (None: it does not say)
+    attention: str = "sdpa"  # how the model computes attention (transformers' ``_attn_implementation``)
 
     @property
     def params(self) -> int:
@@ -155,7 +157,8 @@ def shape_of(model, recipe: Recipe) -> Shape:
         blocks=len(blocks), hidden=hidden, kv=by["k_proj"].n_out if "k_proj" in by else hidden,
         intermediate=getattr(text, "intermediate_size", 4 * hidden), heads=text.num_attention_heads,
         vocab=model.get_output_embeddings().out_features, block_params=block_params,
-        other_params=total - len(blocks) * block_params, linears=tuple(linears), stored=_stored(model.config))
+        other_params=total - len(blocks) * block_params, linears=tuple(linears), stored=_stored(model.config),
+        attention=getattr(model.config, "_attn_implementation", None) or "eager")
 
 
 def _stored(config) -> str | None:
@@ -171,17 +174,20 @@ def _compute_bytes(recipe: Recipe, device: torch.device) -> int:
     return _BYTES[recipe.model.dtype]
 
 
-def _attention(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
-    return 0 if device.type == "cuda" else b * shape.heads * s * s * c
+def _attention(shape: Shape, b: int, s: int, c: int) -> int:
+    """Attention probabilities, ``b * heads * s^2 * c`` a block, where the model computes attention eagerly (Gemma
+    2's softcapping); torch's fused kernels (``sdpa``, on a GPU and on the CPU alike) keep none
+    (``benchmarks/bench_plan.py --tables reconstruct``: a Llama block's step holds no term in ``s^2`` on the CPU)."""
+    return b * shape.heads * s * s * c if shape.attention == "eager" else 0
 
 
 # Each stage's plan, ``plan_<stage>(shape, recipe, device, memory) -> {part: bytes}``, is its ``Stage.plan``;
 # ``memory`` is the device's capacity, which decides where block inputs wait (the others do not need it).
 
 
-def _forward(shape: Shape, b: int, s: int, c: int, device: torch.device) -> int:
+def _forward(shape: Shape, b: int, s: int, c: int) -> int:
     """One batch's forward through one block without gradients: ``b * s * (4h + 2kv + 3i) * c`` and attention."""
-    return b * s * (4 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate) * c + _attention(shape, b, s, c, device)
+    return b * s * (4 * shape.hidden + 2 * shape.kv + 3 * shape.intermediate) * c + _attention(shape, b, s, c)
 
 
 def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
@@ -200,7 +206,7 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
                  served_budget(inputs // 2, device, shape.block_params * p, left)) if fits else 0
     biggest_in = max(lin.n_in for lin in shape.linears)
     gptq = max(gptq_bytes(lin, recipe) for lin in shape.linears)
-    forward = _forward(shape, b, s, p, device)
+    forward = _forward(shape, b, s, p)
     return {**_loaded(shape, recipe, device, "block weights", shape.block_params),
             "block inputs and outputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
                 inputs if fits else batch,
@@ -253,17 +259,18 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     whole input (``2h * p``) (``benchmarks/bench_plan.py --tables reconstruct``)."""
     cal, rec, p = recipe.calibration, recipe.reconstruct, _BYTES[recipe.model.dtype]
     b, s, h = rec.batch_size, cal.seq_len, shape.hidden
-    inputs = 4 * cal.n_samples * s * h * p
-    fits = inputs_fit(inputs // 2, device, shape.block_params * p, capacity(device) if memory is None else memory)
+    one = cal.n_samples * s * h * p  # a set of block inputs: where they wait is decided for four (the stage's rule)
+    fits = inputs_fit(2 * one, device, shape.block_params * p, capacity(device) if memory is None else memory)
+    sets = 4 if rec.inputs == "quantized" else 2  # fp inputs and targets, and the quantized blocks' in and out
     salient = sum(lin.k * lin.n_out for lin in shape.linears)
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
-    step = b * s * token + _attention(shape, b, s, p, device)
+    step = b * s * token + _attention(shape, b, s, p)
     rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
     cpu = device.type == "cpu"  # where every layer's codes wait beside the block (``_weights_quantized``)
     return {**_loaded(shape, recipe, device, "block weights (full precision)", shape.block_params),
             **({} if cpu else {"block codes (uint8)": shape.block_params}),
-            "block inputs, targets and quantized inputs" + ("" if fits else " (one batch; the rest in pinned CPU memory)"):
-                inputs if fits else 4 * b * s * h * p,
+            "block inputs, targets" + (" and quantized inputs" if sets == 4 else "")
+            + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * (one if fits else b * s * h * p),
             "one batch forward and backward" if step >= rebuilt else "largest frozen weight rebuilt with its noise":
                 max(step, rebuilt),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
@@ -325,9 +332,10 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
 
 def _block_kept(shape: Shape, recipe: Recipe, c: int) -> int:
     """What autograd keeps of a block: GIFT-SW layers keep only their inputs' salient columns, the fused attention
-    kernel no probabilities, the norms their input in float32 (``benchmarks/bench_plan.py``)."""
+    kernel no probabilities (eager attention its probabilities), the norms their input in float32
+    (``benchmarks/bench_plan.py``)."""
     b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
-    return b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h)
+    return b * s * ((3 * h + 2 * shape.kv + 3 * shape.intermediate) * c + 8 * h) + _attention(shape, b, s, c)
 
 
 def _logits(shape: Shape, recipe: Recipe, c: int, p: int) -> tuple[int, dict[str, int]]:
@@ -393,14 +401,14 @@ def plan_generate(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     g, p = recipe.generate, _BYTES[recipe.model.dtype]
     return {**_loaded(shape, recipe, device, "model", shape.params),
             "key-value cache": 2 * g.batch_size * g.seq_len * shape.kv * shape.blocks * p,
-            "one step's forward and logits": _forward(shape, g.batch_size, 1, p, device) + g.batch_size * shape.vocab * 8}
+            "one step's forward and logits": _forward(shape, g.batch_size, 1, p) + g.batch_size * shape.vocab * 8}
 
 
 def plan_teacher(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     t, p = recipe.train, _BYTES[recipe.model.dtype]
     b, s = t.micro_batch_size, t.seq_len
     return {**_loaded(shape, recipe, device, "model", shape.params),
-            "one batch forward": _forward(shape, b, s, p, device),
+            "one batch forward": _forward(shape, b, s, p),
             "logits and their log-softmax (float32)": b * s * shape.vocab * (p + 8)}
 
 
@@ -408,7 +416,7 @@ def plan_evaluate(shape: Shape, recipe: Recipe, device: torch.device, memory: in
     e, p = recipe.eval, _BYTES[recipe.model.dtype]
     s = e.ppl_seq_len
     b = max(1, min(e.batch_size, 2**28 // (s * shape.vocab)))
-    forward = _forward(shape, b, s, p, device)
+    forward = _forward(shape, b, s, p)
     window = s * shape.vocab * (4 if p == 4 else 8)  # float32 logits are not copied (``evaluate.window_nll``)
     return {"model (merged to plain linears)": shape.params * p, "one batch forward": forward,
             "logits, and one window's float32 copy and log-softmax": b * s * shape.vocab * p + window}
