@@ -253,26 +253,28 @@ def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[st
 
 def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory: int | None = None) -> dict[str, int]:
     """One block with GIFT-SW layers, the block inputs, targets and quantized inputs (where they fit), the salient
-    columns' AdamW state, and the larger of one batch's forward and backward and the largest frozen weight rebuilt
-    with its noise (not alive at once). What the forward keeps for the backward, a token: ``(4h + 2kv + 6i) * p``,
+    columns' AdamW state, and the largest of three phases not alive at once: one batch's forward and backward, the
+    largest frozen weight rebuilt with its noise, and after the block's training the quantized blocks' next inputs
+    (its outputs, one more set) beside one batch's forward. What the forward keeps for the backward, a token: ``(4h + 2kv + 6i) * p``,
     the loss's float32 copies where ``p`` is narrower (``(4 - p) * h``), and with ``train: weights`` each linear's
     whole input (``2h * p``) (``benchmarks/bench_plan.py --tables reconstruct``)."""
     cal, rec, p = recipe.calibration, recipe.reconstruct, _BYTES[recipe.model.dtype]
     b, s, h = rec.batch_size, cal.seq_len, shape.hidden
     one = cal.n_samples * s * h * p  # a set of block inputs: where they wait is decided for four (the stage's rule)
     fits = inputs_fit(2 * one, device, shape.block_params * p, capacity(device) if memory is None else memory)
-    sets = 4 if rec.inputs == "quantized" else 2  # fp inputs and targets, and the quantized blocks' in and out
+    # alive at the step: fp inputs and targets, and the quantized blocks' inputs (their outputs come after it)
+    sets = 3 if rec.inputs == "quantized" else 2
     salient = sum(lin.k * lin.n_out for lin in shape.linears)
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
     step = b * s * token + _attention(shape, b, s, p)
     rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
+    after = (one if fits else b * s * h * p) + _forward(shape, b, s, p) if sets == 3 else 0
     cpu = device.type == "cpu"  # where every layer's codes wait beside the block (``_weights_quantized``)
     return {**_loaded(shape, recipe, device, "block weights (full precision)", shape.block_params),
             **({} if cpu else {"block codes (uint8)": shape.block_params}),
-            "block inputs, targets" + (" and quantized inputs" if sets == 4 else "")
+            "block inputs, targets" + (" and quantized inputs" if sets == 3 else "")
             + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * (one if fits else b * s * h * p),
-            "one batch forward and backward" if step >= rebuilt else "largest frozen weight rebuilt with its noise":
-                max(step, rebuilt),
+            "the larger phase: a batch's step, a weight rebuilt, or the next quantized inputs": max(step, rebuilt, after),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
             **_model_on_cpu(shape, recipe, device), **(_weights_quantized(shape, recipe) if cpu else {})}
 
