@@ -78,8 +78,9 @@ def test_llama2_7b_training_plan_by_hand():
 
 
 def test_llama2_7b_reconstruct_plan_by_hand():
-    """One block in bf16 and its codes, four sets of block inputs (128 x 2048 x 4096 bf16: 2 GiB each), one batch's
-    forward and backward, the block's salient columns in float32 with AdamW; the whole stage fits a 24 GiB card."""
+    """One block in bf16 and its codes, three sets of block inputs (128 x 2048 x 4096 bf16: 2 GiB each), the larger
+    of one batch's forward and backward and the fourth set (the quantized blocks' next inputs) beside a forward, the
+    block's salient columns in float32 with AdamW; the whole stage fits a 24 GiB card."""
     r = load_recipe(RECIPES / "llama-2-7b-w3.yaml", ["reconstruct.enabled=true", "model.dtype=bfloat16"])
     parts = plan_reconstruct(shape_of(meta_model(model_config(r)), r), r, torch.device("cuda"), memory=24 * GiB)
     h, i, s, n, b = 4096, 11008, 2048, r.calibration.n_samples, r.reconstruct.batch_size
