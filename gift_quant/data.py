@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from .recipe import GENERATED
-from .sources import SourceError, local_or_package, records, text_ids, text_pieces
+from .sources import SourceError, local_or_package, piece_ids, records, text_ids
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -141,8 +141,8 @@ def text_tokens(tokenizer, ref: str, folder: Path) -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one run may write it at once
         with open(tmp, "wb") as f:
-            for piece in text_pieces(ref):
-                np.asarray(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=np.int32).tofile(f)
+            for ids in piece_ids(tokenizer, ref):
+                ids.numpy().tofile(f)
         os.replace(tmp, path)
     return np.memmap(path, dtype=np.int32, mode="r") if path.stat().st_size else np.zeros(0, np.int32)
 

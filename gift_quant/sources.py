@@ -322,12 +322,18 @@ def text_ids(tokenizer, ref: str, limit: int | None = None) -> torch.Tensor:
         log.info("%s: the tokenizer splits otherwise at a join of pieces; tokenizing the whole text", ref)
         return tokenize(tokenizer, read_text(ref))[:limit]
     held, n = [], 0
-    for piece in text_pieces(ref):
-        held.append(torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.int32))
-        n += len(held[-1])
+    for ids in piece_ids(tokenizer, ref):
+        held.append(ids)
+        n += len(ids)
         if limit is not None and n >= limit:
             break
     return torch.cat(held)[:limit].long() if held else torch.zeros(0, dtype=torch.long)
+
+
+def piece_ids(tokenizer, ref: str) -> Iterator[torch.Tensor]:
+    """The ids of each of ``text_pieces(ref)``, 1-D int32, read and tokenized as they are needed."""
+    for piece in text_pieces(ref):
+        yield torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.int32)
 
 
 # joins of the kinds ``text_pieces`` cuts at: a space or a newline after a letter or a digit
