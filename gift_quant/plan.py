@@ -255,9 +255,9 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     """One block with GIFT-SW layers, the block inputs, targets and quantized inputs (where they fit), the salient
     columns' AdamW state, and the largest of three phases not alive at once: one batch's forward and backward, the
     largest frozen weight rebuilt with its noise, and after the block's training the quantized blocks' next inputs
-    (its outputs, one more set) beside one batch's forward. What the forward keeps for the backward, a token: ``(4h + 2kv + 6i) * p``,
-    the loss's float32 copies where ``p`` is narrower (``(4 - p) * h``), and with ``train: weights`` each linear's
-    whole input (``2h * p``) (``benchmarks/bench_plan.py --tables reconstruct``)."""
+    (its outputs, one more set) beside one batch's forward. What the forward keeps for the backward, a token:
+    ``(4h + 2kv + 6i) * p``, the loss's float32 copies where ``p`` is narrower (``(4 - p) * h``), and with ``train:
+    weights`` each linear's whole input (``2h * p``) (``benchmarks/bench_plan.py --tables reconstruct``)."""
     cal, rec, p = recipe.calibration, recipe.reconstruct, _BYTES[recipe.model.dtype]
     b, s, h = rec.batch_size, cal.seq_len, shape.hidden
     one = cal.n_samples * s * h * p  # a set of block inputs: where they wait is decided for four (the stage's rule)
@@ -268,13 +268,15 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
     step = b * s * token + _attention(shape, b, s, p)
     rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
-    after = (one if fits else b * s * h * p) + _forward(shape, b, s, p) if sets == 3 else 0
+    on_device = one if fits else b * s * h * p  # a set, or one batch of it
+    after = on_device + _forward(shape, b, s, p) if sets == 3 else 0
     cpu = device.type == "cpu"  # where every layer's codes wait beside the block (``_weights_quantized``)
     return {**_loaded(shape, recipe, device, "block weights (full precision)", shape.block_params),
             **({} if cpu else {"block codes (uint8)": shape.block_params}),
             "block inputs, targets" + (" and quantized inputs" if sets == 3 else "")
-            + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * (one if fits else b * s * h * p),
-            "the larger phase: a batch's step, a weight rebuilt, or the next quantized inputs": max(step, rebuilt, after),
+            + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * on_device,
+            "the larger phase: a batch's step, a weight rebuilt, or the next quantized inputs":
+                max(step, rebuilt, after),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
             **_model_on_cpu(shape, recipe, device), **(_weights_quantized(shape, recipe) if cpu else {})}
 
