@@ -2,7 +2,7 @@
 grow with the blocks, every stage of a run, and GPTQ's working set.
 
     python benchmarks/bench_plan.py [--vocab 8192 65536] [--blocks 2 6]
-        [--tables logits blocks fixed stages gptq reconstruct]
+        [--tables logits blocks fixed stages gptq reconstruct tokenizer]
         [--stages train lora]
 
 A tiny GIFT-SW Llama (W3 codes, 4 salient columns a layer) trains two steps of 4 windows of 256 tokens through the
@@ -28,8 +28,12 @@ threshold pinned (the RSS then follows the live tensors) and reads its peak with
 * Reconstruct: ``reconstruct_model`` alone (the salient columns, or every weight) on a tiny Llama of two blocks held
   in memory, in float32 and bfloat16, against the reconstruct stage's terms (``plan.plan_reconstruct``).
 
-* GPTQ: one linear quantized by ``gptq.gptq`` (the clipping search, then the column loop), per layer shape from the
-  tiny model's to Llama-3-8B's MLP, against the quantize stage's term for it (``plan.gptq_bytes``).
+* GPTQ: one linear quantized as the quantize stage does it (its salient columns, the clipping search, GPTQ's column
+  loop, the dense weight written back), per layer shape from the tiny model's to Llama-3-8B's MLP, in float32 and
+  bfloat16, against the quantize stage's term for it (``plan.gptq_bytes``).
+
+* Tokenizer: a fast tokenizer loaded, SmolLM2's and byte-level BPE ones of 4k to 32k entries trained on the bundled
+  text, against the host memory the plan counts for it on the CPU (``plan.TOKENIZER_BYTES`` an entry).
 
 Each row of the first three: planned (``plan.plan_train``, less the model's codes, grid and other parameters, which
 are in memory before the stage starts) against measured, their ratio, and the whole stage's ratio at the larger size.
@@ -41,6 +45,8 @@ from __future__ import annotations
 import argparse
 
 from common import row, run_measured, table
+
+from gift_quant.plan import TOKENIZER_BYTES
 
 CHILD = """
 import gc, sys, tempfile, torch
@@ -152,7 +158,7 @@ emit(got)
 SAMPLER = """
 import logging, threading, time
 from contextlib import contextmanager
-from gift_quant.devices import _status_bytes
+from gift_quant.devices import _status_bytes, trim_heap
 
 
 def rss() -> tuple[int, int]:
@@ -165,6 +171,8 @@ def sampled():
 
     class Marks(logging.Handler):
         def emit(self, record):
+            if record.getMessage().endswith(": running"):
+                trim_heap()  # as the stage's own measurement does (``devices.peak``)
             marks.append((time.monotonic(), record.getMessage()))
 
     def sample():
@@ -197,23 +205,34 @@ def allocated(got: dict, name: str, added: int) -> int:
 
 GPTQ_CHILD = """
 import sys, torch
+from torch import nn
 sys.path.insert(0, "benchmarks")
 from common import emit
 from gift_quant import devices
-from gift_quant.gptq import gptq
+from gift_quant.calibrate import InputStats
 from gift_quant.plan import Linear, gptq_bytes
+from gift_quant.quantize import quantize_with_stats
 from gift_quant.recipe_file import parse_recipe
-n_out, n_in, group, bits = map(int, sys.argv[1:])
-r = parse_recipe({"name": "bench", "model": {"ref": "unused"}, "quant": {"bits": bits, "group_size": group}}, "bench")
-g = torch.Generator().manual_seed(0)
-w = torch.randn(n_out, n_in, generator=g) * 0.02
-x = torch.randn(2 * n_in, n_in, generator=g)
-h = x.T @ x  # a Hessian of full rank, as calibration gives
-del x
-gptq(w[:8, :64], h[:64, :64], r.quant.grid(), torch.arange(8))  # first use: thread pools, kernels
-with devices.peak(torch.device("cpu")) as used:
-    gptq(w, h, r.quant.grid(), torch.arange(8), r.quant.damp, r.quant.block_size)
-emit({"planned": gptq_bytes(Linear("w", n_in, n_out, 8), r), "measured": used.added})
+n_out, n_in, group, bits = map(int, sys.argv[1:5])
+dtype = getattr(torch, sys.argv[5])
+r = parse_recipe({"name": "bench", "model": {"ref": "unused", "dtype": sys.argv[5]}, "saliency": {"k": 8},
+                  "quant": {"bits": bits, "group_size": group}}, "bench")
+
+
+def layer(n_out, n_in):  # one linear as the quantize stage finds it, and its input statistics
+    g = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({"down_proj": nn.Linear(n_in, n_out, bias=False)}).to(dtype)
+    model["down_proj"].weight.data = (torch.randn(n_out, n_in, generator=g) * 0.02).to(dtype)
+    stats = InputStats(n_in)
+    stats.update(torch.randn(2 * n_in, n_in, generator=g))  # a Hessian of full rank, as calibration gives
+    return model, {"down_proj": stats}
+
+
+quantize_with_stats(*layer(8, 64), r.saliency, r.quant)  # first use: thread pools, kernels
+model, stats = layer(n_out, n_in)
+with devices.peak(torch.device("cpu")) as used:  # what the stage does a layer: columns, GPTQ, the weight written
+    quantize_with_stats(model, stats, r.saliency, r.quant)
+emit({"planned": gptq_bytes(Linear("down_proj", n_in, n_out, 8), r), "measured": used.added})
 """
 
 RECONSTRUCT_CHILD = """
@@ -256,20 +275,58 @@ before = ("model", "block weights", "block codes", "codes", "grid")  # in memory
 emit({"planned": sum(v for k, v in parts.items() if not k.startswith(before)), "measured": measured})
 """
 
+TOKENIZER_CHILD = """
+import gc, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from common import emit
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from gift_quant.devices import _status_bytes, trim_heap
+from gift_quant.sources import C4, SMOLLM2, local_or_package, resolve_model
+size = int(sys.argv[1])
+if size:  # a byte-level BPE tokenizer of ``size`` entries trained on the bundled text
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([local_or_package(C4).read_text()] * 4,
+                            trainers.BpeTrainer(vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tempfile.mkdtemp()
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(folder)
+    del bpe
+else:
+    folder = resolve_model(SMOLLM2)
+
+
+def anon(trim=True):
+    gc.collect()
+    if trim:
+        trim_heap()
+    return _status_bytes("RssAnon")
+
+
+tok = AutoTokenizer.from_pretrained(folder)  # first use: imports, caches
+vocab = len(tok)
+del tok
+start = anon()
+tok = AutoTokenizer.from_pretrained(folder)
+emit({"vocab": vocab, "load": anon(trim=False) - start, "held": anon() - start})
+"""
+
 # (out, in) of the layers measured: the tiny model's MLP, a 1B model's (TinyLlama) and Llama-3-8B's down and up
 GPTQ_SHAPES = [(704, 256), (256, 704), (2048, 5632), (5632, 2048), (4096, 14336), (14336, 4096)]
 
 
 def gptq_table() -> None:
-    """GPTQ on one linear (``plan.gptq_bytes``, the quantize stage's term) against what the call adds, per layer shape
-    at the recipes' grids (the clipping search on, groups of 128 or per row)."""
+    """One linear quantized as the quantize stage does it (``quantize.quantize_with_stats``: salient columns, GPTQ,
+    the dense weight written back; ``plan.gptq_bytes``, the stage's term) against what the call adds, per layer shape
+    at the recipes' grids (the clipping search on, groups of 128 or per row), the weight in float32 and bfloat16."""
     print()
-    table("out x in", "bits", "groups", "planned MB", "measured MB", "planned / measured")
+    table("out x in", "dtype", "bits", "groups", "planned MB", "measured MB", "planned / measured")
     for n_out, n_in in GPTQ_SHAPES:
-        for bits, group in ((3, 128), (2, 64), (4, -1)):
-            got = run_measured(GPTQ_CHILD, str(n_out), str(n_in), str(group), str(bits))
-            row(f"{n_out} x {n_in}", bits, group, f"{got['planned'] / 1e6:.1f}", f"{got['measured'] / 1e6:.1f}",
-                f"{got['planned'] / got['measured']:.2f}")
+        for dtype, bits, group in (("float32", 3, 128), ("float32", 2, 64), ("float32", 4, -1), ("bfloat16", 3, 128)):
+            got = run_measured(GPTQ_CHILD, str(n_out), str(n_in), str(group), str(bits), dtype)
+            row(f"{n_out} x {n_in}", dtype, bits, group, f"{got['planned'] / 1e6:.1f}",
+                f"{got['measured'] / 1e6:.1f}", f"{got['planned'] / got['measured']:.2f}")
 
 
 def stage_table() -> None:
@@ -283,6 +340,19 @@ def stage_table() -> None:
                 row(stage, dtype, teacher, f"{planned / 1e6:.1f}" if planned else "-", f"{used / 1e6:.1f}",
                     f"{planned / used:.2f}" if planned and used > 0 else "-", f"{alloc / 1e6:.1f}",
                     f"{planned / alloc:.2f}" if planned and alloc > 0 else "-")
+
+
+def tokenizer_table() -> None:
+    """A fast tokenizer loaded (``AutoTokenizer``), SmolLM2's and byte-level BPE ones trained on the bundled text:
+    what it holds once loaded (the heap's free pages returned) against the plan's ``TOKENIZER_BYTES`` a vocabulary
+    entry, and the resident growth of the load itself, its freed parse included."""
+    print()
+    table("tokenizer", "vocabulary", "planned MB", "held MB", "load MB", "planned / held", "held bytes an entry")
+    for size in (4000, 16000, 32000, 0):
+        got = run_measured(TOKENIZER_CHILD, str(size))
+        planned = TOKENIZER_BYTES * got["vocab"]
+        row("SmolLM2" if size == 0 else "BPE", got["vocab"], f"{planned / 1e6:.1f}", f"{got['held'] / 1e6:.1f}",
+            f"{got['load'] / 1e6:.1f}", f"{planned / got['held']:.2f}", f"{got['held'] / got['vocab']:.0f}")
 
 
 def reconstruct_table() -> None:
@@ -308,8 +378,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, nargs=2, default=[8192, 65536])
     ap.add_argument("--blocks", type=int, nargs=2, default=[2, 6])
-    ap.add_argument("--tables", nargs="+", default=["logits", "blocks", "fixed", "stages", "gptq", "reconstruct"],
-                    choices=["logits", "blocks", "fixed", "stages", "gptq", "reconstruct"])
+    tables = ["logits", "blocks", "fixed", "stages", "gptq", "reconstruct", "tokenizer"]
+    ap.add_argument("--tables", nargs="+", default=tables, choices=tables)
     ap.add_argument("--stages", nargs="+", default=["train", "lora"], choices=["train", "lora"], help="of the blocks")
     args = ap.parse_args()
     if "logits" in args.tables:
@@ -324,6 +394,8 @@ def main() -> None:
         gptq_table()
     if "reconstruct" in args.tables:
         reconstruct_table()
+    if "tokenizer" in args.tables:
+        tokenizer_table()
 
 
 def logits(small: int, large: int) -> None:

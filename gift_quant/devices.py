@@ -5,10 +5,12 @@ and fails with the field named when the device is not there, before any weights 
 ``capacity`` is what the memory plan compares its estimates against. ``peak`` measures a stage's
 peak: on a GPU ``torch.cuda.max_memory_allocated`` (what the plan estimates: tensors, not the CUDA
 context or the allocator's cache), on the CPU the process's peak resident set (``VmHWM``, reset
-through ``/proc/self/clear_refs``), which also counts the interpreter and libraries.
+through ``/proc/self/clear_refs``), which also counts the interpreter and libraries; the C heap's free pages are
+returned to the system first (``trim_heap``), or memory freed before the block and reused in it would not count.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Iterator
@@ -105,6 +107,15 @@ def _status_bytes(field: str) -> int:
     return 0
 
 
+def trim_heap() -> None:
+    """Return the free pages of the C heap to the system (glibc's ``malloc_trim``; nothing where the C library has
+    none): the resident set then grows with what is allocated after, where it would reuse those pages unseen."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Peak:
     """What ``peak`` measured: bytes at the start, at the highest point, and the difference."""
 
@@ -125,6 +136,7 @@ def peak(device: torch.device, what: str = "") -> Iterator[Peak]:
         torch.cuda.reset_peak_memory_stats(device)
         p.start = torch.cuda.memory_allocated(device)
     else:
+        trim_heap()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         except OSError:

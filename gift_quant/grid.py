@@ -145,15 +145,18 @@ def search_rows(g: int, grid: Grid) -> int:
 
 
 def search_bytes(rows: int, g: int, grid: Grid) -> int:
-    """Peak bytes of the clipping search over ``rows`` rows of ``g`` entries (the memory plan's term): in a chunk
-    of ``search_rows``, seven float64 work tensors of the thresholds (``clip_errors``: the thresholds, their counts,
-    the gathered prefix sums, their products and differences) and the chunk's rows sorted, in float64, with their
-    prefix sums and the sort's indices (24 bytes an entry); nothing where the search is off
-    (``benchmarks/bench_plan.py --tables gptq``)."""
+    """Peak bytes of the clipping search over ``rows`` rows of ``g`` entries (the memory plan's term), in
+    ``clip_errors`` for a chunk of ``search_rows``: the chunk's rows sorted in float64 beside their prefix sums (24
+    bytes an entry while the sums are padded, 16 after), then six float64 tensors of the thresholds,
+    ``clip_steps * maxq`` a row (the codes below each, the thresholds, their counts, the gathered prefix sums, the
+    counts times the thresholds and the difference); throughout, each candidate's scale and zero point in float32
+    and float64 (24 bytes a candidate and row; 32 planned, as measured at 2 bits, where the candidates weigh most).
+    Nothing where the search is off (``benchmarks/bench_plan.py --tables gptq``)."""
     if grid.clip_steps <= 1 or grid.clip_min >= 1.0:
         return 0
     r = min(rows, search_rows(g, grid))
-    return 56 * r * grid.clip_steps * maxq(grid.bits) + 24 * r * g
+    thresholds = grid.clip_steps * maxq(grid.bits)
+    return r * (max(24 * g, 16 * g + 48 * thresholds) + 32 * grid.clip_steps)
 
 
 def clip_errors(wm: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

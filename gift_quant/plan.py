@@ -12,11 +12,11 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
 * quantize (one block on the device at a time): the block's weights ``p * params(block)``; the block
   inputs and outputs of all calibration windows ``2 * n * s * h * p`` when they fit (else one batch
   of them, the rest waits in pinned CPU memory); the float32 input statistics of the largest layer
-  ``4 * in^2`` (true-sequential measures one input group at a time); then the larger of GPTQ's
-  working set ``max(4 * in^2 + 11 * out * in, 14 * out * in + search)`` (8 for a per-row grid; in its column
-  loop one dampened, permuted copy of the Hessian, factored in place, beside the updated weight, the codes and
-  the updates; before it, the grid's clipping search, a chunk of rows at a time, beside the weight's float32
-  copies: ``gptq_bytes``) and one batch's forward ``b * s * (4h + 2kv + 3i) * c``; and the outputs of the
+  ``4 * in^2`` (true-sequential measures one input group at a time); then the larger of what quantizing the
+  largest layer takes (the grid's clipping search, a chunk of rows at a time, beside the weight's float32 copies;
+  GPTQ's column loop, one dampened, permuted copy of the Hessian factored in place beside the updated weight, the
+  codes and the updates, ``4 * in^2 + 11 * out * in``; the dense weight rebuilt from the codes: ``gptq_bytes``)
+  and one batch's forward ``b * s * (4h + 2kv + 3i) * c``; and the outputs of the
   block's finished layers served to its later passes, ``n * s * p * sum(out)`` over every layer but the last,
   as far as the budget of ``calibrate.served_budget`` goes (what the block inputs leave of half the memory).
 * train: integer codes, one byte a weight; grid parameters ``8 * out * groups``; every salient weight
@@ -40,7 +40,9 @@ Notation: ``L`` blocks, hidden ``h``, key/value width ``kv``, MLP width ``i``, v
 * On the CPU the block-by-block stages (quantize, reconstruct) hold the whole model beside their block. There a
   checkpoint stored in the run's dtype is memory-mapped: what the stages read of it in place (the model, or its
   embeddings, norms and head beside the quantized weights) is page cache, not counted (``_loaded``); the weights
-  quantize and reconstruct write back into its blocks are (``_model_on_cpu``).
+  quantize and reconstruct write back into its blocks are (``_model_on_cpu``), and so is every layer's result,
+  which they keep on the CPU (``_results_on_cpu``). Every stage there also holds its tokenizer
+  (``TOKENIZER_BYTES`` a vocabulary entry); on a GPU both are the host's, not counted.
 * Where the model computes attention eagerly (no fused kernel: Gemma 2's softcapping), attention probabilities
   ``b * heads * s^2 * c`` a block are added to every forward, and kept for the backward (``_attention``).
 """
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
 OTHER = "other parameters (embeddings, norms, head)"
 CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Host memory a loaded fast tokenizer holds a vocabulary entry (its Rust vocabulary, merges and caches): measured
+# 290-400 by ``benchmarks/bench_plan.py --tables tokenizer``, counted where a stage runs on the CPU.
+TOKENIZER_BYTES = 400
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,10 @@ class Linear:
     n_in: int
     n_out: int
     k: int  # salient columns
+
+    @property
+    def weights(self) -> int:
+        return self.n_in * self.n_out
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,11 @@ class Shape:
     @property
     def params(self) -> int:
         return self.blocks * self.block_params + self.other_params
+
+    @property
+    def targeted(self) -> int:
+        """Weights of one block's targeted linears."""
+        return sum(lin.weights for lin in self.linears)
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -212,22 +226,34 @@ def plan_quantize(shape: Shape, recipe: Recipe, device: torch.device, memory: in
                 inputs if fits else batch,
             "input statistics (float32)": 4 * biggest_in**2 + 16 * biggest_in,
             "GPTQ or one batch forward, the larger": max(gptq, forward),
-            "final layers' outputs served to later passes": served, **_model_on_cpu(shape, recipe, device)}
+            "final layers' outputs served to later passes": served,
+            # at the last block's last layer, every weight before it written back
+            **_model_on_cpu(shape, recipe, device, shape.targeted * shape.blocks - shape.linears[-1].weights),
+            **_results_on_cpu(shape, recipe, device)}
 
 
 def gptq_bytes(lin: Linear, recipe: Recipe) -> int:
-    """GPTQ's working set on one linear, the larger of its two phases: first the grid's clipping search over every
-    row and group (``grid.search_bytes``) beside the weight's float32 copies (the weight and its masked copy, 8
-    bytes a weight; in groups 14: padded into groups, masked, and the mask); then one dampened, permuted copy of the
-    Hessian, factored in place, beside the weight in its processing order, the codes, a lazy block's update of the
-    later columns and the finished layer (``4 * in^2 + 11 * out * in``) (``benchmarks/bench_plan.py --tables
+    """What quantizing one linear takes (``quantize._quantize_into``), the largest of its three phases: first the
+    grid's clipping search over every row and group (``grid.search_bytes``) beside the weight's float32 copies (the
+    weight and its masked copy, 8 bytes a weight; in groups 14: padded into groups, masked, and the mask); then
+    GPTQ's column loop: one dampened, permuted copy of the Hessian, factored in place, beside the weight in its
+    processing order, its codes and a float32 temporary of its size (the first lazy block's update of the later
+    columns; at the end, in groups, the grid expanded to every column, and the codes put back in order), ``4 *
+    in^2`` and 10 bytes a weight, 11 in groups (measured 9.0 and 10.2); last the dense weight rebuilt from the codes
+    to be written back (``QuantizedWeight.effective_weight``: the codes as floats, the grid expanded to every
+    column in groups, their difference and product, 22 bytes a weight, 14 per row; measured 21.2 and 13.0). A
+    weight stored narrower than float32 adds its float32 copy to the first two (``benchmarks/bench_plan.py --tables
     gptq``)."""
     q = recipe.quant
     g = lin.n_in if q.group_size == -1 else min(q.group_size, lin.n_in)
     rows = lin.n_out * math.ceil(lin.n_in / g)
-    weight = lin.n_out * lin.n_in
-    copies = 8 if rows == lin.n_out else 14
-    return max(4 * lin.n_in**2 + 11 * weight, copies * weight + search_bytes(rows, g, q.grid()))
+    weight = lin.weights
+    per_row = rows == lin.n_out
+    loop = 4 * lin.n_in**2 + (10 if per_row else 11) * weight
+    search = (8 if per_row else 14) * weight + search_bytes(rows, g, q.grid())
+    rebuilt = (14 if per_row else 22) * weight
+    copy = 4 * weight if _BYTES[recipe.model.dtype] < 4 else 0  # ``quantize_linear``'s, freed when GPTQ returns
+    return max(loop + copy, search + copy, rebuilt)
 
 
 def _loaded(shape: Shape, recipe: Recipe, device: torch.device, part: str, n_params: int) -> dict[str, int]:
@@ -240,13 +266,12 @@ def _loaded(shape: Shape, recipe: Recipe, device: torch.device, part: str, n_par
     return {part: n_params * _BYTES[recipe.model.dtype]}
 
 
-def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+def _model_on_cpu(shape: Shape, recipe: Recipe, device: torch.device, written: int) -> dict[str, int]:
     """A block-by-block stage's whole model, where it waits on the device itself (the CPU). From a memory-mapped
-    checkpoint only the targeted linears' weights that the stage writes back (quantize its dequantized codes,
-    reconstruct the merged blocks), each page copied on write, by the last block all of them."""
+    checkpoint only the targeted linears' weights that the stage has written back at its peak, ``written`` of them
+    (quantize its dequantized codes, reconstruct the merged blocks), each page copied on write."""
     if device.type != "cpu":
         return {}
-    written = shape.blocks * sum(lin.n_in * lin.n_out for lin in shape.linears)
     return _loaded(shape, recipe, device, "model on the CPU", shape.params) or {
         "the blocks' weights written back (copied from the mapped checkpoint)": written * _BYTES[recipe.model.dtype]}
 
@@ -267,18 +292,20 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     salient = sum(lin.k * lin.n_out for lin in shape.linears)
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
     step = b * s * token + _attention(shape, b, s, p)
-    rebuilt = 7 * max(lin.n_in * lin.n_out for lin in shape.linears) * p
+    rebuilt = 7 * max(lin.weights for lin in shape.linears) * p
     on_device = one if fits else b * s * h * p  # a set, or one batch of it
     after = on_device + _forward(shape, b, s, p) if sets == 3 else 0
-    cpu = device.type == "cpu"  # where every layer's codes wait beside the block (``_weights_quantized``)
     return {**_loaded(shape, recipe, device, "block weights (full precision)", shape.block_params),
-            **({} if cpu else {"block codes (uint8)": shape.block_params}),
+            # on the CPU every layer's codes wait beside the block (``_results_on_cpu``)
+            **({} if device.type == "cpu" else {"block codes (uint8)": shape.block_params}),
             "block inputs, targets" + (" and quantized inputs" if sets == 3 else "")
             + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * on_device,
             "the larger phase: a batch's step, a weight rebuilt, or the next quantized inputs":
                 max(step, rebuilt, after),
             "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
-            **_model_on_cpu(shape, recipe, device), **(_weights_quantized(shape, recipe) if cpu else {})}
+            # at the last block's step, every block before it merged
+            **_model_on_cpu(shape, recipe, device, shape.targeted * (shape.blocks - 1)),
+            **_results_on_cpu(shape, recipe, device)}
 
 
 def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
@@ -289,7 +316,7 @@ def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
     if recipe.reconstruct.train != "weights":
         return {}
     g = recipe.quant.group_size
-    weights = sum(lin.n_in * lin.n_out for lin in shape.linears)
+    weights = shape.targeted
     grid = sum(lin.n_out * (1 if g == -1 else math.ceil(lin.n_in / g)) for lin in shape.linears)
     return {"latent weights, grid, gradients, AdamW moments (float32)": 16 * (weights + 2 * grid),
             "fake-quantized weights kept for backward (float32)": 3 * 4 * weights}
@@ -297,10 +324,19 @@ def _latent_weights(shape: Shape, recipe: Recipe) -> dict[str, int]:
 
 def _weights_quantized(shape: Shape, recipe: Recipe) -> dict[str, int]:
     g = recipe.quant.group_size
-    codes = sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks
+    codes = shape.targeted * shape.blocks
     groups = sum(lin.n_out * (1 if g == -1 else math.ceil(lin.n_in / g)) for lin in shape.linears)
     extra = sum(lin.n_out * 4 + lin.k * 8 for lin in shape.linears)  # noise step, indices
     return {"codes (uint8)": codes, "grid scales and zeros": shape.blocks * (8 * groups + extra)}
+
+
+def _results_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[str, int]:
+    """Every layer's result (``QuantizedWeight``), which the block-by-block stages keep on the CPU: counted where the
+    stage runs there. Codes and grid as ``_weights_quantized``, and the salient columns in float32."""
+    if device.type != "cpu":
+        return {}
+    salient = sum(lin.k * lin.n_out for lin in shape.linears) * shape.blocks
+    return {**_weights_quantized(shape, recipe), "salient columns (float32)": 4 * salient}
 
 
 # Bytes a training step holds per logit element (micro-batch x sequence x vocabulary), whatever the compute dtype:
@@ -319,14 +355,14 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
     if t.mode == "post":
         weights = _weights_quantized(shape, recipe)
     else:  # pre / fp: the dense frozen weights
-        weights = {"frozen dense weights": sum(lin.n_in * lin.n_out for lin in shape.linears) * shape.blocks * p}
+        weights = {"frozen dense weights": shape.targeted * shape.blocks * p}
     salient = sum(lin.k * lin.n_out for lin in shape.linears) * shape.blocks
     per_block = _block_kept(shape, recipe, c)
     if t.learn_scales:  # the scales' gradient needs each linear's whole input
         per_block += t.micro_batch_size * t.seq_len * (3 * shape.hidden + shape.intermediate) * c
     # the largest frozen weight rebuilt in a forward or backward: the dequantized weight and its noise in the compute
     # dtype, or with learned scales the weight's float32 gradient and the float codes it is summed against
-    largest = max(lin.n_in * lin.n_out for lin in shape.linears)
+    largest = max(lin.weights for lin in shape.linears)
     rebuilt = largest * max(c * (2 if t.noise != "none" else 1), 8 if t.learn_scales else 0)
     logits, teacher = _logits(shape, recipe, c, p)
     return {**weights, **_loaded(shape, recipe, device, OTHER, shape.other_params),
@@ -437,6 +473,8 @@ def plan(recipe: Recipe, device: torch.device, stages: list[Stage], shape: Shape
     planned = {}
     for stage in stages:
         parts = stage.plan(shape, recipe, device, cap) if stage.plan is not None else {}
+        if parts and device.type == "cpu":  # each stage loads the tokenizer into the memory it computes in
+            parts = {**parts, "tokenizer": TOKENIZER_BYTES * shape.vocab}
         if parts:  # a stage with nothing to hold (train with train.enabled: false) is not listed
             total = sum(parts.values())
             planned[stage.name] = {"bytes": total, "fits": total <= usable, "parts": parts, "knob": stage.knob}
