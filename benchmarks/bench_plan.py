@@ -270,8 +270,8 @@ def run():  # the model in memory (nothing mapped), quantized, then a fresh copy
 run()  # first use at these shapes
 measured = run()
 parts = plan_reconstruct(shape_of(meta_model(cfg), r), r, torch.device("cpu"))
-before = ("model", "block weights", "block codes", "codes", "grid")  # in memory before the call: the model (its
-# block with it), every layer's codes and grid
+before = ("model", "block weights", "block codes", "codes", "grid", "salient columns")  # in memory before the call:
+# the model (its block with it), every layer's result (codes, grid, salient columns)
 emit({"planned": sum(v for k, v in parts.items() if not k.startswith(before)), "measured": measured})
 """
 

@@ -87,7 +87,7 @@ def test_calibration_and_evaluation_text_is_tokenized_in_pieces_to_the_whole_tex
 
 def test_text_tokenized_in_pieces_holds_its_ids_not_the_encoding():
     """The held-out Wikipedia text (about 580k tokens): tokenized whole at once the process grows by the tokenizer's
-    encoding (hundreds of bytes a token); a piece at a time (``text_ids``) by little more than the ids."""
+    encoding (hundreds of bytes a token); a piece at a time (``text_ids``) by the ids and one piece's encoding."""
     code = f"""
 import gc, json, torch
 from gift_quant import devices
@@ -103,7 +103,9 @@ with devices.peak(torch.device("cpu")) as whole:
 print(json.dumps([n, pieces.added, whole.added]))
 """
     n, pieces, whole = measured(code)
-    assert pieces < 24 * n, (n, pieces)  # the int32 pieces, their int64 copy, a piece's encoding
+    # the int32 pieces and their int64 copy (16 bytes a token), and one piece's encoding (about 16 MB, whatever the
+    # text's size: the bundled C4, half as long, takes as much)
+    assert pieces < 16 * n + 2**25, (n, pieces)
     assert whole > 100 * n, (n, whole)
 
 

@@ -167,7 +167,8 @@ print(json.dumps({{"n": len(examples), "shape": list(examples.ids.shape), "added
 
 def test_plain_text_is_tokenized_once_into_a_file_and_read_a_window_at_a_time(tmp_path):
     """A text of 8 MB (the bundled C4 six times): tokenizing it into the token file and reading a step's windows adds
-    under 16 MB to the process (tokenized whole, as before, it takes far more and grows with the text), and the
+    under 32 MB to the process, one piece's encoding (tokenized whole, as before, it takes over 1 GB and grows with
+    the text), and the
     windows equal the whole text tokenized at once. A second call reads the file without the
     tokenizer; a changed text is tokenized again."""
     from gift_quant.data import TextExamples, text_tokens
@@ -190,7 +191,7 @@ same = len(examples) == len(whole) and torch.equal(ids, whole[rows]) and torch.e
 print(json.dumps({{"n": len(examples), "added": used.added, "same": same}}))
 """)
     assert got["n"] > 7000 and got["same"]
-    assert got["added"] < 16 * 2**20, got["added"]
+    assert got["added"] < 32 * 2**20, got["added"]
 
     class Refuses:  # the same tokenizer's identity, no tokenizing
         backend_tokenizer = load_tokenizer(SMOLLM2).backend_tokenizer
