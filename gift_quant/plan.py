@@ -111,6 +111,11 @@ class Shape:
         """Weights of one block's targeted linears."""
         return sum(lin.weights for lin in self.linears)
 
+    @property
+    def salient(self) -> int:
+        """Salient weights (full-precision columns) of one block's targeted linears."""
+        return sum(lin.k * lin.n_out for lin in self.linears)
+
 
 def shipped_configs() -> dict[str, Path]:
     """Hub id -> config JSON shipped with the package (``gift_quant/configs``), so a plan works offline."""
@@ -289,7 +294,6 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
     fits = inputs_fit(2 * one, device, shape.block_params * p, capacity(device) if memory is None else memory)
     # alive at the step: fp inputs and targets, and the quantized blocks' inputs (their outputs come after it)
     sets = 3 if rec.inputs == "quantized" else 2
-    salient = sum(lin.k * lin.n_out for lin in shape.linears)
     token = (4 * h + 2 * shape.kv + 6 * shape.intermediate + (2 * h if rec.train == "weights" else 0)) * p + (4 - p) * h
     step = b * s * token + _attention(shape, b, s, p)
     rebuilt = 7 * max(lin.weights for lin in shape.linears) * p
@@ -302,7 +306,7 @@ def plan_reconstruct(shape: Shape, recipe: Recipe, device: torch.device, memory:
             + ("" if fits else " (one batch; the rest in pinned CPU memory)"): sets * on_device,
             "the larger phase: a batch's step, a weight rebuilt, or the next quantized inputs":
                 max(step, rebuilt, after),
-            "salient weights, gradients, AdamW moments (float32)": 16 * salient, **_latent_weights(shape, recipe),
+            "salient weights, gradients, AdamW moments (float32)": 16 * shape.salient, **_latent_weights(shape, recipe),
             # at the last block's step, every block before it merged
             **_model_on_cpu(shape, recipe, device, shape.targeted * (shape.blocks - 1)),
             **_results_on_cpu(shape, recipe, device)}
@@ -335,7 +339,7 @@ def _results_on_cpu(shape: Shape, recipe: Recipe, device: torch.device) -> dict[
     stage runs there. Codes and grid as ``_weights_quantized``, and the salient columns in float32."""
     if device.type != "cpu":
         return {}
-    salient = sum(lin.k * lin.n_out for lin in shape.linears) * shape.blocks
+    salient = shape.salient * shape.blocks
     return {**_weights_quantized(shape, recipe), "salient columns (float32)": 4 * salient}
 
 
@@ -356,7 +360,7 @@ def plan_train(shape: Shape, recipe: Recipe, device: torch.device, memory: int |
         weights = _weights_quantized(shape, recipe)
     else:  # pre / fp: the dense frozen weights
         weights = {"frozen dense weights": shape.targeted * shape.blocks * p}
-    salient = sum(lin.k * lin.n_out for lin in shape.linears) * shape.blocks
+    salient = shape.salient * shape.blocks
     per_block = _block_kept(shape, recipe, c)
     if t.learn_scales:  # the scales' gradient needs each linear's whole input
         per_block += t.micro_batch_size * t.seq_len * (3 * shape.hidden + shape.intermediate) * c
@@ -425,7 +429,7 @@ def plan_lora(shape: Shape, recipe: Recipe, device: torch.device, memory: int | 
     c, p = _compute_bytes(recipe, device), _BYTES[recipe.model.dtype]
     b, s, h = recipe.train.micro_batch_size, recipe.train.seq_len, shape.hidden
     shapes = [(lin.n_in, lin.n_out) for lin in shape.linears]  # of a block
-    rank = lora_rank(sum(lin.k * lin.n_out for lin in shape.linears), shapes)
+    rank = lora_rank(shape.salient, shapes)
     adapter = 16 * rank * sum(i + o for i, o in shapes) * shape.blocks
     weights = sum(i * o for i, o in shapes)
     inputs = sum(i for i, _ in shapes) if c < p else 2 * h + shape.intermediate
