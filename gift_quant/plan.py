@@ -69,8 +69,9 @@ if TYPE_CHECKING:
 OTHER = "other parameters (embeddings, norms, head)"
 CUDA_RESERVE = GiB  # CUDA context, kernels and allocator slack, kept free on a GPU
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Host memory a loaded fast tokenizer holds a vocabulary entry (its Rust vocabulary, merges and caches): measured
-# 290-400 by ``benchmarks/bench_plan.py --tables tokenizer``, counted where a stage runs on the CPU.
+# Host memory a loaded fast tokenizer holds a vocabulary entry (its Rust vocabulary, merges and caches), counted where
+# a stage runs on the CPU: measured 290-400 once loaded (``benchmarks/bench_plan.py --tables tokenizer``), SmolLM2's
+# 350 in the quantize stage once it has tokenized the calibration text (RESULTS.md).
 TOKENIZER_BYTES = 400
 
 
